@@ -1,0 +1,15 @@
+//! Per-CPU event counters. No atomics are needed: each CPU owns its slot.
+
+use lb_common::counters::Counter;
+
+use crate::maps::XLB_COUNTERS;
+
+/// Adds `n` to `counter` on the current CPU.
+#[inline(always)]
+pub fn add(counter: Counter, n: u64) {
+    if let Some(slot) = XLB_COUNTERS.get_ptr_mut(counter.index()) {
+        // SAFETY: the pointer comes from a successful lookup in a per-CPU array; the slot belongs
+        // to this CPU and XDP programs are not preempted on it.
+        unsafe { *slot += n };
+    }
+}

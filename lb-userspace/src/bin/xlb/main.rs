@@ -1,0 +1,36 @@
+//! `xlb`: the agent and its command-line interface, one binary.
+
+mod agent;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// xlb: an eBPF/XDP load balancer.
+#[derive(Debug, Parser)]
+#[command(name = "xlb", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Debug, Subcommand)]
+enum Commands {
+    /// Load the XDP balancer, attach it to an interface and run until SIGTERM or SIGINT.
+    Agent(agent::AgentArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    lb_userspace::logging::init_tracing();
+    let result = match cli.command {
+        Commands::Agent(args) => agent::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The xlb agent's library: loading the XDP programs, reading their counters, and (as the
+//! product grows) the typed map layer, configuration, reconciler, health checks and gateway.
+//!
+//! The `xlb` binary is a thin shell over this crate; tests use the same loader the agent uses.
+
+pub mod counters;
+pub mod loader;
+pub mod logging;

@@ -1,0 +1,199 @@
+//! Loads the embedded XDP object into the kernel and attaches it. The agent and the fixture
+//! tests use this same loader, so the tests exercise exactly what ships.
+
+use std::fmt;
+
+use aya::{
+    Ebpf, EbpfError,
+    maps::{MapData, MapError, PerCpuArray},
+    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+};
+use aya_log::EbpfLogger;
+use lb_common::counters::Counter;
+use thiserror::Error;
+
+use crate::counters::CounterSnapshot;
+
+/// The balancer object built from `lb-ebpf` by this crate's build script.
+pub static BALANCER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-bpf"));
+
+/// What can go wrong while loading, attaching or reading the balancer.
+#[derive(Debug, Error)]
+pub enum LoaderError {
+    /// The kernel rejected the object or one of its maps.
+    #[error("loading the XDP object: {0}")]
+    Load(#[from] EbpfError),
+    /// The object lacks a program or map the agent expects (a build mismatch).
+    #[error("the XDP object has no {kind} named {name}")]
+    Missing {
+        /// "program" or "map".
+        kind: &'static str,
+        /// The name looked up.
+        name: &'static str,
+    },
+    /// The verifier or the kernel refused the program.
+    #[error("loading program {name}: {source}")]
+    Program {
+        /// The program's name.
+        name: &'static str,
+        /// The kernel's answer.
+        #[source]
+        source: ProgramError,
+    },
+    /// Attaching failed in every mode that was tried.
+    #[error("attaching to {interface} in {mode} mode: {source}{hint}")]
+    Attach {
+        /// Interface name.
+        interface: String,
+        /// The mode of the last attempt.
+        mode: AttachMode,
+        /// The kernel's answer.
+        #[source]
+        source: ProgramError,
+        /// What to try next, if anything.
+        hint: &'static str,
+    },
+    /// A map operation failed.
+    #[error("map {name}: {source}")]
+    Map {
+        /// The map's name.
+        name: &'static str,
+        /// The failure.
+        #[source]
+        source: MapError,
+    },
+    /// The log ring buffer could not be opened.
+    #[error("opening the eBPF log buffer: {0}")]
+    Log(#[from] aya_log::Error),
+}
+
+/// How the program is attached to an interface, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic with a warning when the driver refuses.
+    #[default]
+    Auto,
+    /// Native (driver) mode only: runs before the kernel allocates an skb.
+    Native,
+    /// Generic (skb) mode: works on every device, at a fraction of native speed.
+    Generic,
+}
+
+impl fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachMode::Auto => "auto",
+            AttachMode::Native => "native",
+            AttachMode::Generic => "generic",
+        })
+    }
+}
+
+/// The loaded balancer: the object, its XDP program (verified and in the kernel) and its maps.
+pub struct Balancer {
+    ebpf: Ebpf,
+}
+
+impl Balancer {
+    /// Loads the embedded object and its balancer program into the kernel (not yet attached).
+    pub fn load() -> Result<Self, LoaderError> {
+        let mut ebpf = Ebpf::load(BALANCER_OBJECT)?;
+        let name = lb_common::programs::BALANCER;
+        let program = xdp_mut(&mut ebpf)?;
+        program
+            .load()
+            .map_err(|source| LoaderError::Program { name, source })?;
+        Ok(Self { ebpf })
+    }
+
+    /// The balancer program, for attaching or for `BPF_PROG_TEST_RUN`.
+    pub fn program(&self) -> &Xdp {
+        let name = lb_common::programs::BALANCER;
+        let program = self
+            .ebpf
+            .program(name)
+            .expect("checked at load: the object has the balancer program");
+        program
+            .try_into()
+            .expect("checked at load: the balancer is an XDP program")
+    }
+
+    /// Attaches the balancer to `interface`. In [`AttachMode::Auto`], native mode is tried first
+    /// and generic mode used when the driver refuses, with a warning naming the reason. Returns
+    /// the mode actually used; the program stays attached until this `Balancer` is dropped.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<(AttachMode, XdpLinkId), LoaderError> {
+        let program = xdp_mut(&mut self.ebpf)?;
+        let attach_err = |mode, source, hint| LoaderError::Attach {
+            interface: interface.to_string(),
+            mode,
+            source,
+            hint,
+        };
+        match mode {
+            AttachMode::Native => program
+                .attach(interface, XdpMode::Driver)
+                .map(|id| (AttachMode::Native, id))
+                .map_err(|e| attach_err(mode, e, "; try `--xdp-mode generic`")),
+            AttachMode::Generic => program
+                .attach(interface, XdpMode::Skb)
+                .map(|id| (AttachMode::Generic, id))
+                .map_err(|e| attach_err(mode, e, "")),
+            AttachMode::Auto => match program.attach(interface, XdpMode::Driver) {
+                Ok(id) => Ok((AttachMode::Native, id)),
+                Err(native) => {
+                    tracing::warn!(
+                        interface,
+                        error = %native,
+                        "native XDP attach refused by the driver; falling back to generic mode \
+                         (correct, but much slower)"
+                    );
+                    program
+                        .attach(interface, XdpMode::Skb)
+                        .map(|id| (AttachMode::Generic, id))
+                        .map_err(|e| attach_err(AttachMode::Generic, e, ""))
+                }
+            },
+        }
+    }
+
+    /// Every counter summed over all CPUs.
+    pub fn counters(&self) -> Result<CounterSnapshot, LoaderError> {
+        let name = lb_common::maps::COUNTERS;
+        let map = self
+            .ebpf
+            .map(name)
+            .ok_or(LoaderError::Missing { kind: "map", name })?;
+        let array: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|source| LoaderError::Map { name, source })?;
+        let mut pairs = Vec::with_capacity(Counter::ALL.len());
+        for &counter in Counter::ALL {
+            let per_cpu = array
+                .get(&counter.index(), 0)
+                .map_err(|source| LoaderError::Map { name, source })?;
+            pairs.push((counter, per_cpu.iter().sum()));
+        }
+        Ok(CounterSnapshot::from_pairs(pairs))
+    }
+
+    /// Opens the ring buffer the programs log into; records are handed to `logger` on each
+    /// [`EbpfLogger::flush`]. Can be taken once per load.
+    pub fn take_logger<T: log::Log>(&mut self, logger: T) -> Result<EbpfLogger<T>, LoaderError> {
+        Ok(EbpfLogger::init_with_logger(&mut self.ebpf, logger)?)
+    }
+}
+
+fn xdp_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {
+    let name = lb_common::programs::BALANCER;
+    let program = ebpf.program_mut(name).ok_or(LoaderError::Missing {
+        kind: "program",
+        name,
+    })?;
+    program
+        .try_into()
+        .map_err(|source| LoaderError::Program { name, source })
+}

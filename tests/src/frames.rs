@@ -1,0 +1,154 @@
+//! Frame builders for fixtures. Well-formed frames come from etherparse; malformed ones are made
+//! by editing a well-formed frame at a named offset, so every byte that matters is explained.
+
+use etherparse::{IpNumber, Ipv4Header, PacketBuilder};
+
+/// MAC of the simulated client-side router.
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+/// MAC of the LB host's NIC.
+pub const LB_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+/// A client address.
+pub const CLIENT_V4: [u8; 4] = [198, 51, 100, 7];
+/// A VIP address.
+pub const VIP_V4: [u8; 4] = [203, 0, 113, 10];
+/// A client address (IPv6).
+pub const CLIENT_V6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7];
+/// A VIP address (IPv6).
+pub const VIP_V6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+
+/// Offset of the IPv4/IPv6 header in an untagged Ethernet frame.
+pub const L3: usize = 14;
+
+/// IPv4 TCP segment from the client to the VIP.
+pub fn tcp_v4(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4(CLIENT_V4, VIP_V4, 64)
+        .tcp(sport, dport, 1000, 65535)
+        .syn();
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("building tcp_v4");
+    out
+}
+
+/// IPv4 UDP datagram from the client to the VIP.
+pub fn udp_v4(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4(CLIENT_V4, VIP_V4, 64)
+        .udp(sport, dport);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("building udp_v4");
+    out
+}
+
+/// IPv6 TCP segment from the client to the VIP.
+pub fn tcp_v6(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv6(CLIENT_V6, VIP_V6, 64)
+        .tcp(sport, dport, 1000, 65535)
+        .syn();
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("building tcp_v6");
+    out
+}
+
+/// IPv6 UDP datagram from the client to the VIP.
+pub fn udp_v6(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv6(CLIENT_V6, VIP_V6, 64)
+        .udp(sport, dport);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("building udp_v6");
+    out
+}
+
+/// IPv4 ICMP echo request from the client to the VIP.
+pub fn icmp_echo_v4() -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4(CLIENT_V4, VIP_V4, 64)
+        .icmpv4_echo_request(7, 1);
+    let mut out = Vec::new();
+    b.write(&mut out, b"ping").expect("building icmp_echo_v4");
+    out
+}
+
+/// IPv4 TCP segment whose header carries `options_words` 32-bit words of options
+/// (IHL = 5 + options_words), filled with NOP options ending in End-of-List.
+pub fn tcp_v4_with_options(options_words: usize, sport: u16, dport: u16) -> Vec<u8> {
+    assert!(options_words <= 10, "IPv4 options are at most 40 bytes");
+    let mut ip =
+        Ipv4Header::new(0, 64, IpNumber::TCP, CLIENT_V4, VIP_V4).expect("valid IPv4 header");
+    let mut options = vec![1u8; options_words * 4]; // NOP
+    if let Some(last) = options.last_mut() {
+        *last = 0; // End of options list
+    }
+    ip.options = etherparse::Ipv4Options::try_from(options.as_slice())
+        .expect("options length is a multiple of 4");
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ip(etherparse::IpHeaders::Ipv4(ip, Default::default()))
+        .tcp(sport, dport, 1000, 65535)
+        .syn();
+    let mut out = Vec::new();
+    b.write(&mut out, b"opt")
+        .expect("building tcp_v4_with_options");
+    out
+}
+
+/// An ARP request (who-has the VIP), built as raw bytes: etherparse's builder starts at IP.
+pub fn arp_request() -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&[0xff; 6]); // broadcast
+    f.extend_from_slice(&ROUTER_MAC);
+    f.extend_from_slice(&0x0806u16.to_be_bytes()); // ARP
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    f.extend_from_slice(&ROUTER_MAC);
+    f.extend_from_slice(&CLIENT_V4);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&VIP_V4);
+    f
+}
+
+/// Inserts one 802.1Q tag (VLAN `vid`) after the MAC addresses.
+pub fn with_vlan_tag(frame: &[u8], vid: u16) -> Vec<u8> {
+    let mut f = frame[..12].to_vec();
+    f.extend_from_slice(&0x8100u16.to_be_bytes());
+    f.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    f.extend_from_slice(&frame[12..]);
+    f
+}
+
+/// Sets the IPv4 IHL nibble (keeping the version) and nothing else; the checksum is left stale
+/// on purpose (the program must not rely on it).
+pub fn set_ipv4_ihl(frame: &mut [u8], ihl: u8) {
+    frame[L3] = (frame[L3] & 0xf0) | (ihl & 0x0f);
+}
+
+/// Sets the IPv4 total-length field.
+pub fn set_ipv4_total_len(frame: &mut [u8], len: u16) {
+    frame[L3 + 2..L3 + 4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Sets the IPv4 flags + fragment-offset field (offset in 8-byte units).
+pub fn set_ipv4_fragment(frame: &mut [u8], more_fragments: bool, offset_units: u16) {
+    let v = (if more_fragments { 0x2000 } else { 0 }) | (offset_units & 0x1fff);
+    frame[L3 + 6..L3 + 8].copy_from_slice(&v.to_be_bytes());
+}
+
+/// Sets the IPv6 payload-length field.
+pub fn set_ipv6_payload_len(frame: &mut [u8], len: u16) {
+    frame[L3 + 4..L3 + 6].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Sets the IP version nibble of the frame's network header.
+pub fn set_ip_version(frame: &mut [u8], version: u8) {
+    frame[L3] = (version << 4) | (frame[L3] & 0x0f);
+}
+
+/// Pads a frame with zeros to the Ethernet minimum of 60 bytes (without FCS), as NICs do.
+pub fn pad_to_min(mut frame: Vec<u8>) -> Vec<u8> {
+    if frame.len() < 60 {
+        frame.resize(60, 0);
+    }
+    frame
+}

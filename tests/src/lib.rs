@@ -1,0 +1,8 @@
+//! Test support for xlb: the fixture-packet harness (cases as data, replayed through
+//! BPF_PROG_TEST_RUN against the real object and loader), frame builders, mismatch rendering,
+//! and network-namespace guards for the end-to-end tests.
+
+pub mod fixture;
+pub mod frames;
+pub mod netns;
+pub mod render;

@@ -1,0 +1,180 @@
+//! Network namespaces for end-to-end tests. Every host is a namespace the test creates; the
+//! root namespace is never a host or a hop. Guards delete what they created even when a test
+//! panics, and [`sweep_stale`] removes leftovers of runs that were killed.
+
+use std::{
+    ffi::CString,
+    fs::File,
+    os::fd::AsRawFd,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+/// Prefix of every namespace the tests create: `xlbt-<pid>-<n>-<tag>`.
+pub const PREFIX: &str = "xlbt-";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace, deleted (with every interface in it) when dropped.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates a fresh namespace with loopback up. `tag` names its role (client, lb, ...).
+    pub fn create(tag: &str) -> Netns {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}{}-{n}-{tag}", std::process::id());
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = Netns { name };
+        ns.run(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace's name, as `ip netns` knows it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A command that runs `program` inside this namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+
+    /// Runs `args` inside the namespace and returns its output, whatever the exit status.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut cmd = self.command(args[0]);
+        cmd.args(&args[1..]);
+        cmd.output()
+            .unwrap_or_else(|e| panic!("cannot run {args:?} in {}: {e}", self.name))
+    }
+
+    /// Runs `args` inside the namespace; panics with its output if it fails.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = self.exec(args);
+        assert!(
+            out.status.success(),
+            "{args:?} in {} failed ({}):\nstdout: {}\nstderr: {}",
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Sends one raw Ethernet frame out of `interface` (inside this namespace) through an
+    /// AF_PACKET socket: how tests put malformed frames on the wire.
+    pub fn send_raw_frame(&self, interface: &str, frame: &[u8]) {
+        let path = format!("/var/run/netns/{}", self.name);
+        let interface = interface.to_string();
+        let frame = frame.to_vec();
+        // setns affects only the calling thread, so a short-lived thread does the sending.
+        std::thread::spawn(move || {
+            let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            // SAFETY: plain syscalls on fds we own; results are checked.
+            unsafe {
+                assert_eq!(
+                    libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET),
+                    0,
+                    "setns: {}",
+                    std::io::Error::last_os_error()
+                );
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+                assert!(
+                    fd >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let c_if = CString::new(interface.clone()).expect("interface name");
+                let ifindex = libc::if_nametoindex(c_if.as_ptr());
+                assert!(ifindex != 0, "no interface {interface} in the namespace");
+                let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+                addr.sll_family = libc::AF_PACKET as u16;
+                addr.sll_ifindex = ifindex as i32;
+                addr.sll_halen = 6;
+                addr.sll_addr[..6].copy_from_slice(&frame[..6]);
+                let sent = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                assert_eq!(sent, frame.len() as isize, "sendto: {err}");
+            }
+        })
+        .join()
+        .expect("raw frame sender panicked");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes every interface inside it; veth peers in other
+        // namespaces go with their pair.
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
+    }
+}
+
+/// Creates a veth pair with one end in each namespace (created there directly, so the root
+/// namespace never holds either end), turns off TX checksum offload on both ends (a veth
+/// artefact that XDP-rewritten frames would otherwise carry as bad checksums) and brings them up.
+pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    run_ok(Command::new("ip").args([
+        "link",
+        "add",
+        a_if,
+        "netns",
+        a.name(),
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ]));
+    for (ns, ifname) in [(a, a_if), (b, b_if)] {
+        ns.run(&["ethtool", "-K", ifname, "tx", "off"]);
+        ns.run(&["ip", "link", "set", ifname, "up"]);
+    }
+}
+
+/// Deletes namespaces left by earlier test processes that no longer exist.
+pub fn sweep_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
+        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = Command::new("ip").args(["netns", "delete", name]).output();
+        }
+    }
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

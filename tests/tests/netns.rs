@@ -1,0 +1,277 @@
+//! The real `xlb` binary on real veth interfaces in namespaces this test creates. Needs root.
+//! Run serially (`--test-threads=1`): each test builds and tears down its own hosts.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use xlb_tests::{
+    frames,
+    netns::{Netns, sweep_stale, veth_pair},
+};
+
+/// The `xlb` binary under test: `$XLB_BIN`, else the workspace's debug build.
+fn xlb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("XLB_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb");
+    assert!(
+        p.is_file(),
+        "{} not found; build it first (`cargo build -p lb-userspace --bin xlb`, which \
+         `cargo xtask test` does) or set XLB_BIN",
+        p.display()
+    );
+    p
+}
+
+/// A running agent whose stderr lines are collected; killed on drop if still running.
+struct Agent {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Agent {
+    fn start(ns: &Netns, args: &[&str]) -> Agent {
+        let mut cmd = ns.command(xlb_bin().to_str().expect("utf-8 path"));
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning xlb agent");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("    [xlb] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Agent {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle`; panics with everything seen.
+    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "xlb never printed {needle:?} within {timeout:?}; it printed:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "xlb did not exit within 10 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two hosts joined by one veth pair: `client` (10.99.0.1, fd00:99::1) and `lb` (10.99.0.2,
+/// fd00:99::2), where the agent runs.
+struct Pair {
+    client: Netns,
+    lb: Netns,
+}
+
+fn two_hosts() -> Pair {
+    sweep_stale();
+    let client = Netns::create("client");
+    let lb = Netns::create("lb");
+    veth_pair(&client, "eth0", &lb, "eth0");
+    client.run(&["ip", "addr", "add", "10.99.0.1/24", "dev", "eth0"]);
+    lb.run(&["ip", "addr", "add", "10.99.0.2/24", "dev", "eth0"]);
+    client.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:99::1/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    lb.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00:99::2/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    Pair { client, lb }
+}
+
+fn counter(line: &str, name: &str) -> u64 {
+    let key = format!("{name}=");
+    // The line reads `... counters=rx_packets=15 rx_bytes=1344 ...`.
+    line.replace("counters=", "")
+        .split(|c: char| c.is_whitespace() || c == '"')
+        .find_map(|w| w.strip_prefix(&key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn attached_and_passes_traffic(mode: &str, expect_mode: &str) {
+    let hosts = two_hosts();
+    let mut agent = Agent::start(
+        &hosts.lb,
+        &["agent", "--interface", "eth0", "--xdp-mode", mode],
+    );
+    let line = agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    assert!(line.contains(&format!("mode={expect_mode}")), "{line}");
+    let link = hosts.lb.run(&["ip", "link", "show", "dev", "eth0"]);
+    assert!(link.contains("xdp"), "no XDP program on eth0: {link}");
+
+    // The program passes everything: IPv4 and IPv6 pings get answered by the lb host's stack.
+    hosts
+        .client
+        .run(&["ping", "-c", "5", "-i", "0.2", "-W", "2", "10.99.0.2"]);
+    hosts.client.run(&[
+        "ping",
+        "-6",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        "fd00:99::2",
+    ]);
+    // A UDP datagram and a TCP SYN (answered by RST: nothing listens) from the client.
+    hosts.client.run(&[
+        "bash",
+        "-c",
+        "echo hello > /dev/udp/10.99.0.2/9999; (exec 3<>/dev/tcp/10.99.0.2/7) 2>/dev/null; true",
+    ]);
+    // A malformed frame (IHL 3) reaches the XDP program and is logged through aya-log.
+    let mut bad = frames::tcp_v4(40000, 80, b"");
+    bad[..6].copy_from_slice(&[0xff; 6]);
+    frames::set_ipv4_ihl(&mut bad, 3);
+    hosts.client.send_raw_frame("eth0", &bad);
+    agent.wait_for("malformed IPv4 header", Duration::from_secs(10));
+
+    let status = agent.terminate();
+    assert!(status.success(), "xlb exited with {status}");
+    let totals = agent.wait_for("stopping; detaching", Duration::from_secs(5));
+    assert!(counter(&totals, "l3_ipv4") >= 7, "{totals}");
+    assert!(counter(&totals, "l3_ipv6") >= 3, "{totals}");
+    assert!(counter(&totals, "l4_udp") >= 1, "{totals}");
+    assert!(counter(&totals, "l4_tcp") >= 1, "{totals}");
+    assert!(counter(&totals, "l3_malformed") >= 1, "{totals}");
+    assert_eq!(
+        counter(&totals, "rx_packets"),
+        counter(&totals, "action_pass"),
+        "{totals}"
+    );
+
+    let link = hosts.lb.run(&["ip", "link", "show", "dev", "eth0"]);
+    assert!(
+        !link.contains("xdp"),
+        "XDP program left attached after exit: {link}"
+    );
+    // Traffic still flows once detached.
+    hosts
+        .client
+        .run(&["ping", "-c", "1", "-W", "2", "10.99.0.2"]);
+}
+
+#[test]
+fn agent_native_mode_counts_logs_and_detaches() {
+    attached_and_passes_traffic("native", "native");
+}
+
+#[test]
+fn agent_generic_mode_counts_logs_and_detaches() {
+    attached_and_passes_traffic("generic", "generic");
+}
+
+#[test]
+fn agent_auto_mode_prefers_native_on_veth() {
+    let hosts = two_hosts();
+    let mut agent = Agent::start(&hosts.lb, &["agent", "--interface", "eth0"]);
+    let line = agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    assert!(line.contains("mode=native"), "{line}");
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn agent_reports_an_unknown_interface_in_one_line() {
+    let hosts = two_hosts();
+    let out = hosts
+        .lb
+        .command(xlb_bin().to_str().unwrap())
+        .args(["agent", "--interface", "nosuch0"])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run xlb");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("nosuch0"), "{stderr}");
+    let errors: Vec<_> = stderr.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+}
+
+/// Guards remove everything they created: after a test's hosts are dropped, no namespace of
+/// this process remains.
+#[test]
+fn namespaces_are_removed_when_guards_drop() {
+    let name = {
+        let hosts = two_hosts();
+        hosts.client.name().to_string()
+    };
+    let _ = Command::new("true").status();
+    let list = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&name),
+        "namespace {name} survived its guard"
+    );
+}

@@ -1,0 +1,41 @@
+//! `cargo xtask`: what cargo alone does not do for xlb (tool set-up, the full test run).
+
+mod setup;
+mod test;
+mod toolchain;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Developer automation for xlb.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building and testing need: Debian packages, the nightly's rust-src, and a
+    /// bpf-linker built against the nightly's LLVM (under ~/.cache/xlb). Idempotent.
+    Setup,
+    /// Run set-up, then every check and test suite, stopping at the first failure.
+    Test(test::TestArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(),
+        Command::Test(args) => test::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
