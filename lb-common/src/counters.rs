@@ -50,27 +50,69 @@ counters! {
     RxBytes = 1, "rx_bytes";
     /// Frames shorter than an Ethernet header.
     L2Truncated = 2, "l2_truncated";
-    /// Frames whose EtherType is neither IPv4 nor IPv6 (ARP, LLDP, VLAN-tagged for now, ...).
+    /// Frames whose EtherType (after any VLAN tags) is neither IPv4 nor IPv6 (ARP, LLDP, ...).
     L3Other = 3, "l3_other";
     /// IPv4 packets with a well-formed header.
     L3Ipv4 = 4, "l3_ipv4";
-    /// IPv6 packets with a well-formed fixed header.
+    /// IPv6 packets with a well-formed fixed header and extension-header chain.
     L3Ipv6 = 5, "l3_ipv6";
     /// IP headers that are truncated or inconsistent (IHL < 5, header or total length past the
-    /// frame, IPv6 payload length past the frame).
+    /// frame, IPv6 payload length past the frame, an extension header past the payload or a
+    /// chain longer than the walk allows). Dropped.
     L3Malformed = 6, "l3_malformed";
     /// TCP segments with a complete fixed header.
     L4Tcp = 7, "l4_tcp";
     /// UDP datagrams with a complete header.
     L4Udp = 8, "l4_udp";
-    /// IP packets carrying another protocol (ICMP, ICMPv6, extension headers, ...).
+    /// IP packets carrying another protocol (ICMP, ICMPv6, ...).
     L4Other = 9, "l4_other";
-    /// TCP or UDP headers cut short by the end of the packet.
+    /// TCP, UDP or ICMP headers cut short by the end of the packet. Dropped.
     L4Truncated = 10, "l4_truncated";
-    /// Non-first IPv4 fragments: they carry no L4 header, so none is read.
+    /// Non-first fragments: they carry no L4 header, so none is read.
     L4Fragment = 11, "l4_fragment";
     /// Frames passed to the host stack.
     ActionPass = 12, "action_pass";
+    /// Frames dropped.
+    ActionDrop = 13, "action_drop";
+    /// Frames sent back out (XDP_TX).
+    ActionTx = 14, "action_tx";
+    /// Frames with one VLAN tag.
+    Vlan1 = 15, "vlan_1";
+    /// Frames with two VLAN tags (QinQ).
+    Vlan2 = 16, "vlan_2";
+    /// Frames with more than two VLAN tags: passed untouched.
+    VlanTooMany = 17, "vlan_too_many";
+    /// IP packets to no VIP: passed untouched.
+    PassNotVip = 18, "pass_not_vip";
+    /// Packets to L7-mode VIPs: passed to the host stack for the gateway.
+    PassL7 = 19, "pass_l7";
+    /// Forwarded in an outer IPv4 header (IPIP, or IPv6-in-IPv4).
+    FwdEncapV4 = 20, "fwd_encap_v4";
+    /// Forwarded in an outer IPv6 header (IP6IP6, or IPv4-in-IPv6).
+    FwdEncapV6 = 21, "fwd_encap_v6";
+    /// Forwarded by L2 DSR (destination MAC rewritten).
+    FwdL2 = 22, "fwd_l2";
+    /// VIP packets with no backend to send to (empty table, missing or down backend). Dropped.
+    DropNoBackend = 23, "drop_no_backend";
+    /// Connection-table hits that kept the flow on its backend.
+    CtHit = 24, "ct_hit";
+    /// Connection-table misses (a new backend was selected).
+    CtMiss = 25, "ct_miss";
+    /// Connection-table hits whose backend was down, so the flow was re-selected.
+    CtReselect = 26, "ct_reselect";
+    /// VIP packets that would exceed the egress MTU once encapsulated and may not get a
+    /// too-big reply: IPv4 without DF (the sender allowed fragmentation, which the balancer
+    /// does not do). Dropped.
+    DropTooBig = 27, "drop_too_big";
+    /// Later fragments of a VIP datagram whose first fragment was not seen. Dropped.
+    DropFragUnknown = 28, "drop_frag_unknown";
+    /// A VIP whose Maglev table is missing from the outer map (agent mid-install). Dropped.
+    DropNoTable = 29, "drop_no_table";
+    /// Frame growth for encapsulation failed (driver headroom). Dropped.
+    DropAdjustFailed = 30, "drop_adjust_failed";
+    /// ICMP "fragmentation needed" / ICMPv6 "packet too big" replies sent to clients whose
+    /// packet would exceed the egress MTU once encapsulated.
+    IcmpTooBigSent = 31, "icmp_too_big_sent";
 }
 
 const _: () = assert!(Counter::ALL.len() as u32 <= MAX_COUNTERS);

@@ -1,10 +1,14 @@
 //! Definitions shared by the kernel side (`lb-ebpf`) and userspace (`lb-userspace`).
 //!
 //! Everything a map key, a map value or a counter index means is defined here once, so the two
-//! sides can never drift apart.
+//! sides can never drift apart. Pure functions both sides must agree on bit for bit (the flow
+//! hash) live here too.
 #![no_std]
 
 pub mod counters;
+pub mod csum;
+pub mod flow;
+pub mod types;
 
 /// Names of the maps in the balancer object, as the loader looks them up.
 pub mod maps {
@@ -13,6 +17,20 @@ pub mod maps {
     /// Per-CPU array holding the last time (ns, CLOCK_MONOTONIC) each rate-limited log was
     /// emitted, indexed by [`crate::LogSite`].
     pub const LOG_RATELIMIT: &str = "XLB_LOG_RL";
+    /// Hash map [`crate::types::VipKey`] -> [`crate::types::VipMeta`].
+    pub const VIPS: &str = "XLB_VIPS";
+    /// Array of [`crate::types::Backend`], indexed by backend id.
+    pub const BACKENDS: &str = "XLB_BACKENDS";
+    /// Array of maps: each entry is one VIP's Maglev table (an array of backend ids).
+    pub const MAGLEV: &str = "XLB_MAGLEV";
+    /// Per-CPU LRU hash [`crate::types::FlowKey`] -> [`crate::types::FlowValue`].
+    pub const FLOWS: &str = "XLB_FLOWS";
+    /// Single-entry array holding [`crate::types::LbConfig`].
+    pub const CONFIG: &str = "XLB_CONFIG";
+    /// Per-CPU array of [`crate::types::Stats`], indexed by VIP id.
+    pub const VIP_STATS: &str = "XLB_VIP_STATS";
+    /// Per-CPU array of [`crate::types::Stats`], indexed by backend id.
+    pub const BACKEND_STATS: &str = "XLB_BACKEND_STATS";
 }
 
 /// Names of the programs in the balancer object.
@@ -30,6 +48,8 @@ pub enum LogSite {
     MalformedIpv4 = 0,
     /// An IPv6 header whose payload length does not fit the frame.
     MalformedIpv6 = 1,
+    /// A VIP's Maglev table is missing (the agent has not installed it yet).
+    MissingTable = 2,
 }
 
 /// Number of [`LogSite`] slots in the rate-limit map.

@@ -1,7 +1,18 @@
-//! Every map of the balancer object. Names and value layouts come from `lb-common`.
+//! Every map of the balancer object. Names, key and value layouts come from `lb-common`; the
+//! agent's typed map layer is their only writer.
 
-use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
-use lb_common::{LOG_SITES, counters::MAX_COUNTERS};
+use aya_ebpf::{
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruPerCpuHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    LOG_SITES,
+    counters::MAX_COUNTERS,
+    types::{
+        BPF_F_INNER_MAP, Backend, DEFAULT_FLOW_ENTRIES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS,
+        MAX_TABLES, MAX_VIPS, Stats, TABLE_TEMPLATE_SIZE, VipKey, VipMeta,
+    },
+};
 
 /// Event counters, one `u64` per [`lb_common::counters::Counter`] per CPU.
 #[btf_map]
@@ -10,3 +21,36 @@ pub static XLB_COUNTERS: PerCpuArray<u64, { MAX_COUNTERS as usize }> = PerCpuArr
 /// Last emission time per [`lb_common::LogSite`] per CPU, for rate-limited logging.
 #[btf_map]
 pub static XLB_LOG_RL: PerCpuArray<u64, { LOG_SITES as usize }> = PerCpuArray::new();
+
+/// VIPs. A hash map, so the agent's update of a VIP (new table index and size together) is seen
+/// by packets either wholly or not at all.
+#[btf_map]
+pub static XLB_VIPS: HashMap<VipKey, VipMeta, { MAX_VIPS as usize }> = HashMap::new();
+
+/// Backends by id. Ids are never reused for a different address while flows may point at them.
+#[btf_map]
+pub static XLB_BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new();
+
+/// The Maglev tables: each entry is one table (an array of backend ids of its own prime size).
+#[btf_map]
+pub static XLB_MAGLEV: ArrayOfMaps<
+    Array<u32, { TABLE_TEMPLATE_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
+    { MAX_TABLES as usize },
+> = ArrayOfMaps::new();
+
+/// The connection table: per-CPU LRU, 5-tuple -> backend.
+#[btf_map]
+pub static XLB_FLOWS: LruPerCpuHashMap<FlowKey, FlowValue, { DEFAULT_FLOW_ENTRIES as usize }> =
+    LruPerCpuHashMap::new();
+
+/// Balancer-wide settings (one entry).
+#[btf_map]
+pub static XLB_CONFIG: Array<LbConfig, 1> = Array::new();
+
+/// Per-VIP traffic counters.
+#[btf_map]
+pub static XLB_VIP_STATS: PerCpuArray<Stats, { MAX_VIPS as usize }> = PerCpuArray::new();
+
+/// Per-backend traffic counters.
+#[btf_map]
+pub static XLB_BACKEND_STATS: PerCpuArray<Stats, { MAX_BACKENDS as usize }> = PerCpuArray::new();

@@ -1,47 +1,140 @@
-//! Header parsing: Ethernet, IPv4, IPv6, TCP, UDP. Every read goes through
-//! [`PacketReader`]; a header that does not fit is counted, never read.
+//! Header parsing: Ethernet with up to two VLAN tags, IPv4 (any IHL), IPv6 with a bounded walk
+//! over extension headers, TCP, UDP, ICMP, ICMPv6. Every read goes through [`PacketReader`]; a
+//! header that does not fit is counted, never read.
 
 use aya_ebpf::programs::XdpContext;
 use aya_log_ebpf::warn;
-use lb_common::{LogSite, counters::Counter};
-use network_types::{
-    eth::{EthHdr, EtherType},
-    ip::{IpProto, Ipv4Hdr, Ipv6Hdr},
-    tcp::TcpHdr,
-    udp::UdpHdr,
+use lb_common::{
+    LogSite,
+    counters::Counter,
+    types::{FAMILY_V4, FAMILY_V6, FlowKey, proto},
 };
 
 use crate::{counters, log, reader::PacketReader};
 
-/// Classifies one frame layer by layer and bumps the counter of each layer it reached.
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+/// IPv6 extension headers the walk steps over.
+const NH_HOP_BY_HOP: u8 = 0;
+const NH_ROUTING: u8 = 43;
+const NH_FRAGMENT: u8 = 44;
+const NH_AH: u8 = 51;
+const NH_DEST_OPTS: u8 = 60;
+/// Most extension headers walked before the packet counts as malformed.
+pub const MAX_IPV6_EXT: usize = 8;
+
+/// TCP flag bits (byte 13 of the TCP header).
+pub const TCP_SYN: u8 = 0x02;
+/// TCP ACK flag.
+pub const TCP_ACK: u8 = 0x10;
+
+/// What parsing decided when it did not produce a [`Packet`].
+pub enum Stop {
+    /// Not for the balancer (not IP, too many VLAN tags): hand to the host stack.
+    Pass,
+    /// Malformed: drop.
+    Drop,
+}
+
+/// The parsed headers of one IP packet.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    /// Number of VLAN tags (0..=2).
+    pub vlans: usize,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the L4 header (after IPv4 options or IPv6 extension headers).
+    pub l4: usize,
+    /// Length of the IP packet (IPv4 total length; IPv6 40 + payload length).
+    pub ip_len: usize,
+    /// IPv4 TOS / IPv6 traffic class (DSCP and ECN).
+    pub tos: u8,
+    /// IPv4 don't-fragment bit (always true for IPv6, which routers never fragment).
+    pub dont_fragment: bool,
+    /// A fragment with offset > 0: it holds no L4 header, and `sport`/`dport` are zero.
+    pub later_fragment: bool,
+    /// TCP flags byte (0 for other protocols).
+    pub tcp_flags: u8,
+    /// The flow: addresses, ports (0 without ports), L4 protocol (the last next-header of an
+    /// IPv6 chain) and family.
+    pub key: FlowKey,
+}
+
 #[inline(always)]
-pub fn classify(ctx: &XdpContext, reader: &PacketReader) {
-    let Some(eth) = reader.read::<EthHdr>(0) else {
+fn be16(reader: &PacketReader, off: usize) -> Option<u16> {
+    reader.read::<[u8; 2]>(off).map(u16::from_be_bytes)
+}
+
+/// Parses one frame layer by layer, bumping the counter of each layer it reached.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext, reader: &PacketReader) -> Result<Packet, Stop> {
+    let Some(mut ether_type) = be16(reader, 12) else {
         counters::add(Counter::L2Truncated, 1);
-        return;
+        return Err(Stop::Drop);
     };
-    // `ether_type` is stored in network byte order; the enum's values are too.
-    match eth.ether_type {
-        t if t == EtherType::Ipv4 as u16 => classify_ipv4(ctx, reader, EthHdr::LEN),
-        t if t == EtherType::Ipv6 as u16 => classify_ipv6(ctx, reader, EthHdr::LEN),
-        _ => counters::add(Counter::L3Other, 1),
+    let mut vlans = 0;
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+        vlans = 1;
+        ether_type = be16(reader, 16).ok_or_else(truncated_l2)?;
+        if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+            vlans = 2;
+            ether_type = be16(reader, 20).ok_or_else(truncated_l2)?;
+            if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD {
+                counters::add(Counter::VlanTooMany, 1);
+                return Err(Stop::Pass);
+            }
+        }
+    }
+    match vlans {
+        1 => counters::add(Counter::Vlan1, 1),
+        2 => counters::add(Counter::Vlan2, 1),
+        _ => {}
+    }
+    let l3 = 14 + 4 * vlans;
+    match ether_type {
+        ETH_P_IPV4 => parse_ipv4(ctx, reader, vlans, l3),
+        ETH_P_IPV6 => parse_ipv6(ctx, reader, vlans, l3),
+        _ => {
+            counters::add(Counter::L3Other, 1);
+            Err(Stop::Pass)
+        }
     }
 }
 
-/// IPv4: the L4 offset comes from IHL; IHL < 5 and a total length that is shorter than the
-/// header or longer than the frame make the packet malformed.
 #[inline(always)]
-fn classify_ipv4(ctx: &XdpContext, reader: &PacketReader, l3: usize) {
-    let Some(ip) = reader.read::<Ipv4Hdr>(l3) else {
-        counters::add(Counter::L3Malformed, 1);
-        return;
+fn truncated_l2() -> Stop {
+    counters::add(Counter::L2Truncated, 1);
+    Stop::Drop
+}
+
+#[inline(always)]
+fn malformed_l3() -> Stop {
+    counters::add(Counter::L3Malformed, 1);
+    Stop::Drop
+}
+
+/// IPv4: the L4 offset comes from IHL; IHL < 5, a total length shorter than the header or longer
+/// than the frame make the packet malformed.
+#[inline(always)]
+fn parse_ipv4(
+    ctx: &XdpContext,
+    reader: &PacketReader,
+    vlans: usize,
+    l3: usize,
+) -> Result<Packet, Stop> {
+    let Some(p) = reader.ptr_at::<[u8; 20]>(l3) else {
+        return Err(malformed_l3());
     };
-    let version = ip.vihl >> 4;
-    let ihl = (ip.vihl & 0x0f) as usize;
+    // SAFETY: `ptr_at` proved the 20 bytes lie inside the frame; read in place, not copied.
+    let h = unsafe { &*p };
+    let version = h[0] >> 4;
+    let ihl = (h[0] & 0x0f) as usize;
     let header_len = ihl * 4;
-    let total_len = u16::from_be_bytes(ip.tot_len) as usize;
+    let total_len = u16::from_be_bytes([h[2], h[3]]) as usize;
     if version != 4 || ihl < 5 || total_len < header_len || l3 + total_len > reader.len() {
-        counters::add(Counter::L3Malformed, 1);
         if log::allowed(LogSite::MalformedIpv4) {
             warn!(
                 ctx,
@@ -52,32 +145,49 @@ fn classify_ipv4(ctx: &XdpContext, reader: &PacketReader, l3: usize) {
                 reader.len()
             );
         }
-        return;
+        return Err(malformed_l3());
     }
     counters::add(Counter::L3Ipv4, 1);
-
-    // Later fragments start mid-datagram: what follows the IP header is payload, not ports.
-    let fragment_offset = u16::from_be_bytes(ip.frags) & 0x1fff;
-    if fragment_offset != 0 {
-        counters::add(Counter::L4Fragment, 1);
-        return;
-    }
-    classify_l4(reader, ip.proto, l3 + header_len, l3 + total_len);
+    let frag = u16::from_be_bytes([h[6], h[7]]);
+    let mut pkt = Packet {
+        vlans,
+        l3,
+        l4: l3 + header_len,
+        ip_len: total_len,
+        tos: h[1],
+        dont_fragment: frag & 0x4000 != 0,
+        // Later fragments start mid-datagram: what follows the header is payload, not ports.
+        later_fragment: frag & 0x1fff != 0,
+        tcp_flags: 0,
+        key: FlowKey {
+            proto: h[9],
+            family: FAMILY_V4,
+            ..FlowKey::default()
+        },
+    };
+    pkt.key.src[..4].copy_from_slice(&h[12..16]);
+    pkt.key.dst[..4].copy_from_slice(&h[16..20]);
+    parse_l4(reader, pkt)
 }
 
-/// IPv6: the fixed header and its payload must fit the frame. Extension headers are counted as
-/// "other" until the L4 fast path walks them.
+/// IPv6: the fixed header and its payload must fit the frame; extension headers are walked (at
+/// most [`MAX_IPV6_EXT`]), each with its own length rule, and must end inside the payload.
 #[inline(always)]
-fn classify_ipv6(ctx: &XdpContext, reader: &PacketReader, l3: usize) {
-    let Some(ip) = reader.read::<Ipv6Hdr>(l3) else {
-        counters::add(Counter::L3Malformed, 1);
-        return;
+fn parse_ipv6(
+    ctx: &XdpContext,
+    reader: &PacketReader,
+    vlans: usize,
+    l3: usize,
+) -> Result<Packet, Stop> {
+    let Some(p) = reader.ptr_at::<[u8; 40]>(l3) else {
+        return Err(malformed_l3());
     };
-    let version = ip.vcf[0] >> 4;
-    let payload_len = u16::from_be_bytes(ip.payload_len) as usize;
-    let end = l3 + Ipv6Hdr::LEN + payload_len;
+    // SAFETY: `ptr_at` proved the 40 bytes lie inside the frame; read in place, not copied.
+    let h = unsafe { &*p };
+    let version = h[0] >> 4;
+    let payload_len = u16::from_be_bytes([h[4], h[5]]) as usize;
+    let end = l3 + 40 + payload_len;
     if version != 6 || end > reader.len() {
-        counters::add(Counter::L3Malformed, 1);
         if log::allowed(LogSite::MalformedIpv6) {
             warn!(
                 ctx,
@@ -87,28 +197,118 @@ fn classify_ipv6(ctx: &XdpContext, reader: &PacketReader, l3: usize) {
                 reader.len()
             );
         }
-        return;
+        return Err(malformed_l3());
+    }
+    let mut next = h[6];
+    let mut off = l3 + 40;
+    let mut later_fragment = false;
+    let mut done = false;
+    // One more round than headers allowed: the last round finds the upper-layer header.
+    for _ in 0..=MAX_IPV6_EXT {
+        match next {
+            NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS => {
+                let Some(e) = reader.read::<[u8; 2]>(off) else {
+                    return Err(malformed_l3());
+                };
+                next = e[0];
+                off += (e[1] as usize + 1) * 8;
+            }
+            NH_AH => {
+                let Some(e) = reader.read::<[u8; 2]>(off) else {
+                    return Err(malformed_l3());
+                };
+                next = e[0];
+                off += (e[1] as usize + 2) * 4;
+            }
+            NH_FRAGMENT => {
+                let Some(e) = reader.read::<[u8; 8]>(off) else {
+                    return Err(malformed_l3());
+                };
+                next = e[0];
+                if u16::from_be_bytes([e[2], e[3]]) >> 3 != 0 {
+                    later_fragment = true;
+                }
+                off += 8;
+            }
+            _ => {
+                done = true;
+                break;
+            }
+        }
+        if off > end {
+            return Err(malformed_l3());
+        }
+    }
+    if !done {
+        // A chain longer than the walk allows: no sane sender produces one.
+        return Err(malformed_l3());
     }
     counters::add(Counter::L3Ipv6, 1);
-    classify_l4(reader, ip.next_hdr, l3 + Ipv6Hdr::LEN, end);
+    let mut pkt = Packet {
+        vlans,
+        l3,
+        l4: off,
+        ip_len: 40 + payload_len,
+        tos: (h[0] << 4) | (h[1] >> 4),
+        dont_fragment: true,
+        later_fragment,
+        tcp_flags: 0,
+        key: FlowKey {
+            proto: next,
+            family: FAMILY_V6,
+            ..FlowKey::default()
+        },
+    };
+    pkt.key.src.copy_from_slice(&h[8..24]);
+    pkt.key.dst.copy_from_slice(&h[24..40]);
+    parse_l4(reader, pkt)
 }
 
-/// TCP and UDP headers must lie inside both the frame and the IP packet (`l3_end`).
+/// TCP, UDP and ICMP headers must lie inside both the frame and the IP packet.
 #[inline(always)]
-fn classify_l4(reader: &PacketReader, proto: u8, l4: usize, l3_end: usize) {
-    if proto == IpProto::Tcp as u8 {
-        if l4 + TcpHdr::LEN > l3_end || reader.read::<TcpHdr>(l4).is_none() {
-            counters::add(Counter::L4Truncated, 1);
-        } else {
+fn parse_l4(reader: &PacketReader, mut pkt: Packet) -> Result<Packet, Stop> {
+    if pkt.later_fragment {
+        counters::add(Counter::L4Fragment, 1);
+        return Ok(pkt);
+    }
+    let l3_end = pkt.l3 + pkt.ip_len;
+    match pkt.key.proto {
+        proto::TCP => {
+            let Some(t) = reader.read::<[u8; 14]>(pkt.l4) else {
+                return Err(truncated_l4());
+            };
+            if pkt.l4 + 20 > l3_end || reader.ptr_at::<[u8; 20]>(pkt.l4).is_none() {
+                return Err(truncated_l4());
+            }
+            pkt.key.sport_be = u16::from_ne_bytes([t[0], t[1]]);
+            pkt.key.dport_be = u16::from_ne_bytes([t[2], t[3]]);
+            pkt.tcp_flags = t[13];
             counters::add(Counter::L4Tcp, 1);
         }
-    } else if proto == IpProto::Udp as u8 {
-        if l4 + UdpHdr::LEN > l3_end || reader.read::<UdpHdr>(l4).is_none() {
-            counters::add(Counter::L4Truncated, 1);
-        } else {
+        proto::UDP => {
+            let Some(u) = reader.read::<[u8; 8]>(pkt.l4) else {
+                return Err(truncated_l4());
+            };
+            if pkt.l4 + 8 > l3_end {
+                return Err(truncated_l4());
+            }
+            pkt.key.sport_be = u16::from_ne_bytes([u[0], u[1]]);
+            pkt.key.dport_be = u16::from_ne_bytes([u[2], u[3]]);
             counters::add(Counter::L4Udp, 1);
         }
-    } else {
-        counters::add(Counter::L4Other, 1);
+        proto::ICMP | proto::ICMPV6 => {
+            if reader.read::<[u8; 8]>(pkt.l4).is_none() || pkt.l4 + 8 > l3_end {
+                return Err(truncated_l4());
+            }
+            counters::add(Counter::L4Other, 1);
+        }
+        _ => counters::add(Counter::L4Other, 1),
     }
+    Ok(pkt)
+}
+
+#[inline(always)]
+fn truncated_l4() -> Stop {
+    counters::add(Counter::L4Truncated, 1);
+    Stop::Drop
 }

@@ -6,3 +6,5 @@
 pub mod counters;
 pub mod loader;
 pub mod logging;
+pub mod maglev;
+pub mod maps;

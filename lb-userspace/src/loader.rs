@@ -63,6 +63,16 @@ pub enum LoaderError {
         #[source]
         source: MapError,
     },
+    /// A value is outside what the maps can hold.
+    #[error("{what} {value} is out of range (0..={max})")]
+    OutOfRange {
+        /// What the value is.
+        what: &'static str,
+        /// The value given.
+        value: u32,
+        /// The largest valid value.
+        max: u32,
+    },
     /// The log ring buffer could not be opened.
     #[error("opening the eBPF log buffer: {0}")]
     Log(#[from] aya_log::Error),
@@ -95,16 +105,47 @@ pub struct Balancer {
     ebpf: Ebpf,
 }
 
+/// Sizes chosen at load time.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Entries of the per-CPU connection table, per CPU.
+    pub flow_entries: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            flow_entries: lb_common::types::DEFAULT_FLOW_ENTRIES,
+        }
+    }
+}
+
 impl Balancer {
-    /// Loads the embedded object and its balancer program into the kernel (not yet attached).
+    /// Loads the embedded object and its balancer program into the kernel (not yet attached),
+    /// with default sizes.
     pub fn load() -> Result<Self, LoaderError> {
-        let mut ebpf = Ebpf::load(BALANCER_OBJECT)?;
+        Self::load_with(LoadOptions::default())
+    }
+
+    /// Loads the embedded object with the given sizes.
+    pub fn load_with(options: LoadOptions) -> Result<Self, LoaderError> {
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(lb_common::maps::FLOWS, options.flow_entries)
+            .load(BALANCER_OBJECT)?;
         let name = lb_common::programs::BALANCER;
         let program = xdp_mut(&mut ebpf)?;
         program
             .load()
             .map_err(|source| LoaderError::Program { name, source })?;
         Ok(Self { ebpf })
+    }
+
+    pub(crate) fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
     }
 
     /// The balancer program, for attaching or for `BPF_PROG_TEST_RUN`.

@@ -2,11 +2,17 @@
 //! map set-up, expected verdict, expected output frame, expected counter deltas) and one runner
 //! replays them through BPF_PROG_TEST_RUN on the real object loaded by the real loader.
 
-use std::fmt::{self, Write as _};
+use std::{
+    fmt::{self, Write as _},
+    rc::Rc,
+};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::counters::Counter;
-use lb_userspace::{counters::CounterSnapshot, loader::Balancer};
+use lb_userspace::{
+    counters::CounterSnapshot,
+    loader::{Balancer, LoadOptions},
+};
 
 use crate::render;
 
@@ -49,9 +55,10 @@ pub enum Output {
     Frame(Vec<u8>),
 }
 
-/// Map set-up applied before the case runs (VIPs, backends, ...). Receives the loaded balancer,
-/// whose typed map layer is the only way tests (like the agent) write maps.
-pub type Setup = fn(&mut Balancer);
+/// Map set-up applied before the case runs (VIPs, backends, earlier packets of the flow, ...).
+/// Receives the loaded balancer, whose typed map layer is the only way tests (like the agent)
+/// write maps.
+pub type Setup = Rc<dyn Fn(&mut Balancer)>;
 
 /// One fixture: a frame in, a verdict, a frame out, and exactly which counters moved.
 #[derive(Clone)]
@@ -91,6 +98,39 @@ impl Case {
     }
 }
 
+impl Case {
+    /// A case expecting XDP_DROP, counting `rx_packets`, `rx_bytes`, `action_drop` and `layers`.
+    pub fn drops(name: impl Into<String>, input: Vec<u8>, layers: &[Counter]) -> Case {
+        let mut case = Case::passes(name, input, &[]);
+        case.action = XdpAction::Drop;
+        case.counters[2] = (Counter::ActionDrop, 1);
+        case.counters.extend(layers.iter().map(|&c| (c, 1)));
+        case
+    }
+
+    /// A case expecting XDP_TX with exactly `output`, counting `rx_packets`, `rx_bytes`,
+    /// `action_tx` and `layers`.
+    pub fn forwards(
+        name: impl Into<String>,
+        input: Vec<u8>,
+        output: Vec<u8>,
+        layers: &[Counter],
+    ) -> Case {
+        let mut case = Case::passes(name, input, &[]);
+        case.action = XdpAction::Tx;
+        case.output = Output::Frame(output);
+        case.counters[2] = (Counter::ActionTx, 1);
+        case.counters.extend(layers.iter().map(|&c| (c, 1)));
+        case
+    }
+
+    /// Adds a set-up step run (after the world) before this case's packet.
+    pub fn with_setup(mut self, setup: impl Fn(&mut Balancer) + 'static) -> Case {
+        self.setup = Some(Rc::new(setup));
+        self
+    }
+}
+
 impl fmt::Debug for Case {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Case")
@@ -125,7 +165,7 @@ pub fn run_case(balancer: &mut Balancer, case: &Case) -> Result<(), Failure> {
         name: case.name.clone(),
         report,
     };
-    if let Some(setup) = case.setup {
+    if let Some(setup) = &case.setup {
         setup(balancer);
     }
     let before = balancer
@@ -199,10 +239,14 @@ pub fn counter_mismatches(expected: &[(Counter, u64)], delta: &CounterSnapshot) 
     out
 }
 
-/// Runs every case (all of them, even after a failure) on one freshly loaded balancer and
-/// panics with every failure's report, so one run shows the whole picture.
-pub fn run_all(cases: &[Case]) {
-    let mut balancer = Balancer::load().expect("loading the balancer object (run as root)");
+/// Connection-table entries per CPU in fixture runs: small, so each case loads quickly.
+pub const FIXTURE_FLOW_ENTRIES: u32 = 4096;
+
+/// Runs every case (all of them, even after a failure), each starting from an empty connection
+/// table with `world` freshly applied, so no case sees another's flows or map changes (counter
+/// deltas are per case by construction). Panics with
+/// every failure's report, so one run shows the whole picture.
+pub fn run_all(world: impl Fn(&mut Balancer), cases: &[Case]) {
     let mut names = std::collections::HashSet::new();
     for case in cases {
         assert!(
@@ -211,9 +255,20 @@ pub fn run_all(cases: &[Case]) {
             case.name
         );
     }
+    let mut balancer = Balancer::load_with(LoadOptions {
+        flow_entries: FIXTURE_FLOW_ENTRIES,
+    })
+    .expect("loading the balancer object (run as root)");
     let failures: Vec<Failure> = cases
         .iter()
-        .filter_map(|case| run_case(&mut balancer, case).err())
+        .filter_map(|case| {
+            // Each case starts from the same state: the world re-installed, no flows.
+            balancer
+                .clear_flows()
+                .expect("clearing the connection table");
+            world(&mut balancer);
+            run_case(&mut balancer, case).err()
+        })
         .collect();
     if !failures.is_empty() {
         let mut msg = format!(
@@ -227,6 +282,23 @@ pub fn run_all(cases: &[Case]) {
         panic!("{msg}");
     }
     eprintln!("{} fixture cases passed", cases.len());
+}
+
+/// Runs one frame through the program outside any case (for set-up steps such as "the SYN
+/// of this flow came first"). Returns the verdict and the output frame.
+pub fn send(balancer: &Balancer, frame: &[u8]) -> (XdpAction, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + OUTPUT_HEADROOM];
+    let result = balancer
+        .program()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (XdpAction::from(result.return_value), out)
 }
 
 #[cfg(test)]

@@ -152,3 +152,117 @@ pub fn pad_to_min(mut frame: Vec<u8>) -> Vec<u8> {
     }
     frame
 }
+
+/// IPv4 TCP segment from the client to `dst`, with SYN (and no ACK) when `syn`, else ACK.
+pub fn tcp4(dst: [u8; 4], sport: u16, dport: u16, syn: bool, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4(CLIENT_V4, dst, 64)
+        .tcp(sport, dport, 1000, 65535);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("building tcp4");
+    out
+}
+
+/// IPv4 UDP datagram from the client to `dst`.
+pub fn udp4(dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4(CLIENT_V4, dst, 64)
+        .udp(sport, dport);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("building udp4");
+    out
+}
+
+/// IPv6 TCP segment from the client to `dst` (SYN when `syn`, else ACK).
+pub fn tcp6(dst: [u8; 16], sport: u16, dport: u16, syn: bool, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv6(CLIENT_V6, dst, 64)
+        .tcp(sport, dport, 1000, 65535);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("building tcp6");
+    out
+}
+
+/// IPv6 UDP datagram from the client to `dst`.
+pub fn udp6(dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv6(CLIENT_V6, dst, 64)
+        .udp(sport, dport);
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("building udp6");
+    out
+}
+
+/// Inserts an IPv6 extension header right after the fixed header of an untagged IPv6 frame,
+/// fixing the chain and the payload length. `ext` is the header's bytes; its first byte (next
+/// header) is overwritten with the previous next-header value.
+pub fn with_ipv6_ext(frame: &[u8], ext_type: u8, ext: &[u8]) -> Vec<u8> {
+    let mut f = frame[..L3 + 40].to_vec();
+    let old_next = f[L3 + 6];
+    f[L3 + 6] = ext_type;
+    let mut e = ext.to_vec();
+    e[0] = old_next;
+    f.extend_from_slice(&e);
+    f.extend_from_slice(&frame[L3 + 40..]);
+    let payload = u16::from_be_bytes([frame[L3 + 4], frame[L3 + 5]]) + ext.len() as u16;
+    f[L3 + 4..L3 + 6].copy_from_slice(&payload.to_be_bytes());
+    f
+}
+
+/// A hop-by-hop / destination-options / routing style extension of `8 * (len_units + 1)` bytes
+/// (PadN filled).
+pub fn ext_8n(len_units: u8) -> Vec<u8> {
+    let total = 8 * (len_units as usize + 1);
+    let mut e = vec![0u8; total];
+    e[1] = len_units;
+    // PadN option covering the rest: type 1, length total - 4.
+    e[2] = 1;
+    e[3] = (total - 4) as u8;
+    e
+}
+
+/// An authentication header with `payload_len` (AH length rule: `(payload_len + 2) * 4` bytes).
+pub fn ext_ah(payload_len: u8) -> Vec<u8> {
+    let total = (payload_len as usize + 2) * 4;
+    let mut e = vec![0u8; total];
+    e[1] = payload_len;
+    e[4..8].copy_from_slice(&0x100u32.to_be_bytes()); // SPI
+    e
+}
+
+/// An IPv6 fragment header at `offset_units` (8-byte units) with the M flag.
+pub fn ext_fragment(offset_units: u16, more: bool, id: u32) -> Vec<u8> {
+    let mut e = vec![0u8; 8];
+    let v = (offset_units << 3) | more as u16;
+    e[2..4].copy_from_slice(&v.to_be_bytes());
+    e[4..8].copy_from_slice(&id.to_be_bytes());
+    e
+}
+
+/// Sets the IPv4 TOS byte and fixes the header checksum.
+pub fn set_ipv4_tos(frame: &mut [u8], tos: u8) {
+    frame[L3 + 1] = tos;
+    fix_ipv4_checksum(frame);
+}
+
+/// Recomputes the IPv4 header checksum of an untagged frame.
+pub fn fix_ipv4_checksum(frame: &mut [u8]) {
+    let ihl = (frame[L3] & 0x0f) as usize * 4;
+    frame[L3 + 10] = 0;
+    frame[L3 + 11] = 0;
+    let h = etherparse::Ipv4HeaderSlice::from_slice(&frame[L3..L3 + ihl]).expect("ipv4 header");
+    let c = h.to_header().calc_header_checksum();
+    frame[L3 + 10..L3 + 12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// A frame of `ip_len` bytes of IPv4 TCP to `dst:dport` (payload filled to reach the size).
+pub fn tcp4_sized(dst: [u8; 4], dport: u16, ip_len: usize) -> Vec<u8> {
+    tcp4(dst, 40000, dport, false, &vec![0x5a; ip_len - 40])
+}
+
+/// A frame of `ip_len` bytes (40 + payload) of IPv6 TCP to `dst:dport`.
+pub fn tcp6_sized(dst: [u8; 16], dport: u16, ip_len: usize) -> Vec<u8> {
+    tcp6(dst, 40000, dport, false, &vec![0x5a; ip_len - 60])
+}

@@ -6,3 +6,4 @@ pub mod fixture;
 pub mod frames;
 pub mod netns;
 pub mod render;
+pub mod world;

@@ -204,9 +204,15 @@ fn attached_and_passes_traffic(mode: &str, expect_mode: &str) {
     assert!(counter(&totals, "l4_udp") >= 1, "{totals}");
     assert!(counter(&totals, "l4_tcp") >= 1, "{totals}");
     assert!(counter(&totals, "l3_malformed") >= 1, "{totals}");
+    // No VIPs are configured: everything well-formed passes; the malformed frame is dropped.
+    assert_eq!(
+        counter(&totals, "action_drop"),
+        counter(&totals, "l3_malformed"),
+        "{totals}"
+    );
     assert_eq!(
         counter(&totals, "rx_packets"),
-        counter(&totals, "action_pass"),
+        counter(&totals, "action_pass") + counter(&totals, "action_drop"),
         "{totals}"
     );
 

@@ -1,0 +1,186 @@
+//! Map keys and values. All `#[repr(C)]` with explicit padding, so the layout the kernel sees is
+//! the layout userspace writes, with no uninitialised bytes in keys.
+
+/// Address family of a VIP, backend or flow: [`FAMILY_V4`] or [`FAMILY_V6`].
+pub type Family = u8;
+/// IPv4: the address occupies the first 4 bytes of a 16-byte address field, the rest are zero.
+pub const FAMILY_V4: Family = 4;
+/// IPv6: all 16 bytes.
+pub const FAMILY_V6: Family = 6;
+
+/// IP protocol numbers the balancer handles.
+pub mod proto {
+    /// ICMP.
+    pub const ICMP: u8 = 1;
+    /// IPv4-in-IP encapsulation.
+    pub const IPIP: u8 = 4;
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+    /// IPv6-in-IP encapsulation.
+    pub const IPV6: u8 = 41;
+    /// ICMPv6.
+    pub const ICMPV6: u8 = 58;
+}
+
+/// Most VIPs one balancer serves.
+pub const MAX_VIPS: u32 = 1024;
+/// Most backends (ids 0..MAX_BACKENDS) over all VIPs.
+pub const MAX_BACKENDS: u32 = 65536;
+/// Entries of the Maglev outer map: two per VIP, so a new table can be written beside the live
+/// one and switched in with one atomic VIP update.
+pub const MAX_TABLES: u32 = 2 * MAX_VIPS;
+/// Size of the inner-map template; real tables are created with their own (prime) size.
+pub const TABLE_TEMPLATE_SIZE: u32 = 65537;
+/// Default entries of the per-CPU connection table (per CPU).
+pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
+/// `BPF_F_INNER_MAP`: lets inner maps of one map-of-maps have different `max_entries`.
+pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// Identifies a VIP: destination address, destination port (0 = every port) and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct VipKey {
+    /// Address bytes; IPv4 in the first 4, the rest zero.
+    pub addr: [u8; 16],
+    /// Destination port in network byte order; 0 matches every port.
+    pub port_be: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: Family,
+}
+
+/// VIP flag: pass the VIP's traffic to the host stack (the L7 gateway serves it).
+pub const VIP_F_L7: u32 = 1 << 0;
+/// VIP flag: L2 direct server return (rewrite the destination MAC only, no encapsulation).
+pub const VIP_F_DSR_L2: u32 = 1 << 1;
+
+/// What the data path needs to know about a VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipMeta {
+    /// Dense id, indexes the per-VIP counters.
+    pub vip_id: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    /// Index of the VIP's live Maglev table in the outer map.
+    pub table_index: u32,
+    /// Number of slots in that table (prime).
+    pub table_size: u32,
+}
+
+/// Backend flag: the backend passes its health checks and may receive traffic, including
+/// established flows. When clear, established flows are re-selected.
+pub const BACKEND_F_UP: u8 = 1 << 0;
+
+/// A backend (real server), indexed by its id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// Address bytes; IPv4 in the first 4, the rest zero.
+    pub addr: [u8; 16],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`]; 0 marks an unused id.
+    pub family: Family,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+    /// MAC address for L2 DSR VIPs (unused for encapsulation).
+    pub mac: [u8; 6],
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 8],
+}
+
+/// A flow's identity: the 5-tuple as seen on the wire (client -> VIP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Source (client) address; IPv4 in the first 4 bytes.
+    pub src: [u8; 16],
+    /// Destination (VIP) address.
+    pub dst: [u8; 16],
+    /// Source port, network byte order (0 for protocols without ports).
+    pub sport_be: u16,
+    /// Destination port, network byte order.
+    pub dport_be: u16,
+    /// IP protocol.
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: Family,
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 2],
+}
+
+/// What the connection table remembers about a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    /// The backend the flow is pinned to.
+    pub backend_id: u32,
+    /// Explicit padding (always zero).
+    pub _pad: u32,
+}
+
+/// Balancer-wide settings, written by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbConfig {
+    /// MAC of the interface the balancer is attached to (source of forwarded frames).
+    pub lb_mac: [u8; 6],
+    /// MAC of the next hop (router) that encapsulated frames are sent to.
+    pub nexthop_mac: [u8; 6],
+    /// Largest IP packet (bytes, outer header included) the egress link carries; 0 = no check.
+    pub egress_mtu: u16,
+    /// Prefix length of `encap_src_v4`: the host bits are filled per flow (32 = one address).
+    pub encap_src_v4_prefix: u8,
+    /// Prefix length of `encap_src_v6`.
+    pub encap_src_v6_prefix: u8,
+    /// Outer IPv4 source address (or prefix) for IPIP.
+    pub encap_src_v4: [u8; 4],
+    /// Outer IPv6 source address (or prefix) for IP6IP6 and IPv4-in-IPv6.
+    pub encap_src_v6: [u8; 16],
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 4],
+}
+
+/// Traffic counters of one VIP or backend on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Packets forwarded.
+    pub packets: u64,
+    /// Bytes forwarded (as received, before encapsulation).
+    pub bytes: u64,
+    /// Flows newly assigned a backend (connection-table misses and SYNs).
+    pub new_flows: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // Each impl: a plain `#[repr(C)]` struct of integers and byte arrays with explicit padding
+    // fields, so every bit pattern is valid and no byte is uninitialised.
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::VipKey {}
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::VipMeta {}
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::FlowValue {}
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::LbConfig {}
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::Stats {}
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<VipKey>() == 20);
+    assert!(core::mem::size_of::<VipMeta>() == 16);
+    assert!(core::mem::size_of::<Backend>() == 32);
+    assert!(core::mem::size_of::<FlowKey>() == 40);
+    assert!(core::mem::size_of::<FlowValue>() == 8);
+    assert!(core::mem::size_of::<LbConfig>() == 40);
+    assert!(core::mem::size_of::<Stats>() == 24);
+};

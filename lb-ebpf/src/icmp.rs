@@ -1,0 +1,218 @@
+//! ICMP replies the balancer writes itself: "fragmentation needed" (IPv4, DF set) and
+//! "packet too big" (IPv6) when a VIP packet would not fit the egress MTU once encapsulated.
+//!
+//! The reply is built in place: the head grows by the new IP + ICMP headers, so the original
+//! IP header (the start of the quote) is already where the quote belongs; the tail is then cut to
+//! the quote's length. Only the new headers are written.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::{counters::Counter, csum::ipv4_header_checksum, types::proto};
+
+use crate::{counters, parse::Packet, reader::PacketReader};
+
+const ETH_P_IPV4: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+/// Largest IPv6 packet an ICMPv6 error may be (RFC 4443 §2.4 (c)): the minimum IPv6 MTU.
+const IPV6_MIN_MTU: usize = 1280;
+/// Longest quote of an ICMPv6 packet-too-big: 1280 - 40 (IPv6) - 8 (ICMPv6).
+const MAX_V6_QUOTE: usize = IPV6_MIN_MTU - 48;
+/// Longest quote of an ICMPv4 error here: a 60-byte IPv4 header + 8 bytes.
+const MAX_V4_QUOTE: usize = 68;
+
+/// Turns the frame into a too-big error for its sender and returns XDP_TX (or a drop if the
+/// frame cannot be reshaped). `mtu` is the largest inner packet the path takes.
+#[inline(always)]
+pub fn too_big(ctx: &XdpContext, pkt: &Packet, lb_mac: &[u8; 6], mtu: u16) -> u32 {
+    let old = PacketReader::new(ctx);
+    let Some(peer_mac) = old.read::<[u8; 6]>(6) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let tags: [u8; 8] = match pkt.vlans {
+        0 => [0; 8],
+        1 => match old.read::<[u8; 4]>(12) {
+            Some(t) => [t[0], t[1], t[2], t[3], 0, 0, 0, 0],
+            None => return xdp_action::XDP_ABORTED,
+        },
+        _ => match old.read::<[u8; 8]>(12) {
+            Some(t) => t,
+            None => return xdp_action::XDP_ABORTED,
+        },
+    };
+    let v4 = pkt.key.family == lb_common::types::FAMILY_V4;
+    let added: usize = if v4 { 28 } else { 48 };
+    let quote = if v4 {
+        let ihl_len = pkt.l4 - pkt.l3;
+        ihl_len + 8
+    } else {
+        let avail = old.len() - pkt.l3;
+        if avail < MAX_V6_QUOTE {
+            avail & !1
+        } else {
+            MAX_V6_QUOTE
+        }
+    };
+    if quote > old.len() - pkt.l3 {
+        counters::add(Counter::DropTooBig, 1);
+        return xdp_action::XDP_DROP;
+    }
+    let l2 = pkt.l3;
+    let new_len = l2 + added + quote;
+    let old_len = old.len();
+
+    // SAFETY: the helpers only move `data`/`data_end`; every later access re-derives bounds.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(added as i32)) } != 0 {
+        counters::add(Counter::DropAdjustFailed, 1);
+        return xdp_action::XDP_DROP;
+    }
+    let delta = new_len as i32 - (old_len + added) as i32;
+    // SAFETY: as above.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } != 0 {
+        counters::add(Counter::DropAdjustFailed, 1);
+        return xdp_action::XDP_DROP;
+    }
+    let r = PacketReader::new(ctx);
+    let ok = r.write(0, peer_mac).is_some()
+        && r.write(6, *lb_mac).is_some()
+        && match pkt.vlans {
+            0 => true,
+            1 => r
+                .write::<[u8; 4]>(12, [tags[0], tags[1], tags[2], tags[3]])
+                .is_some(),
+            _ => r.write(12, tags).is_some(),
+        }
+        && r.write(
+            l2 - 2,
+            if v4 { ETH_P_IPV4 } else { ETH_P_IPV6 }.to_be_bytes(),
+        )
+        .is_some();
+    if !ok {
+        return xdp_action::XDP_ABORTED;
+    }
+    let written = if v4 {
+        write_frag_needed(&r, l2, pkt, mtu, quote)
+    } else {
+        write_packet_too_big(&r, l2, pkt, mtu, quote)
+    };
+    if !written {
+        return xdp_action::XDP_ABORTED;
+    }
+    counters::add(Counter::IcmpTooBigSent, 1);
+    xdp_action::XDP_TX
+}
+
+#[inline(always)]
+fn write_frag_needed(r: &PacketReader, l2: usize, pkt: &Packet, mtu: u16, quote: usize) -> bool {
+    let Some(p) = r.ptr_at::<[u8; 20]>(l2) else {
+        return false;
+    };
+    // SAFETY: `ptr_at` proved the 20 bytes lie inside the frame.
+    let h = unsafe { &mut *p };
+    let total = ((20 + 8 + quote) as u16).to_be_bytes();
+    *h = [
+        0x45,
+        0,
+        total[0],
+        total[1],
+        0,
+        0,
+        0,
+        0,
+        64,
+        proto::ICMP,
+        0,
+        0,
+        pkt.key.dst[0],
+        pkt.key.dst[1],
+        pkt.key.dst[2],
+        pkt.key.dst[3],
+        pkt.key.src[0],
+        pkt.key.src[1],
+        pkt.key.src[2],
+        pkt.key.src[3],
+    ];
+    let c = ipv4_header_checksum(h).to_be_bytes();
+    h[10] = c[0];
+    h[11] = c[1];
+    let icmp = l2 + 20;
+    let m = mtu.to_be_bytes();
+    if r.write::<[u8; 8]>(icmp, [3, 4, 0, 0, 0, 0, m[0], m[1]])
+        .is_none()
+    {
+        return false;
+    }
+    let Some(sum) = sum_words(r, icmp, 8 + quote, MAX_V4_QUOTE + 8) else {
+        return false;
+    };
+    r.write(icmp + 2, fold(sum).to_be_bytes()).is_some()
+}
+
+#[inline(always)]
+fn write_packet_too_big(r: &PacketReader, l2: usize, pkt: &Packet, mtu: u16, quote: usize) -> bool {
+    let Some(p) = r.ptr_at::<[u8; 40]>(l2) else {
+        return false;
+    };
+    // SAFETY: `ptr_at` proved the 40 bytes lie inside the frame.
+    let h = unsafe { &mut *p };
+    let payload = ((8 + quote) as u16).to_be_bytes();
+    h[0] = 0x60;
+    h[1] = 0;
+    h[2] = 0;
+    h[3] = 0;
+    h[4] = payload[0];
+    h[5] = payload[1];
+    h[6] = proto::ICMPV6;
+    h[7] = 64;
+    h[8..24].copy_from_slice(&pkt.key.dst);
+    h[24..40].copy_from_slice(&pkt.key.src);
+    let icmp = l2 + 40;
+    let m = (mtu as u32).to_be_bytes();
+    if r.write::<[u8; 8]>(icmp, [2, 0, 0, 0, m[0], m[1], m[2], m[3]])
+        .is_none()
+    {
+        return false;
+    }
+    // Pseudo-header: source, destination, upper-layer length, next header.
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < 16 {
+        sum += u16::from_be_bytes([pkt.key.dst[i], pkt.key.dst[i + 1]]) as u32;
+        sum += u16::from_be_bytes([pkt.key.src[i], pkt.key.src[i + 1]]) as u32;
+        i += 2;
+    }
+    sum += (8 + quote) as u32;
+    sum += proto::ICMPV6 as u32;
+    let Some(body) = sum_words(r, icmp, 8 + quote, MAX_V6_QUOTE + 8) else {
+        return false;
+    };
+    r.write(icmp + 2, fold(sum + body).to_be_bytes()).is_some()
+}
+
+/// Sums `len` bytes (even) of the packet from `off` as big-endian 16-bit words, reading at most
+/// `max` bytes so the verifier sees a bounded loop.
+#[inline(always)]
+fn sum_words(r: &PacketReader, off: usize, len: usize, max: usize) -> Option<u32> {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < max {
+        if i >= len {
+            break;
+        }
+        let w = r.read::<[u8; 2]>(off + i)?;
+        sum += u16::from_be_bytes(w) as u32;
+        i += 2;
+    }
+    Some(sum)
+}
+
+/// Folds a 32-bit one's-complement sum to 16 bits and complements it. Sums here stay below
+/// 2^22, so two folds leave no carry.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
