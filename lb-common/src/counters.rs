@@ -104,7 +104,8 @@ counters! {
     /// too-big reply: IPv4 without DF (the sender allowed fragmentation, which the balancer
     /// does not do). Dropped.
     DropTooBig = 27, "drop_too_big";
-    /// Later fragments of a VIP datagram whose first fragment was not seen. Dropped.
+    /// Later fragments to a VIP address whose first fragment was not seen (or was forgotten).
+    /// Dropped, never sent to a guessed backend.
     DropFragUnknown = 28, "drop_frag_unknown";
     /// A VIP whose Maglev table is missing from the outer map (agent mid-install). Dropped.
     DropNoTable = 29, "drop_no_table";
@@ -113,6 +114,28 @@ counters! {
     /// ICMP "fragmentation needed" / ICMPv6 "packet too big" replies sent to clients whose
     /// packet would exceed the egress MTU once encapsulated.
     IcmpTooBigSent = 31, "icmp_too_big_sent";
+    /// Decapsulator: IPv4-outer tunnel packets stripped and passed on.
+    DecapV4 = 32, "decap_v4";
+    /// Decapsulator: IPv6-outer tunnel packets stripped and passed on.
+    DecapV6 = 33, "decap_v6";
+    /// Decapsulator: tunnel packets not addressed to a local tunnel address: passed untouched.
+    DecapNotLocal = 34, "decap_not_local";
+    /// Decapsulator: tunnel packets whose inner header is missing or of the wrong version.
+    /// Dropped.
+    DecapMalformed = 35, "decap_malformed";
+    /// Decapsulator: frames that are not tunnel packets: passed untouched.
+    DecapPassthrough = 36, "decap_passthrough";
+    /// ICMP / ICMPv6 echo requests to a VIP address answered by the balancer.
+    IcmpEchoReplied = 37, "icmp_echo_replied";
+    /// ICMP errors quoting a VIP flow, forwarded to the flow's backend.
+    IcmpErrorForwarded = 38, "icmp_error_forwarded";
+    /// ICMP errors to a VIP address whose quote is shorter than an IP header + 8 bytes.
+    /// Dropped.
+    DropIcmpQuoteShort = 39, "drop_icmp_quote_short";
+    /// First fragments recorded so later fragments follow them.
+    FragTracked = 40, "frag_tracked";
+    /// Later fragments forwarded to the backend of their first fragment.
+    FragForwarded = 41, "frag_forwarded";
 }
 
 const _: () = assert!(Counter::ALL.len() as u32 <= MAX_COUNTERS);

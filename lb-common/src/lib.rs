@@ -31,12 +31,22 @@ pub mod maps {
     pub const VIP_STATS: &str = "XLB_VIP_STATS";
     /// Per-CPU array of [`crate::types::Stats`], indexed by backend id.
     pub const BACKEND_STATS: &str = "XLB_BACKEND_STATS";
+    /// Hash map [`crate::types::LocalAddr`] -> `VIP_ADDR_F_*` flags: every VIP address (for
+    /// ICMP and later fragments, which carry no ports).
+    pub const VIP_ADDRS: &str = "XLB_VIP_ADDRS";
+    /// LRU hash [`crate::types::FragKey`] -> [`crate::types::FragValue`].
+    pub const FRAGS: &str = "XLB_FRAGS";
+    /// Decapsulator: hash set of [`crate::types::LocalAddr`] it strips tunnels for.
+    pub const DECAP_ADDRS: &str = "XLB_DECAP_ADDRS";
 }
 
 /// Names of the programs in the balancer object.
 pub mod programs {
     /// The XDP balancer attached to the LB host's NIC.
     pub const BALANCER: &str = "xlb_balancer";
+    /// The backend-side decapsulator (a separate object, so backends carry none of the
+    /// balancer's maps).
+    pub const DECAP: &str = "xlb_decap";
 }
 
 /// Places in the XDP program that may log. Each is rate-limited separately, to at most one record

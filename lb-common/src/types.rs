@@ -143,6 +143,63 @@ pub struct LbConfig {
     pub _pad: [u8; 4],
 }
 
+/// A local address the decapsulator accepts tunnel packets for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LocalAddr {
+    /// Address bytes; IPv4 in the first 4, the rest zero.
+    pub addr: [u8; 16],
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: Family,
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 3],
+}
+
+/// `XLB_VIP_ADDRS` flag: the address has at least one L4 (forwarded) VIP.
+pub const VIP_ADDR_F_L4: u32 = 1 << 0;
+/// `XLB_VIP_ADDRS` flag: the address has at least one L7 VIP.
+pub const VIP_ADDR_F_L7: u32 = 1 << 1;
+/// Most distinct VIP addresses.
+pub const MAX_VIP_ADDRS: u32 = MAX_VIPS;
+
+/// Identifies a fragmented datagram: addresses, IP identification and protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FragKey {
+    /// Source address; IPv4 in the first 4 bytes.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// IP identification (IPv4: 16 bits; IPv6 fragment header: 32 bits).
+    pub id: u32,
+    /// The datagram's L4 protocol.
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: Family,
+    /// Explicit padding (always zero).
+    pub _pad: [u8; 2],
+}
+
+/// Where the first fragment of a datagram went, so the later ones follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FragValue {
+    /// The backend chosen for the first fragment.
+    pub backend_id: u32,
+    /// The VIP it belongs to (for counters).
+    pub vip_id: u32,
+    /// The VIP's `VIP_F_*` flags (encapsulate or L2 DSR).
+    pub vip_flags: u32,
+    /// Explicit padding (always zero).
+    pub _pad: u32,
+}
+
+/// Entries of the fragment table (shared by all CPUs, LRU).
+pub const FRAG_ENTRIES: u32 = 65536;
+
+/// Most local tunnel addresses one decapsulator accepts.
+pub const MAX_LOCAL_ADDRS: u32 = 64;
+
 /// Traffic counters of one VIP or backend on one CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -173,6 +230,12 @@ mod pod {
     unsafe impl aya::Pod for super::LbConfig {}
     // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
     unsafe impl aya::Pod for super::Stats {}
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::LocalAddr {}
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::FragKey {}
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::FragValue {}
 }
 
 const _: () = {
@@ -183,4 +246,7 @@ const _: () = {
     assert!(core::mem::size_of::<FlowValue>() == 8);
     assert!(core::mem::size_of::<LbConfig>() == 40);
     assert!(core::mem::size_of::<Stats>() == 24);
+    assert!(core::mem::size_of::<LocalAddr>() == 20);
+    assert!(core::mem::size_of::<FragKey>() == 40);
+    assert!(core::mem::size_of::<FragValue>() == 16);
 };

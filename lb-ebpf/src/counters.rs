@@ -1,8 +1,11 @@
 //! Per-CPU event counters. No atomics are needed: each CPU owns its slot.
 
-use lb_common::counters::Counter;
+use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
+use lb_common::counters::{Counter, MAX_COUNTERS};
 
-use crate::maps::XLB_COUNTERS;
+/// Event counters, one `u64` per [`Counter`] per CPU.
+#[btf_map]
+pub static XLB_COUNTERS: PerCpuArray<u64, { MAX_COUNTERS as usize }> = PerCpuArray::new();
 
 /// Adds `n` to `counter` on the current CPU.
 #[inline(always)]

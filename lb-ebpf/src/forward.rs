@@ -43,7 +43,7 @@ pub fn encapsulate(
 ) -> u32 {
     let outer_v6 = backend.family == FAMILY_V6;
     let overhead: usize = if outer_v6 { 40 } else { 20 };
-    if cfg.egress_mtu != 0 && pkt.ip_len + overhead > cfg.egress_mtu as usize {
+    if cfg.egress_mtu != 0 && pkt.ip_len() + overhead > cfg.egress_mtu as usize {
         if pkt.key.family == FAMILY_V4 && !pkt.dont_fragment {
             counters::add(Counter::DropTooBig, 1);
             return xdp_action::XDP_DROP;
@@ -53,7 +53,7 @@ pub fn encapsulate(
 
     // The VLAN tags (TCI + inner TPID) must survive the move of the L2 header.
     let old = PacketReader::new(ctx);
-    let tags: [u8; 8] = match pkt.vlans {
+    let tags: [u8; 8] = match pkt.vlans() {
         0 => [0; 8],
         1 => match old.read::<[u8; 4]>(12) {
             Some(t) => [t[0], t[1], t[2], t[3], 0, 0, 0, 0],
@@ -75,7 +75,7 @@ pub fn encapsulate(
     if !ok {
         return xdp_action::XDP_ABORTED;
     }
-    let ok = match pkt.vlans {
+    let ok = match pkt.vlans() {
         0 => true,
         1 => r
             .write::<[u8; 4]>(12, [tags[0], tags[1], tags[2], tags[3]])
@@ -85,8 +85,8 @@ pub fn encapsulate(
     if !ok {
         return xdp_action::XDP_ABORTED;
     }
-    let et_off = 12 + 4 * pkt.vlans;
-    let l3 = et_off + 2;
+    let l3 = pkt.l3();
+    let et_off = l3 - 2;
     let inner_proto = if pkt.key.family == FAMILY_V4 {
         proto::IPIP
     } else {
@@ -139,7 +139,7 @@ fn write_outer_v4(
     let h = unsafe { &mut *p };
     h[0] = 0x45;
     h[1] = pkt.tos;
-    let len = ((pkt.ip_len + 20) as u16).to_be_bytes();
+    let len = ((pkt.ip_len() + 20) as u16).to_be_bytes();
     h[2] = len[0];
     h[3] = len[1];
     h[4] = 0;
@@ -187,7 +187,7 @@ fn write_outer_v6(
     h[1] = (pkt.tos << 4) | ((label >> 16) as u8 & 0x0f);
     h[2] = (label >> 8) as u8;
     h[3] = label as u8;
-    let len = (pkt.ip_len as u16).to_be_bytes();
+    let len = (pkt.ip_len() as u16).to_be_bytes();
     h[4] = len[0];
     h[5] = len[1];
     h[6] = inner_proto;

@@ -1,5 +1,7 @@
-//! ICMP replies the balancer writes itself: "fragmentation needed" (IPv4, DF set) and
-//! "packet too big" (IPv6) when a VIP packet would not fit the egress MTU once encapsulated.
+//! ICMP: the too-big replies the balancer writes itself ("fragmentation needed" for IPv4 with
+//! DF, "packet too big" for IPv6) when a VIP packet would not fit the egress MTU once
+//! encapsulated; echo replies for VIP addresses; and the classification of ICMP errors that
+//! quote a VIP flow, which are forwarded to that flow's backend.
 //!
 //! The reply is built in place: the head grows by the new IP + ICMP headers, so the original
 //! IP header (the start of the quote) is already where the quote belongs; the tail is then cut to
@@ -10,7 +12,11 @@ use aya_ebpf::{
     helpers::generated::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
-use lb_common::{counters::Counter, csum::ipv4_header_checksum, types::proto};
+use lb_common::{
+    counters::Counter,
+    csum::ipv4_header_checksum,
+    types::{FAMILY_V4, FAMILY_V6, FlowKey, proto},
+};
 
 use crate::{counters, parse::Packet, reader::PacketReader};
 
@@ -31,7 +37,7 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, lb_mac: &[u8; 6], mtu: u16) -> u3
     let Some(peer_mac) = old.read::<[u8; 6]>(6) else {
         return xdp_action::XDP_ABORTED;
     };
-    let tags: [u8; 8] = match pkt.vlans {
+    let tags: [u8; 8] = match pkt.vlans() {
         0 => [0; 8],
         1 => match old.read::<[u8; 4]>(12) {
             Some(t) => [t[0], t[1], t[2], t[3], 0, 0, 0, 0],
@@ -42,24 +48,24 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, lb_mac: &[u8; 6], mtu: u16) -> u3
             None => return xdp_action::XDP_ABORTED,
         },
     };
-    let v4 = pkt.key.family == lb_common::types::FAMILY_V4;
+    let v4 = pkt.key.family == FAMILY_V4;
     let added: usize = if v4 { 28 } else { 48 };
     let quote = if v4 {
-        let ihl_len = pkt.l4 - pkt.l3;
+        let ihl_len = pkt.l4() - pkt.l3();
         ihl_len + 8
     } else {
-        let avail = old.len() - pkt.l3;
+        let avail = old.len() - pkt.l3();
         if avail < MAX_V6_QUOTE {
             avail & !1
         } else {
             MAX_V6_QUOTE
         }
     };
-    if quote > old.len() - pkt.l3 {
+    if quote > old.len() - pkt.l3() {
         counters::add(Counter::DropTooBig, 1);
         return xdp_action::XDP_DROP;
     }
-    let l2 = pkt.l3;
+    let l2 = pkt.l3();
     let new_len = l2 + added + quote;
     let old_len = old.len();
 
@@ -77,7 +83,7 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, lb_mac: &[u8; 6], mtu: u16) -> u3
     let r = PacketReader::new(ctx);
     let ok = r.write(0, peer_mac).is_some()
         && r.write(6, *lb_mac).is_some()
-        && match pkt.vlans {
+        && match pkt.vlans() {
             0 => true,
             1 => r
                 .write::<[u8; 4]>(12, [tags[0], tags[1], tags[2], tags[3]])
@@ -212,6 +218,202 @@ fn sum_words(r: &PacketReader, off: usize, len: usize, max: usize) -> Option<u32
 /// 2^22, so two folds leave no carry.
 #[inline(always)]
 fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// What to do with an ICMP / ICMPv6 packet.
+pub enum IcmpAction {
+    /// An echo request to a VIP address: answer it.
+    EchoReply,
+    /// Not about a VIP: hand to the host stack.
+    Pass,
+    /// Malformed (counted): drop.
+    Drop,
+    /// An error quoting a VIP flow: send it to that flow's backend. The flow (client -> VIP) is
+    /// in [`Packet::quoted`].
+    Forward,
+}
+
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+
+/// Classifies an ICMP packet to a VIP address (see [`IcmpAction`]).
+#[inline(always)]
+pub fn classify(reader: &PacketReader, pkt: &mut Packet) -> IcmpAction {
+    if crate::frag::vip_address_flags(pkt) == 0 {
+        return IcmpAction::Pass;
+    }
+    let v4 = pkt.key.family == FAMILY_V4;
+    if v4 {
+        match pkt.icmp_type {
+            ICMP_ECHO_REQUEST if pkt.icmp_code == 0 => IcmpAction::EchoReply,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED => quoted_flow_v4(reader, pkt),
+            _ => IcmpAction::Pass,
+        }
+    } else {
+        match pkt.icmp_type {
+            ICMPV6_ECHO_REQUEST if pkt.icmp_code == 0 => IcmpAction::EchoReply,
+            ICMPV6_DEST_UNREACH | ICMPV6_PACKET_TOO_BIG | ICMPV6_TIME_EXCEEDED => {
+                quoted_flow_v6(reader, pkt)
+            }
+            _ => IcmpAction::Pass,
+        }
+    }
+}
+
+#[inline(always)]
+fn quote_short() -> IcmpAction {
+    counters::add(Counter::DropIcmpQuoteShort, 1);
+    IcmpAction::Drop
+}
+
+/// The quote of an ICMPv4 error is the IP header and at least 8 bytes of the packet the VIP side
+/// sent (VIP -> client); the flow is that packet's, reversed.
+#[inline(always)]
+fn quoted_flow_v4(reader: &PacketReader, pkt: &mut Packet) -> IcmpAction {
+    let q = pkt.l4() + 8;
+    let end = pkt.l3() + pkt.ip_len();
+    let Some(p) = reader.ptr_at::<[u8; 20]>(q) else {
+        return quote_short();
+    };
+    // SAFETY: `ptr_at` proved the 20 bytes lie inside the frame.
+    let qh = unsafe { &*p };
+    let qihl = (qh[0] & 0x0f) as usize * 4;
+    if q + 20 > end || qihl < 20 || q + qihl + 8 > end {
+        return quote_short();
+    }
+    let Some(ports) = reader.read::<[u8; 4]>(q + qihl) else {
+        return quote_short();
+    };
+    let proto = qh[9];
+    if proto != proto::TCP && proto != proto::UDP {
+        return IcmpAction::Pass;
+    }
+    let flow = &mut pkt.quoted;
+    *flow = FlowKey::default();
+    flow.sport_be = u16::from_ne_bytes([ports[2], ports[3]]);
+    flow.dport_be = u16::from_ne_bytes([ports[0], ports[1]]);
+    flow.proto = proto;
+    flow.family = FAMILY_V4;
+    flow.src[..4].copy_from_slice(&qh[16..20]);
+    flow.dst[..4].copy_from_slice(&qh[12..16]);
+    IcmpAction::Forward
+}
+
+/// As [`quoted_flow_v4`], for an ICMPv6 error quoting an IPv6 header (no extension headers in
+/// the quote: the VIP side sends none).
+#[inline(always)]
+fn quoted_flow_v6(reader: &PacketReader, pkt: &mut Packet) -> IcmpAction {
+    let q = pkt.l4() + 8;
+    let end = pkt.l3() + pkt.ip_len();
+    let Some(p) = reader.ptr_at::<[u8; 48]>(q) else {
+        return quote_short();
+    };
+    if q + 48 > end {
+        return quote_short();
+    }
+    // SAFETY: `ptr_at` proved the 48 bytes lie inside the frame.
+    let qh = unsafe { &*p };
+    let proto = qh[6];
+    if proto != proto::TCP && proto != proto::UDP {
+        return IcmpAction::Pass;
+    }
+    let flow = &mut pkt.quoted;
+    *flow = FlowKey::default();
+    flow.sport_be = u16::from_ne_bytes([qh[42], qh[43]]);
+    flow.dport_be = u16::from_ne_bytes([qh[40], qh[41]]);
+    flow.proto = proto;
+    flow.family = FAMILY_V6;
+    flow.src.copy_from_slice(&qh[24..40]);
+    flow.dst.copy_from_slice(&qh[8..24]);
+    IcmpAction::Forward
+}
+
+/// Answers an echo request to a VIP address in place: MACs and addresses swapped, TTL / hop
+/// limit 64, type changed to echo reply; checksums updated incrementally (RFC 1624).
+#[inline(always)]
+pub fn echo_reply(ctx: &XdpContext, pkt: &Packet, lb_mac: &[u8; 6]) -> u32 {
+    let r = PacketReader::new(ctx);
+    let Some(peer) = r.read::<[u8; 6]>(6) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if r.write(0, peer).is_none() || r.write(6, *lb_mac).is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
+    let l3 = pkt.l3();
+    let l4 = pkt.l4();
+    if pkt.key.family == FAMILY_V4 {
+        let Some(p) = r.ptr_at::<[u8; 20]>(l3) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: `ptr_at` proved the 20 bytes lie inside the frame.
+        let h = unsafe { &mut *p };
+        let old_ttl_word = u16::from_be_bytes([h[8], h[9]]);
+        h[8] = 64;
+        let new_ttl_word = u16::from_be_bytes([h[8], h[9]]);
+        let c = csum_replace(
+            u16::from_be_bytes([h[10], h[11]]),
+            old_ttl_word,
+            new_ttl_word,
+        );
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        let src = [h[12], h[13], h[14], h[15]];
+        h.copy_within(16..20, 12);
+        h[16..20].copy_from_slice(&src);
+        let Some(ip) = r.ptr_at::<[u8; 4]>(l4) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: as above, 4 bytes of the ICMP header.
+        let i = unsafe { &mut *ip };
+        let old = u16::from_be_bytes([i[0], i[1]]);
+        i[0] = 0; // echo reply
+        let c = csum_replace(
+            u16::from_be_bytes([i[2], i[3]]),
+            old,
+            u16::from_be_bytes([i[0], i[1]]),
+        );
+        i[2..4].copy_from_slice(&c.to_be_bytes());
+    } else {
+        let Some(p) = r.ptr_at::<[u8; 40]>(l3) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: `ptr_at` proved the 40 bytes lie inside the frame.
+        let h = unsafe { &mut *p };
+        h[7] = 64;
+        let mut src = [0u8; 16];
+        src.copy_from_slice(&h[8..24]);
+        h.copy_within(24..40, 8);
+        h[24..40].copy_from_slice(&src);
+        let Some(ip) = r.ptr_at::<[u8; 4]>(l4) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: as above, 4 bytes of the ICMPv6 header. The pseudo-header sum does not change
+        // when source and destination swap.
+        let i = unsafe { &mut *ip };
+        let old = u16::from_be_bytes([i[0], i[1]]);
+        i[0] = 129; // echo reply
+        let c = csum_replace(
+            u16::from_be_bytes([i[2], i[3]]),
+            old,
+            u16::from_be_bytes([i[0], i[1]]),
+        );
+        i[2..4].copy_from_slice(&c.to_be_bytes());
+    }
+    counters::add(Counter::IcmpEchoReplied, 1);
+    xdp_action::XDP_TX
+}
+
+/// RFC 1624 eqn. 3: the checksum after one 16-bit word changes from `old` to `new`.
+#[inline(always)]
+fn csum_replace(check: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!check as u32) + (!old as u32) + new as u32;
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)

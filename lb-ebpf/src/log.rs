@@ -3,10 +3,12 @@
 //! A record costs a ring-buffer reservation and a format pass, so it must never be per-packet
 //! work: each [`LogSite`] may emit at most once per [`LOG_INTERVAL_NS`] per CPU.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{LOG_INTERVAL_NS, LogSite};
+use aya_ebpf::{btf_maps::PerCpuArray, helpers::bpf_ktime_get_ns, macros::btf_map};
+use lb_common::{LOG_INTERVAL_NS, LOG_SITES, LogSite};
 
-use crate::maps::XLB_LOG_RL;
+/// Last emission time per [`LogSite`] per CPU.
+#[btf_map]
+pub static XLB_LOG_RL: PerCpuArray<u64, { LOG_SITES as usize }> = PerCpuArray::new();
 
 /// True if `site` may log now; records the emission time when it may.
 #[inline(always)]

@@ -11,6 +11,7 @@
 
 mod counters;
 mod forward;
+mod frag;
 mod icmp;
 mod log;
 mod maps;
@@ -22,7 +23,7 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     counters::Counter,
     flow::flow_hash,
-    types::{VIP_F_DSR_L2, VIP_F_L7},
+    types::{Backend, LbConfig, VIP_F_DSR_L2, VIP_F_L7, VipMeta, proto},
 };
 
 use crate::{maps::XLB_CONFIG, parse::Stop};
@@ -49,12 +50,45 @@ fn balance(ctx: &XdpContext) -> u32 {
     let frame_len = reader.len() as u64;
     counters::add(Counter::RxPackets, 1);
     counters::add(Counter::RxBytes, frame_len);
-    let pkt = match parse::parse(ctx, &reader) {
-        Ok(pkt) => pkt,
+    let Some(pkt) = parse::scratch() else {
+        return xdp_action::XDP_ABORTED;
+    };
+    match parse::parse(ctx, &reader, pkt) {
+        Ok(()) => {}
         Err(Stop::Pass) => return xdp_action::XDP_PASS,
         Err(Stop::Drop) => return xdp_action::XDP_DROP,
+    }
+    let Some(cfg) = XLB_CONFIG.get(0) else {
+        return xdp_action::XDP_ABORTED;
     };
-    let Some(vip) = select::lookup_vip(&pkt) else {
+
+    if pkt.later_fragment {
+        return later_fragment(ctx, pkt, cfg);
+    }
+
+    // The flow a packet belongs to: its own, or for an ICMP error the quoted one.
+    let is_icmp = pkt.key.proto == proto::ICMP || pkt.key.proto == proto::ICMPV6;
+    let icmp_error = if is_icmp && !pkt.fragmented {
+        match icmp::classify(&reader, pkt) {
+            icmp::IcmpAction::EchoReply => return icmp::echo_reply(ctx, pkt, &cfg.lb_mac),
+            icmp::IcmpAction::Pass => {
+                counters::add(Counter::PassNotVip, 1);
+                return xdp_action::XDP_PASS;
+            }
+            icmp::IcmpAction::Drop => return xdp_action::XDP_DROP,
+            icmp::IcmpAction::Forward => true,
+        }
+    } else {
+        false
+    };
+    let pkt: &parse::Packet = pkt;
+    let (flow, syn) = if icmp_error {
+        (&pkt.quoted, false)
+    } else {
+        (&pkt.key, select::opens_connection(pkt))
+    };
+
+    let Some(vip) = select::lookup_vip(flow) else {
         counters::add(Counter::PassNotVip, 1);
         return xdp_action::XDP_PASS;
     };
@@ -62,23 +96,81 @@ fn balance(ctx: &XdpContext) -> u32 {
         counters::add(Counter::PassL7, 1);
         return xdp_action::XDP_PASS;
     }
-    if pkt.later_fragment {
-        // Fragment tracking arrives with the fragment issue: until then a later fragment is
-        // never sent anywhere its ports would have to be guessed.
-        counters::add(Counter::DropFragUnknown, 1);
+    // ICMP errors must not create connection-table entries.
+    let Some(chosen) = select::select(ctx, flow, &vip, syn, !icmp_error) else {
         return xdp_action::XDP_DROP;
+    };
+    let hash = if pkt.fragmented {
+        first_fragment(pkt, &vip, chosen.id)
+    } else {
+        flow_hash(flow)
+    };
+    if icmp_error {
+        counters::add(Counter::IcmpErrorForwarded, 1);
     }
-    let Some(chosen) = select::select(ctx, &pkt, &vip) else {
-        return xdp_action::XDP_DROP;
-    };
-    let Some(cfg) = XLB_CONFIG.get(0) else {
-        return xdp_action::XDP_ABORTED;
-    };
     select::account(vip.vip_id, chosen.id, frame_len);
-    if vip.flags & VIP_F_DSR_L2 != 0 {
-        return forward::l2_dsr(&reader, cfg, chosen.backend);
+    send(ctx, &reader, pkt, cfg, vip.flags, chosen.backend, hash)
+}
+
+/// A fragment without ports follows its datagram's first fragment, or is passed or dropped.
+#[inline(always)]
+fn later_fragment(ctx: &XdpContext, pkt: &parse::Packet, cfg: &LbConfig) -> u32 {
+    match frag::later(pkt) {
+        frag::Later::Follow(rec) => {
+            let Some(backend) = select::backend(rec.backend_id) else {
+                counters::add(Counter::DropNoBackend, 1);
+                return xdp_action::XDP_DROP;
+            };
+            counters::add(Counter::FragForwarded, 1);
+            let reader = reader::PacketReader::new(ctx);
+            select::account(rec.vip_id, rec.backend_id, reader.len() as u64);
+            send(
+                ctx,
+                &reader,
+                pkt,
+                cfg,
+                rec.vip_flags,
+                backend,
+                fragment_hash(pkt),
+            )
+        }
+        frag::Later::Pass => xdp_action::XDP_PASS,
+        frag::Later::Drop => xdp_action::XDP_DROP,
     }
-    forward::encapsulate(ctx, &pkt, cfg, chosen.backend, flow_hash(&pkt.key))
+}
+
+/// Sends the packet to `backend` the VIP's way: L2 DSR or encapsulation.
+#[inline(always)]
+fn send(
+    ctx: &XdpContext,
+    reader: &reader::PacketReader,
+    pkt: &parse::Packet,
+    cfg: &LbConfig,
+    vip_flags: u32,
+    backend: &Backend,
+    hash: u32,
+) -> u32 {
+    if vip_flags & VIP_F_DSR_L2 != 0 {
+        return forward::l2_dsr(reader, cfg, backend);
+    }
+    forward::encapsulate(ctx, pkt, cfg, backend, hash)
+}
+
+/// Records a first fragment and returns its datagram's hash.
+#[inline(always)]
+fn first_fragment(pkt: &parse::Packet, vip: &VipMeta, backend_id: u32) -> u32 {
+    frag::track_first(pkt, vip, backend_id);
+    fragment_hash(pkt)
+}
+
+/// The hash of a fragmented datagram (addresses, identification, protocol): every fragment of
+/// it, first or later, gets the same outer source.
+#[inline(always)]
+fn fragment_hash(pkt: &parse::Packet) -> u32 {
+    let mut key = pkt.key;
+    key.sport_be = pkt.frag_id as u16;
+    key.dport_be = (pkt.frag_id >> 16) as u16;
+    flow_hash(&key)
 }
 
 #[cfg(not(test))]

@@ -1,26 +1,16 @@
-//! Every map of the balancer object. Names, key and value layouts come from `lb-common`; the
+//! The balancer's maps (the counter and log rate-limit maps, shared with the decapsulator, live
+//! in `counters.rs` and `log.rs`). Names, key and value layouts come from `lb-common`; the
 //! agent's typed map layer is their only writer.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
     macros::btf_map,
 };
-use lb_common::{
-    LOG_SITES,
-    counters::MAX_COUNTERS,
-    types::{
-        BPF_F_INNER_MAP, Backend, DEFAULT_FLOW_ENTRIES, FlowKey, FlowValue, LbConfig, MAX_BACKENDS,
-        MAX_TABLES, MAX_VIPS, Stats, TABLE_TEMPLATE_SIZE, VipKey, VipMeta,
-    },
+use lb_common::types::{
+    BPF_F_INNER_MAP, Backend, DEFAULT_FLOW_ENTRIES, FRAG_ENTRIES, FlowKey, FlowValue, FragKey,
+    FragValue, LbConfig, LocalAddr, MAX_BACKENDS, MAX_TABLES, MAX_VIP_ADDRS, MAX_VIPS, Stats,
+    TABLE_TEMPLATE_SIZE, VipKey, VipMeta,
 };
-
-/// Event counters, one `u64` per [`lb_common::counters::Counter`] per CPU.
-#[btf_map]
-pub static XLB_COUNTERS: PerCpuArray<u64, { MAX_COUNTERS as usize }> = PerCpuArray::new();
-
-/// Last emission time per [`lb_common::LogSite`] per CPU, for rate-limited logging.
-#[btf_map]
-pub static XLB_LOG_RL: PerCpuArray<u64, { LOG_SITES as usize }> = PerCpuArray::new();
 
 /// VIPs. A hash map, so the agent's update of a VIP (new table index and size together) is seen
 /// by packets either wholly or not at all.
@@ -54,3 +44,13 @@ pub static XLB_VIP_STATS: PerCpuArray<Stats, { MAX_VIPS as usize }> = PerCpuArra
 /// Per-backend traffic counters.
 #[btf_map]
 pub static XLB_BACKEND_STATS: PerCpuArray<Stats, { MAX_BACKENDS as usize }> = PerCpuArray::new();
+
+/// Every VIP address with `VIP_ADDR_F_*` flags: ICMP and later fragments carry no ports, so
+/// they are matched by address alone.
+#[btf_map]
+pub static XLB_VIP_ADDRS: HashMap<LocalAddr, u32, { MAX_VIP_ADDRS as usize }> = HashMap::new();
+
+/// Fragmented datagrams: where the first fragment went. Shared by all CPUs, because a NIC may
+/// hash a datagram's fragments to different queues than its first one.
+#[btf_map]
+pub static XLB_FRAGS: LruHashMap<FragKey, FragValue, { FRAG_ENTRIES as usize }> = LruHashMap::new();

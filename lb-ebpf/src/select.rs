@@ -6,7 +6,7 @@ use lb_common::{
     LogSite,
     counters::Counter,
     flow::flow_hash,
-    types::{BACKEND_F_UP, Backend, FlowValue, Stats, VipKey, VipMeta, proto},
+    types::{BACKEND_F_UP, Backend, FlowKey, FlowValue, Stats, VipKey, VipMeta, proto},
 };
 
 use crate::{
@@ -15,15 +15,15 @@ use crate::{
     parse::{Packet, TCP_ACK, TCP_SYN},
 };
 
-/// Finds the VIP a packet is addressed to: (address, port, protocol), then (address, 0,
+/// Finds the VIP a flow is addressed to: (address, port, protocol), then (address, 0,
 /// protocol) for VIPs that take every port.
 #[inline(always)]
-pub fn lookup_vip(pkt: &Packet) -> Option<VipMeta> {
+pub fn lookup_vip(flow: &FlowKey) -> Option<VipMeta> {
     let mut key = VipKey {
-        addr: pkt.key.dst,
-        port_be: pkt.key.dport_be,
-        proto: pkt.key.proto,
-        family: pkt.key.family,
+        addr: flow.dst,
+        port_be: flow.dport_be,
+        proto: flow.proto,
+        family: flow.family,
     };
     // SAFETY: the value is copied out immediately; hash map values stay valid during the
     // program's RCU read section.
@@ -43,8 +43,9 @@ pub struct Selected {
     pub backend: &'static Backend,
 }
 
+/// The backend entry of `id` if it exists and is up.
 #[inline(always)]
-fn backend(id: u32) -> Option<&'static Backend> {
+pub fn backend(id: u32) -> Option<&'static Backend> {
     let b = XLB_BACKENDS.get(id)?;
     if b.family == 0 || b.flags & BACKEND_F_UP == 0 {
         return None;
@@ -52,13 +53,25 @@ fn backend(id: u32) -> Option<&'static Backend> {
     Some(b)
 }
 
-/// Picks the backend for a packet of `vip`: the connection table first (unless the packet opens
-/// a new TCP connection, or the remembered backend is down), else the Maglev slot of the flow's
-/// hash, which is then remembered. `None` means no backend can take it (counted).
+/// True when the packet opens a TCP connection (SYN without ACK): it is always a new flow, even
+/// if its tuple is in the connection table.
 #[inline(always)]
-pub fn select(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta) -> Option<Selected> {
-    let key = &pkt.key;
-    let syn = key.proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+pub fn opens_connection(pkt: &Packet) -> bool {
+    pkt.key.proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
+/// Picks the backend for flow `key` of `vip`: the connection table first (unless `syn`, or the
+/// remembered backend is down), else the Maglev slot of the flow's hash, which is remembered
+/// when `remember` (data packets; not ICMP errors, which must not create state). `None` means
+/// no backend can take it (counted).
+#[inline(always)]
+pub fn select(
+    ctx: &XdpContext,
+    key: &FlowKey,
+    vip: &VipMeta,
+    syn: bool,
+    remember: bool,
+) -> Option<Selected> {
     if !syn {
         // SAFETY: the value is copied out immediately.
         if let Some(v) = unsafe { XLB_FLOWS.get(key) } {
@@ -94,15 +107,17 @@ pub fn select(ctx: &XdpContext, pkt: &Packet, vip: &VipMeta) -> Option<Selected>
         counters::add(Counter::DropNoBackend, 1);
         return None;
     };
-    let _ = XLB_FLOWS.insert(
-        key,
-        FlowValue {
-            backend_id: id,
-            _pad: 0,
-        },
-        0,
-    );
-    bump_new_flow(vip.vip_id, id);
+    if remember {
+        let _ = XLB_FLOWS.insert(
+            key,
+            FlowValue {
+                backend_id: id,
+                _pad: 0,
+            },
+            0,
+        );
+        bump_new_flow(vip.vip_id, id);
+    }
     Some(Selected { id, backend: b })
 }
 

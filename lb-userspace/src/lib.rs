@@ -3,6 +3,7 @@
 //!
 //! The `xlb` binary is a thin shell over this crate; tests use the same loader the agent uses.
 
+pub mod bench;
 pub mod counters;
 pub mod loader;
 pub mod logging;

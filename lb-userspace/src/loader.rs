@@ -9,7 +9,7 @@ use aya::{
     programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
 };
 use aya_log::EbpfLogger;
-use lb_common::counters::Counter;
+use lb_common::{counters::Counter, types::LocalAddr};
 use thiserror::Error;
 
 use crate::counters::CounterSnapshot;
@@ -133,8 +133,7 @@ impl Balancer {
             .map_max_entries(lb_common::maps::FLOWS, options.flow_entries)
             .load(BALANCER_OBJECT)?;
         let name = lb_common::programs::BALANCER;
-        let program = xdp_mut(&mut ebpf)?;
-        program
+        xdp_mut(&mut ebpf, name)?
             .load()
             .map_err(|source| LoaderError::Program { name, source })?;
         Ok(Self { ebpf })
@@ -168,57 +167,16 @@ impl Balancer {
         interface: &str,
         mode: AttachMode,
     ) -> Result<(AttachMode, XdpLinkId), LoaderError> {
-        let program = xdp_mut(&mut self.ebpf)?;
-        let attach_err = |mode, source, hint| LoaderError::Attach {
-            interface: interface.to_string(),
+        attach_xdp(
+            xdp_mut(&mut self.ebpf, lb_common::programs::BALANCER)?,
+            interface,
             mode,
-            source,
-            hint,
-        };
-        match mode {
-            AttachMode::Native => program
-                .attach(interface, XdpMode::Driver)
-                .map(|id| (AttachMode::Native, id))
-                .map_err(|e| attach_err(mode, e, "; try `--xdp-mode generic`")),
-            AttachMode::Generic => program
-                .attach(interface, XdpMode::Skb)
-                .map(|id| (AttachMode::Generic, id))
-                .map_err(|e| attach_err(mode, e, "")),
-            AttachMode::Auto => match program.attach(interface, XdpMode::Driver) {
-                Ok(id) => Ok((AttachMode::Native, id)),
-                Err(native) => {
-                    tracing::warn!(
-                        interface,
-                        error = %native,
-                        "native XDP attach refused by the driver; falling back to generic mode \
-                         (correct, but much slower)"
-                    );
-                    program
-                        .attach(interface, XdpMode::Skb)
-                        .map(|id| (AttachMode::Generic, id))
-                        .map_err(|e| attach_err(AttachMode::Generic, e, ""))
-                }
-            },
-        }
+        )
     }
 
     /// Every counter summed over all CPUs.
     pub fn counters(&self) -> Result<CounterSnapshot, LoaderError> {
-        let name = lb_common::maps::COUNTERS;
-        let map = self
-            .ebpf
-            .map(name)
-            .ok_or(LoaderError::Missing { kind: "map", name })?;
-        let array: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|source| LoaderError::Map { name, source })?;
-        let mut pairs = Vec::with_capacity(Counter::ALL.len());
-        for &counter in Counter::ALL {
-            let per_cpu = array
-                .get(&counter.index(), 0)
-                .map_err(|source| LoaderError::Map { name, source })?;
-            pairs.push((counter, per_cpu.iter().sum()));
-        }
-        Ok(CounterSnapshot::from_pairs(pairs))
+        read_counters(&self.ebpf)
     }
 
     /// Opens the ring buffer the programs log into; records are handed to `logger` on each
@@ -228,8 +186,7 @@ impl Balancer {
     }
 }
 
-fn xdp_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {
-    let name = lb_common::programs::BALANCER;
+fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
     let program = ebpf.program_mut(name).ok_or(LoaderError::Missing {
         kind: "program",
         name,
@@ -237,4 +194,140 @@ fn xdp_mut(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {
     program
         .try_into()
         .map_err(|source| LoaderError::Program { name, source })
+}
+
+/// Attaches `program` in `mode` (see [`Balancer::attach`]).
+fn attach_xdp(
+    program: &mut Xdp,
+    interface: &str,
+    mode: AttachMode,
+) -> Result<(AttachMode, XdpLinkId), LoaderError> {
+    let attach_err = |mode, source, hint| LoaderError::Attach {
+        interface: interface.to_string(),
+        mode,
+        source,
+        hint,
+    };
+    match mode {
+        AttachMode::Native => program
+            .attach(interface, XdpMode::Driver)
+            .map(|id| (AttachMode::Native, id))
+            .map_err(|e| attach_err(mode, e, "; try `--xdp-mode generic`")),
+        AttachMode::Generic => program
+            .attach(interface, XdpMode::Skb)
+            .map(|id| (AttachMode::Generic, id))
+            .map_err(|e| attach_err(mode, e, "")),
+        AttachMode::Auto => match program.attach(interface, XdpMode::Driver) {
+            Ok(id) => Ok((AttachMode::Native, id)),
+            Err(native) => {
+                tracing::warn!(
+                    interface,
+                    error = %native,
+                    "native XDP attach refused by the driver; falling back to generic mode \
+                     (correct, but much slower)"
+                );
+                program
+                    .attach(interface, XdpMode::Skb)
+                    .map(|id| (AttachMode::Generic, id))
+                    .map_err(|e| attach_err(AttachMode::Generic, e, ""))
+            }
+        },
+    }
+}
+
+/// Sums every counter of an object's counter map over all CPUs.
+fn read_counters(ebpf: &Ebpf) -> Result<CounterSnapshot, LoaderError> {
+    let name = lb_common::maps::COUNTERS;
+    let map = ebpf
+        .map(name)
+        .ok_or(LoaderError::Missing { kind: "map", name })?;
+    let array: PerCpuArray<&MapData, u64> =
+        PerCpuArray::try_from(map).map_err(|source| LoaderError::Map { name, source })?;
+    let mut pairs = Vec::with_capacity(Counter::ALL.len());
+    for &counter in Counter::ALL {
+        let per_cpu = array
+            .get(&counter.index(), 0)
+            .map_err(|source| LoaderError::Map { name, source })?;
+        pairs.push((counter, per_cpu.iter().sum()));
+    }
+    Ok(CounterSnapshot::from_pairs(pairs))
+}
+
+/// The backend-side decapsulator object, built from `lb-ebpf`'s `xlb-decap` target.
+pub static DECAP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-decap"));
+
+/// The loaded decapsulator: strips IPIP / IPv6-in-IP headers addressed to this host's tunnel
+/// addresses and passes the inner packet to the stack.
+pub struct Decapsulator {
+    ebpf: Ebpf,
+}
+
+impl Decapsulator {
+    /// Loads the embedded decapsulator into the kernel (not yet attached).
+    pub fn load() -> Result<Self, LoaderError> {
+        let mut ebpf = Ebpf::load(DECAP_OBJECT)?;
+        let name = lb_common::programs::DECAP;
+        xdp_mut(&mut ebpf, name)?
+            .load()
+            .map_err(|source| LoaderError::Program { name, source })?;
+        Ok(Self { ebpf })
+    }
+
+    /// The program, for attaching or for `BPF_PROG_TEST_RUN`.
+    pub fn program(&self) -> &Xdp {
+        self.ebpf
+            .program(lb_common::programs::DECAP)
+            .expect("checked at load: the object has the decap program")
+            .try_into()
+            .expect("checked at load: the decap program is an XDP program")
+    }
+
+    /// Attaches to `interface` (see [`Balancer::attach`] for the modes).
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<(AttachMode, XdpLinkId), LoaderError> {
+        attach_xdp(
+            xdp_mut(&mut self.ebpf, lb_common::programs::DECAP)?,
+            interface,
+            mode,
+        )
+    }
+
+    /// Accepts tunnel packets addressed to `addr` from now on.
+    pub fn add_local_addr(&mut self, addr: std::net::IpAddr) -> Result<(), LoaderError> {
+        let name = lb_common::maps::DECAP_ADDRS;
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(LoaderError::Missing { kind: "map", name })?;
+        let mut set: aya::maps::HashMap<&mut MapData, LocalAddr, u8> =
+            aya::maps::HashMap::try_from(map)
+                .map_err(|source| LoaderError::Map { name, source })?;
+        set.insert(local_addr(addr), 1, 0)
+            .map_err(|source| LoaderError::Map { name, source })
+    }
+
+    /// Every counter summed over all CPUs.
+    pub fn counters(&self) -> Result<CounterSnapshot, LoaderError> {
+        read_counters(&self.ebpf)
+    }
+}
+
+/// The map form of an address.
+pub fn local_addr(addr: std::net::IpAddr) -> LocalAddr {
+    let mut out = LocalAddr::default();
+    match addr {
+        std::net::IpAddr::V4(a) => {
+            out.addr[..4].copy_from_slice(&a.octets());
+            out.family = lb_common::types::FAMILY_V4;
+        }
+        std::net::IpAddr::V6(a) => {
+            out.addr = a.octets();
+            out.family = lb_common::types::FAMILY_V6;
+        }
+    }
+    out
 }

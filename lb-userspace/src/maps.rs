@@ -11,8 +11,8 @@ use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, Per
 use lb_common::{
     maps as names,
     types::{
-        BPF_F_INNER_MAP, Backend, FlowKey, FlowValue, LbConfig, MAX_BACKENDS, MAX_VIPS, Stats,
-        VipKey, VipMeta,
+        BPF_F_INNER_MAP, Backend, FlowKey, FlowValue, FragKey, FragValue, LbConfig, LocalAddr,
+        MAX_BACKENDS, MAX_VIPS, Stats, VIP_ADDR_F_L4, VIP_ADDR_F_L7, VIP_F_L7, VipKey, VipMeta,
     },
 };
 
@@ -107,7 +107,43 @@ impl Balancer {
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
         vips.insert(key, meta, 0).map_err(map_err(name))?;
+        self.refresh_vip_addr(key)?;
         Ok(meta)
+    }
+
+    /// Rewrites the address-level entry of `key`'s address from every VIP on that address:
+    /// ICMP and later fragments (which carry no ports) are matched by it.
+    fn refresh_vip_addr(&mut self, key: &VipKey) -> Result<(), LoaderError> {
+        let name = names::VIPS;
+        let vips: HashMap<&MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
+        let mut flags = 0;
+        for entry in vips.iter() {
+            let (k, meta) = entry.map_err(map_err(name))?;
+            if k.addr == key.addr && k.family == key.family {
+                flags |= if meta.flags & VIP_F_L7 != 0 {
+                    VIP_ADDR_F_L7
+                } else {
+                    VIP_ADDR_F_L4
+                };
+            }
+        }
+        let addr = LocalAddr {
+            addr: key.addr,
+            family: key.family,
+            _pad: [0; 3],
+        };
+        let name = names::VIP_ADDRS;
+        let mut addrs: HashMap<&mut MapData, LocalAddr, u32> =
+            HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
+        if flags == 0 {
+            match addrs.remove(&addr) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(name)(e)),
+            }
+        } else {
+            addrs.insert(addr, flags, 0).map_err(map_err(name))
+        }
     }
 
     /// The live entry of a VIP, if any.
@@ -128,9 +164,10 @@ impl Balancer {
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
         match vips.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(name)(e)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_err(name)(e)),
         }
+        self.refresh_vip_addr(key)
     }
 
     /// A VIP's traffic counters, summed over CPUs.
@@ -161,6 +198,22 @@ impl Balancer {
         let mut map: PerCpuHashMap<&mut MapData, FlowKey, FlowValue> =
             PerCpuHashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
         let keys: Vec<FlowKey> = map.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            match map.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties the fragment table (later fragments of datagrams in flight are then dropped).
+    /// For tests and explicit resets only.
+    pub fn clear_fragments(&mut self) -> Result<(), LoaderError> {
+        let name = names::FRAGS;
+        let mut map: HashMap<&mut MapData, FragKey, FragValue> =
+            HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
+        let keys: Vec<FragKey> = map.keys().filter_map(Result::ok).collect();
         for key in keys {
             match map.remove(&key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {}

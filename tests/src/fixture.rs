@@ -11,7 +11,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use lb_common::counters::Counter;
 use lb_userspace::{
     counters::CounterSnapshot,
-    loader::{Balancer, LoadOptions},
+    loader::{Balancer, Decapsulator, LoadOptions},
 };
 
 use crate::render;
@@ -58,17 +58,44 @@ pub enum Output {
 /// Map set-up applied before the case runs (VIPs, backends, earlier packets of the flow, ...).
 /// Receives the loaded balancer, whose typed map layer is the only way tests (like the agent)
 /// write maps.
-pub type Setup = Rc<dyn Fn(&mut Balancer)>;
+pub type Setup<T = Balancer> = Rc<dyn Fn(&mut T)>;
+
+/// A loaded XDP object the harness can run cases against.
+pub trait Target {
+    /// The program under test.
+    fn program(&self) -> &aya::programs::Xdp;
+    /// Its counters, summed over CPUs (panics with context if they cannot be read: a test
+    /// cannot go on without them).
+    fn counters(&self) -> CounterSnapshot;
+}
+
+impl Target for Balancer {
+    fn program(&self) -> &aya::programs::Xdp {
+        Balancer::program(self)
+    }
+    fn counters(&self) -> CounterSnapshot {
+        Balancer::counters(self).expect("reading the balancer's counters")
+    }
+}
+
+impl Target for Decapsulator {
+    fn program(&self) -> &aya::programs::Xdp {
+        Decapsulator::program(self)
+    }
+    fn counters(&self) -> CounterSnapshot {
+        Decapsulator::counters(self).expect("reading the decapsulator's counters")
+    }
+}
 
 /// One fixture: a frame in, a verdict, a frame out, and exactly which counters moved.
 #[derive(Clone)]
-pub struct Case {
+pub struct Case<T = Balancer> {
     /// Short unique description, printed on failure.
     pub name: String,
     /// The frame handed to the program (starting at the Ethernet header).
     pub input: Vec<u8>,
     /// Map set-up run before the packet; `None` runs against the maps as loaded.
-    pub setup: Option<Setup>,
+    pub setup: Option<Setup<T>>,
     /// The verdict the program must return.
     pub action: XdpAction,
     /// The frame the program must leave behind.
@@ -77,10 +104,10 @@ pub struct Case {
     pub counters: Vec<(Counter, u64)>,
 }
 
-impl Case {
+impl<T> Case<T> {
     /// A case expecting XDP_PASS with the frame untouched, counting `rx_packets`, `rx_bytes` and
     /// `action_pass` plus the per-layer counters in `layers`.
-    pub fn passes(name: impl Into<String>, input: Vec<u8>, layers: &[Counter]) -> Case {
+    pub fn passes(name: impl Into<String>, input: Vec<u8>, layers: &[Counter]) -> Case<T> {
         let mut counters = vec![
             (Counter::RxPackets, 1),
             (Counter::RxBytes, input.len() as u64),
@@ -98,9 +125,9 @@ impl Case {
     }
 }
 
-impl Case {
+impl<T> Case<T> {
     /// A case expecting XDP_DROP, counting `rx_packets`, `rx_bytes`, `action_drop` and `layers`.
-    pub fn drops(name: impl Into<String>, input: Vec<u8>, layers: &[Counter]) -> Case {
+    pub fn drops(name: impl Into<String>, input: Vec<u8>, layers: &[Counter]) -> Case<T> {
         let mut case = Case::passes(name, input, &[]);
         case.action = XdpAction::Drop;
         case.counters[2] = (Counter::ActionDrop, 1);
@@ -115,7 +142,7 @@ impl Case {
         input: Vec<u8>,
         output: Vec<u8>,
         layers: &[Counter],
-    ) -> Case {
+    ) -> Case<T> {
         let mut case = Case::passes(name, input, &[]);
         case.action = XdpAction::Tx;
         case.output = Output::Frame(output);
@@ -125,13 +152,13 @@ impl Case {
     }
 
     /// Adds a set-up step run (after the world) before this case's packet.
-    pub fn with_setup(mut self, setup: impl Fn(&mut Balancer) + 'static) -> Case {
+    pub fn with_setup(mut self, setup: impl Fn(&mut T) + 'static) -> Case<T> {
         self.setup = Some(Rc::new(setup));
         self
     }
 }
 
-impl fmt::Debug for Case {
+impl<T> fmt::Debug for Case<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Case")
             .field("name", &self.name)
@@ -160,7 +187,7 @@ impl fmt::Display for Failure {
 const OUTPUT_HEADROOM: usize = 512;
 
 /// Runs one case against `balancer`. Returns `Err` with a full report on any mismatch.
-pub fn run_case(balancer: &mut Balancer, case: &Case) -> Result<(), Failure> {
+pub fn run_case<T: Target>(balancer: &mut T, case: &Case<T>) -> Result<(), Failure> {
     let fail = |report: String| Failure {
         name: case.name.clone(),
         report,
@@ -168,9 +195,7 @@ pub fn run_case(balancer: &mut Balancer, case: &Case) -> Result<(), Failure> {
     if let Some(setup) = &case.setup {
         setup(balancer);
     }
-    let before = balancer
-        .counters()
-        .map_err(|e| fail(format!("reading counters before the run: {e}\n")))?;
+    let before = balancer.counters();
     let mut out = vec![0u8; case.input.len() + OUTPUT_HEADROOM];
     let result = balancer
         .program()
@@ -181,9 +206,7 @@ pub fn run_case(balancer: &mut Balancer, case: &Case) -> Result<(), Failure> {
             ..Default::default()
         })
         .map_err(|e| fail(format!("BPF_PROG_TEST_RUN failed: {e}\n")))?;
-    let after = balancer
-        .counters()
-        .map_err(|e| fail(format!("reading counters after the run: {e}\n")))?;
+    let after = balancer.counters();
     out.truncate(result.data_size_out as usize);
 
     let mut report = String::new();
@@ -242,11 +265,15 @@ pub fn counter_mismatches(expected: &[(Counter, u64)], delta: &CounterSnapshot) 
 /// Connection-table entries per CPU in fixture runs: small, so each case loads quickly.
 pub const FIXTURE_FLOW_ENTRIES: u32 = 4096;
 
-/// Runs every case (all of them, even after a failure), each starting from an empty connection
-/// table with `world` freshly applied, so no case sees another's flows or map changes (counter
+/// Runs every case (all of them, even after a failure), each starting from empty connection and
+/// fragment tables with `world` freshly applied, so no case sees another's flows or map changes (counter
 /// deltas are per case by construction). Panics with
 /// every failure's report, so one run shows the whole picture.
-pub fn run_all(world: impl Fn(&mut Balancer), cases: &[Case]) {
+pub fn run_all<W>(
+    install: impl Fn(&mut Balancer) -> W,
+    reset: impl Fn(&mut Balancer, &mut W),
+    cases: &[Case],
+) {
     let mut names = std::collections::HashSet::new();
     for case in cases {
         assert!(
@@ -255,38 +282,79 @@ pub fn run_all(world: impl Fn(&mut Balancer), cases: &[Case]) {
             case.name
         );
     }
+    // The connection table is per CPU and BPF_PROG_TEST_RUN runs on the caller's CPU: a case
+    // whose set-up packet ran on another CPU would miss its own flow.
+    pin_to_current_cpu();
     let mut balancer = Balancer::load_with(LoadOptions {
         flow_entries: FIXTURE_FLOW_ENTRIES,
     })
     .expect("loading the balancer object (run as root)");
+    let mut world = install(&mut balancer);
     let failures: Vec<Failure> = cases
         .iter()
         .filter_map(|case| {
-            // Each case starts from the same state: the world re-installed, no flows.
+            // Each case starts from the same state: the world as installed, no flows, no
+            // fragments in flight.
             balancer
                 .clear_flows()
                 .expect("clearing the connection table");
-            world(&mut balancer);
+            balancer
+                .clear_fragments()
+                .expect("clearing the fragment table");
+            reset(&mut balancer, &mut world);
             run_case(&mut balancer, case).err()
         })
         .collect();
-    if !failures.is_empty() {
-        let mut msg = format!(
-            "{} of {} fixture cases failed\n",
-            failures.len(),
-            cases.len()
+    report(cases.len(), failures);
+}
+
+/// Runs decapsulator cases, each on the same loaded object with `setup` applied first.
+pub fn run_all_decap(setup: impl Fn(&mut Decapsulator), cases: &[Case<Decapsulator>]) {
+    let mut decap = Decapsulator::load().expect("loading the decap object (run as root)");
+    setup(&mut decap);
+    let failures: Vec<Failure> = cases
+        .iter()
+        .filter_map(|case| run_case(&mut decap, case).err())
+        .collect();
+    report(cases.len(), failures);
+}
+
+/// Pins the calling thread to the CPU it is running on, so every BPF_PROG_TEST_RUN it makes
+/// sees the same per-CPU maps.
+pub fn pin_to_current_cpu() {
+    // SAFETY: plain syscalls on a zeroed, correctly sized cpu_set_t for the calling thread.
+    unsafe {
+        let cpu = libc::sched_getcpu();
+        assert!(
+            cpu >= 0,
+            "sched_getcpu: {}",
+            std::io::Error::last_os_error()
         );
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu as usize, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn report(total: usize, failures: Vec<Failure>) {
+    if !failures.is_empty() {
+        let mut msg = format!("{} of {} fixture cases failed\n", failures.len(), total);
         for f in &failures {
             let _ = write!(msg, "\n{f}");
         }
         panic!("{msg}");
     }
-    eprintln!("{} fixture cases passed", cases.len());
+    eprintln!("{total} fixture cases passed");
 }
 
 /// Runs one frame through the program outside any case (for set-up steps such as "the SYN
 /// of this flow came first"). Returns the verdict and the output frame.
-pub fn send(balancer: &Balancer, frame: &[u8]) -> (XdpAction, Vec<u8>) {
+pub fn send<T: Target>(balancer: &T, frame: &[u8]) -> (XdpAction, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + OUTPUT_HEADROOM];
     let result = balancer
         .program()

@@ -266,3 +266,148 @@ pub fn tcp4_sized(dst: [u8; 4], dport: u16, ip_len: usize) -> Vec<u8> {
 pub fn tcp6_sized(dst: [u8; 16], dport: u16, ip_len: usize) -> Vec<u8> {
     tcp6(dst, 40000, dport, false, &vec![0x5a; ip_len - 60])
 }
+
+/// Sets the IPv4 identification field.
+pub fn set_ipv4_id(frame: &mut [u8], id: u16) {
+    frame[L3 + 4..L3 + 6].copy_from_slice(&id.to_be_bytes());
+}
+
+/// RFC 1071 checksum of `data` (reference implementation for expected frames).
+pub fn rfc1071(data: &[u8]) -> u16 {
+    let mut sum: u64 = 0;
+    for pair in data.chunks(2) {
+        sum += ((pair[0] as u64) << 8) | *pair.get(1).unwrap_or(&0) as u64;
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An ICMPv4 error of `icmp_type`/`code` from `router` to `to`, quoting `quote` (the packet the
+/// VIP side sent, from its IP header on), with valid checksums.
+pub fn icmp4_error(
+    router: [u8; 4],
+    to: [u8; 4],
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0, rest[0], rest[1], rest[2], rest[3]];
+    icmp.extend_from_slice(quote);
+    let c = rfc1071(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let ip = Ipv4Header::new(icmp.len() as u16, 60, IpNumber::ICMP, router, to).expect("ip");
+    let mut out = Vec::new();
+    out.extend_from_slice(&LB_MAC);
+    out.extend_from_slice(&ROUTER_MAC);
+    out.extend_from_slice(&0x0800u16.to_be_bytes());
+    let mut ip = ip;
+    ip.header_checksum = ip.calc_header_checksum();
+    out.extend_from_slice(&ip.to_bytes());
+    out.extend_from_slice(&icmp);
+    out
+}
+
+/// An ICMPv6 error of `icmp_type`/`code` from `router` to `to`, quoting `quote`.
+pub fn icmp6_error(
+    router: [u8; 16],
+    to: [u8; 16],
+    icmp_type: u8,
+    code: u8,
+    rest: [u8; 4],
+    quote: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0, rest[0], rest[1], rest[2], rest[3]];
+    icmp.extend_from_slice(quote);
+    let c = icmp6_checksum(&router, &to, &icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut out = Vec::new();
+    out.extend_from_slice(&LB_MAC);
+    out.extend_from_slice(&ROUTER_MAC);
+    out.extend_from_slice(&0x86ddu16.to_be_bytes());
+    out.extend_from_slice(&[0x60, 0, 0, 0]);
+    out.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    out.push(58);
+    out.push(60);
+    out.extend_from_slice(&router);
+    out.extend_from_slice(&to);
+    out.extend_from_slice(&icmp);
+    out
+}
+
+/// ICMPv6 checksum (pseudo-header + message), reference implementation.
+pub fn icmp6_checksum(src: &[u8; 16], dst: &[u8; 16], msg: &[u8]) -> u16 {
+    let mut data = Vec::new();
+    data.extend_from_slice(src);
+    data.extend_from_slice(dst);
+    data.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    data.extend_from_slice(&[0, 0, 0, 58]);
+    let mut m = msg.to_vec();
+    m[2] = 0;
+    m[3] = 0;
+    data.extend_from_slice(&m);
+    rfc1071(&data)
+}
+
+/// An ICMPv6 echo request from the client to `dst`.
+pub fn icmp6_echo(dst: [u8; 16]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv6(CLIENT_V6, dst, 64)
+        .icmpv6_echo_request(7, 1);
+    let mut out = Vec::new();
+    b.write(&mut out, b"ping6").expect("building icmp6_echo");
+    out
+}
+
+/// An ICMPv4 echo request from the client to `dst`.
+pub fn icmp4_echo(dst: [u8; 4]) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
+        .ipv4(CLIENT_V4, dst, 64)
+        .icmpv4_echo_request(7, 1);
+    let mut out = Vec::new();
+    b.write(&mut out, b"ping").expect("building icmp4_echo");
+    out
+}
+
+/// The echo reply the balancer must send for an untagged echo request: MACs back to the
+/// sender, addresses swapped, TTL / hop limit 64, type reply, checksums recomputed from scratch.
+pub fn echo_reply_for(request: &[u8]) -> Vec<u8> {
+    let mut f = request.to_vec();
+    f[..6].copy_from_slice(&request[6..12]);
+    f[6..12].copy_from_slice(&LB_MAC);
+    if f[L3] >> 4 == 4 {
+        let ihl = (f[L3] & 0x0f) as usize * 4;
+        let (a, b) = (
+            request[L3 + 12..L3 + 16].to_vec(),
+            request[L3 + 16..L3 + 20].to_vec(),
+        );
+        f[L3 + 12..L3 + 16].copy_from_slice(&b);
+        f[L3 + 16..L3 + 20].copy_from_slice(&a);
+        f[L3 + 8] = 64;
+        fix_ipv4_checksum(&mut f);
+        let icmp = L3 + ihl;
+        f[icmp] = 0;
+        f[icmp + 2] = 0;
+        f[icmp + 3] = 0;
+        let total = u16::from_be_bytes([f[L3 + 2], f[L3 + 3]]) as usize;
+        let c = rfc1071(&f[icmp..L3 + total]);
+        f[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
+    } else {
+        let (a, b) = (
+            request[L3 + 8..L3 + 24].to_vec(),
+            request[L3 + 24..L3 + 40].to_vec(),
+        );
+        f[L3 + 8..L3 + 24].copy_from_slice(&b);
+        f[L3 + 24..L3 + 40].copy_from_slice(&a);
+        f[L3 + 7] = 64;
+        let icmp = L3 + 40;
+        f[icmp] = 129;
+        let src: [u8; 16] = f[L3 + 8..L3 + 24].try_into().unwrap();
+        let dst: [u8; 16] = f[L3 + 24..L3 + 40].try_into().unwrap();
+        let c = icmp6_checksum(&src, &dst, &f[icmp..]);
+        f[icmp + 2..icmp + 4].copy_from_slice(&c.to_be_bytes());
+    }
+    f
+}

@@ -10,7 +10,7 @@ use lb_common::{
     flow::{flow_hash, source_v4, source_v6},
     types::{
         BACKEND_F_UP, Backend, FAMILY_V4, FAMILY_V6, FlowKey, LbConfig, VIP_F_DSR_L2, VIP_F_L7,
-        VipKey, proto,
+        VipKey, VipMeta, proto,
     },
 };
 use lb_userspace::{loader::Balancer, maglev};
@@ -196,15 +196,46 @@ pub fn table(backends: &[WorldBackend]) -> Vec<u32> {
     maglev::build(&input, TABLE_SIZE).expect("world table")
 }
 
+/// What [`install`] put in place, so [`reset`] can restore only what a case changed
+/// (publishing a table costs an RCU grace period in the kernel, tens of milliseconds).
+#[derive(Debug, Default)]
+pub struct Installed {
+    vips: Vec<(VipKey, VipMeta)>,
+}
+
 /// Installs the world into a freshly loaded balancer.
-pub fn install(b: &mut Balancer) {
+pub fn install(b: &mut Balancer) -> Installed {
     b.set_config(&config()).expect("config");
     for be in BACKENDS {
         b.set_backend(be.id, &backend_entry(be)).expect("backend");
     }
-    for v in VIPS {
-        b.publish_vip(&v.key, v.id, v.flags, &table(v.backends))
-            .expect("vip");
+    let vips = VIPS
+        .iter()
+        .map(|v| {
+            let meta = b
+                .publish_vip(&v.key, v.id, v.flags, &table(v.backends))
+                .expect("vip");
+            (v.key, meta)
+        })
+        .collect();
+    Installed { vips }
+}
+
+/// Brings the world back to what [`install`] made: config and backends rewritten, and every VIP
+/// whose live entry differs from the recorded one republished with its world table.
+pub fn reset(b: &mut Balancer, installed: &mut Installed) {
+    b.set_config(&config()).expect("config");
+    for be in BACKENDS {
+        b.set_backend(be.id, &backend_entry(be)).expect("backend");
+    }
+    for (i, v) in VIPS.iter().enumerate() {
+        let live = b.vip(&v.key).expect("vip lookup");
+        if live != Some(installed.vips[i].1) {
+            let meta = b
+                .publish_vip(&v.key, v.id, v.flags, &table(v.backends))
+                .expect("vip");
+            installed.vips[i] = (v.key, meta);
+        }
     }
 }
 

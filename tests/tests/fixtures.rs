@@ -69,11 +69,6 @@ fn ipv4_parse_cases() -> Vec<Case> {
             frames::udp4(NOT_VIP, 5353, 53, b"query"),
             &[L3Ipv4, L4Udp, PassNotVip],
         ),
-        Case::passes(
-            "ipv4 icmp echo (not balanced yet)",
-            frames::icmp_echo_v4(),
-            &[L3Ipv4, L4Other, PassNotVip],
-        ),
     ];
     // Every legal IHL: the ports are read after the options, never inside them.
     for words in 0..=10 {
@@ -186,9 +181,17 @@ fn ipv4_parse_cases() -> Vec<Case> {
     }
     // Fragments: the first carries the ports; later ones are never read as if they did.
     {
+        // A first fragment is tracked and encapsulated with its datagram's hash (addresses, id,
+        // protocol), so every fragment gets the same outer source.
         let mut f = base.clone();
         frames::set_ipv4_fragment(&mut f, true, 0);
-        cases.push(ipip_case("ipv4 first fragment to a vip", f, 0, &[]));
+        let key = frag_key(world::key_v4(VIP, 0, 0, proto::TCP), 0);
+        cases.push(Case::forwards(
+            "ipv4 first fragment to a vip",
+            f.clone(),
+            world::encapsulated(&f, 0, &key, &B1),
+            &[L3Ipv4, L4Tcp, CtMiss, FragTracked, FwdEncapV4],
+        ));
         for offset in [1, 185, 0x1fff] {
             let mut f = frames::tcp4(v4(&V_ALLPORTS.key), 40000, 80, false, b"abcd");
             frames::set_ipv4_fragment(&mut f, offset != 0x1fff, offset);
@@ -234,11 +237,22 @@ fn ipv6_parse_cases() -> Vec<Case> {
         (51, frames::ext_ah(1), "ah (12 bytes)"),
         (44, frames::ext_fragment(0, true, 7), "first fragment"),
     ];
-    for (t, e, what) in &kinds {
+    for (t, e, what) in &kinds[..5] {
         cases.push(fwd6(
             format!("ipv6 with {what} then tcp"),
             frames::with_ipv6_ext(&base, *t, e),
             &[],
+        ));
+    }
+    {
+        // A first fragment is tracked and encapsulated with its datagram's hash.
+        let f = frames::with_ipv6_ext(&base, 44, &kinds[5].1);
+        let key = frag_key(world::key_v6(vip6, 0, 0, proto::TCP), 7);
+        cases.push(Case::forwards(
+            "ipv6 with first fragment then tcp",
+            f.clone(),
+            world::encapsulated(&f, 0, &key, &B4),
+            &[L3Ipv6, L4Tcp, CtMiss, FragTracked, FwdEncapV6],
         ));
     }
     for n in 2..=8 {
@@ -285,10 +299,10 @@ fn ipv6_parse_cases() -> Vec<Case> {
     }
     {
         let f = frames::with_ipv6_ext(&base, 44, &frames::ext_fragment(3, false, 9));
-        cases.push(Case::passes(
-            "ipv6 later fragment to the vip address (no ports: not matched)",
+        cases.push(Case::drops(
+            "ipv6 later fragment to a vip address without its first is dropped",
             f,
-            &[L3Ipv6, L4Fragment, PassNotVip],
+            &[L3Ipv6, L4Fragment, DropFragUnknown],
         ));
     }
     let payload = (base.len() - L3 - 40) as u16;
@@ -574,7 +588,7 @@ fn conntrack_cases() -> Vec<Case> {
                 world::encapsulated(&ack, 0, &key, &first),
                 &[L3Ipv4, L4Tcp, CtHit, FwdEncapV4],
             )
-            .with_setup(move |b| {
+            .with_setup(move |b: &mut Balancer| {
                 s(b);
                 only_other(b);
             }),
@@ -589,7 +603,7 @@ fn conntrack_cases() -> Vec<Case> {
                 world::encapsulated(&syn, 0, &key, &other),
                 &[L3Ipv4, L4Tcp, CtMiss, FwdEncapV4],
             )
-            .with_setup(move |b| {
+            .with_setup(move |b: &mut Balancer| {
                 s(b);
                 only_other(b);
             }),
@@ -604,7 +618,7 @@ fn conntrack_cases() -> Vec<Case> {
                 world::encapsulated(&ack, 0, &key, &other),
                 &[L3Ipv4, L4Tcp, CtReselect, FwdEncapV4],
             )
-            .with_setup(move |b| {
+            .with_setup(move |b: &mut Balancer| {
                 s(b);
                 let mut down = world::backend_entry(&first);
                 down.flags &= !BACKEND_F_UP;
@@ -623,7 +637,7 @@ fn conntrack_cases() -> Vec<Case> {
                 world::encapsulated(&ack, 0, &key, &first),
                 &[L3Ipv4, L4Tcp, CtHit, FwdEncapV4],
             )
-            .with_setup(move |b| {
+            .with_setup(move |b: &mut Balancer| {
                 s(b);
                 only_other(b);
             }),
@@ -651,6 +665,383 @@ fn conntrack_cases() -> Vec<Case> {
     cases
 }
 
+/// The packet the VIP side (a backend, by DSR) sent to the client for flow `key` of an IPv4 VIP:
+/// what a router quotes in an ICMP error. `len` bytes of it.
+fn reply_v4(vip: [u8; 4], client_port: u16, vip_port: u16, p: u8, len: usize) -> Vec<u8> {
+    let f = if p == proto::TCP {
+        let b = etherparse::PacketBuilder::ipv4(vip, frames::CLIENT_V4, 63).tcp(
+            vip_port,
+            client_port,
+            7,
+            1000,
+        );
+        let mut out = Vec::new();
+        b.write(&mut out, &[0x42; 200]).unwrap();
+        out
+    } else {
+        let b =
+            etherparse::PacketBuilder::ipv4(vip, frames::CLIENT_V4, 63).udp(vip_port, client_port);
+        let mut out = Vec::new();
+        b.write(&mut out, &[0x42; 200]).unwrap();
+        out
+    };
+    f[..len].to_vec()
+}
+
+fn reply_v6(vip: [u8; 16], client_port: u16, vip_port: u16, len: usize) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ipv6(vip, frames::CLIENT_V6, 63).tcp(
+        vip_port,
+        client_port,
+        7,
+        1000,
+    );
+    let mut out = Vec::new();
+    b.write(&mut out, &[0x42; 200]).unwrap();
+    out[..len].to_vec()
+}
+
+const ROUTER_V4: [u8; 4] = [192, 0, 2, 1];
+const ROUTER_V6: [u8; 16] = [0x20, 1, 0xd, 0xb8, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+fn icmp_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    // Echo requests to VIP addresses are answered by the balancer; to other addresses, passed.
+    for (name, dst) in [
+        ("ipv4 echo to a tcp vip address is answered", VIP),
+        ("ipv4 echo to an l7 vip address is answered", v4(&V_L7.key)),
+    ] {
+        let f = frames::icmp4_echo(dst);
+        cases.push(Case::forwards(
+            name,
+            f.clone(),
+            frames::echo_reply_for(&f),
+            &[L3Ipv4, L4Other, IcmpEchoReplied],
+        ));
+    }
+    {
+        let f = frames::icmp6_echo(V6_TCP.key.addr);
+        cases.push(Case::forwards(
+            "ipv6 echo to a vip address is answered",
+            f.clone(),
+            frames::echo_reply_for(&f),
+            &[L3Ipv6, L4Other, IcmpEchoReplied],
+        ));
+        cases.push(Case::passes(
+            "ipv4 echo to a non-vip address passes",
+            frames::icmp4_echo(NOT_VIP),
+            &[L3Ipv4, L4Other, PassNotVip],
+        ));
+    }
+    // Errors quoting a VIP flow go to that flow's backend, encapsulated like its data.
+    let key = world::key_v4(VIP, 40000, 80, proto::TCP);
+    for (name, t, code, rest) in [
+        ("frag-needed", 3u8, 4u8, [0, 0, 0x05, 0x78]),
+        ("port unreachable", 3, 3, [0; 4]),
+        ("host unreachable", 3, 1, [0; 4]),
+        ("time exceeded", 11, 0, [0; 4]),
+    ] {
+        let f = frames::icmp4_error(
+            ROUTER_V4,
+            VIP,
+            t,
+            code,
+            rest,
+            &reply_v4(VIP, 40000, 80, proto::TCP, 28),
+        );
+        cases.push(Case::forwards(
+            format!("ipv4 {name} quoting a vip flow goes to its backend"),
+            f.clone(),
+            world::encapsulated(&f, 0, &key, &B1),
+            &[L3Ipv4, L4Other, CtMiss, IcmpErrorForwarded, FwdEncapV4],
+        ));
+    }
+    {
+        let full = frames::icmp4_error(
+            ROUTER_V4,
+            VIP,
+            3,
+            4,
+            [0, 0, 5, 0x78],
+            &reply_v4(VIP, 40000, 80, proto::TCP, 68),
+        );
+        cases.push(Case::forwards(
+            "ipv4 error with a long quote goes to its backend",
+            full.clone(),
+            world::encapsulated(&full, 0, &key, &B1),
+            &[L3Ipv4, L4Other, CtMiss, IcmpErrorForwarded, FwdEncapV4],
+        ));
+        let udp_key = world::key_v4(VIP, 5353, 53, proto::UDP);
+        let u = frames::icmp4_error(
+            ROUTER_V4,
+            VIP,
+            3,
+            3,
+            [0; 4],
+            &reply_v4(VIP, 5353, 53, proto::UDP, 28),
+        );
+        cases.push(Case::forwards(
+            "ipv4 error quoting a udp vip flow goes to its backend",
+            u.clone(),
+            world::encapsulated(&u, 0, &udp_key, &B2),
+            &[L3Ipv4, L4Other, CtMiss, IcmpErrorForwarded, FwdEncapV4],
+        ));
+    }
+    // Every quote length short of IP header + 8 bytes is dropped and counted.
+    for len in 0..28 {
+        let f = frames::icmp4_error(
+            ROUTER_V4,
+            VIP,
+            3,
+            4,
+            [0, 0, 5, 0x78],
+            &reply_v4(VIP, 40000, 80, proto::TCP, len),
+        );
+        cases.push(Case::drops(
+            format!("ipv4 error with a {len}-byte quote is dropped"),
+            f,
+            &[L3Ipv4, L4Other, DropIcmpQuoteShort],
+        ));
+    }
+    {
+        let f = frames::icmp4_error(
+            ROUTER_V4,
+            VIP,
+            3,
+            3,
+            [0; 4],
+            &reply_v4(VIP, 40000, 9999, proto::TCP, 28),
+        );
+        cases.push(Case::passes(
+            "ipv4 error quoting a non-vip port of a vip address passes",
+            f,
+            &[L3Ipv4, L4Other, PassNotVip],
+        ));
+        let f = frames::icmp4_error(
+            ROUTER_V4,
+            NOT_VIP,
+            3,
+            3,
+            [0; 4],
+            &reply_v4(NOT_VIP, 40000, 80, proto::TCP, 28),
+        );
+        cases.push(Case::passes(
+            "ipv4 error to a non-vip address passes",
+            f,
+            &[L3Ipv4, L4Other, PassNotVip],
+        ));
+    }
+    {
+        // The connection table decides, exactly as for the flow's data packets.
+        let dst = v4(&V_PAIR.key);
+        let key = world::key_v4(dst, 41000, 80, proto::TCP);
+        let first = backend_by_id(pair_choice(&key));
+        let other = other_of_pair(first.id);
+        let syn = frames::tcp4(dst, 41000, 80, true, b"");
+        let f = frames::icmp4_error(
+            ROUTER_V4,
+            dst,
+            3,
+            4,
+            [0, 0, 5, 0x78],
+            &reply_v4(dst, 41000, 80, proto::TCP, 28),
+        );
+        cases.push(
+            Case::forwards(
+                "ipv4 error follows the connection table after a table change",
+                f.clone(),
+                world::encapsulated(&f, 0, &key, &first),
+                &[L3Ipv4, L4Other, CtHit, IcmpErrorForwarded, FwdEncapV4],
+            )
+            .with_setup(move |b: &mut Balancer| {
+                assert_eq!(send(b, &syn).0, XdpAction::Tx);
+                b.publish_vip(&V_PAIR.key, V_PAIR.id, 0, &world::table(&[other]))
+                    .unwrap();
+            }),
+        );
+    }
+    {
+        let key6 = world::key_v6(V6_TCP.key.addr, 40000, 80, proto::TCP);
+        for (name, t, code, rest) in [
+            ("packet too big", 2u8, 0u8, [0, 0, 0x05, 0x00]),
+            ("unreachable", 1, 4, [0; 4]),
+            ("time exceeded", 3, 0, [0; 4]),
+        ] {
+            let f = frames::icmp6_error(
+                ROUTER_V6,
+                V6_TCP.key.addr,
+                t,
+                code,
+                rest,
+                &reply_v6(V6_TCP.key.addr, 40000, 80, 48),
+            );
+            cases.push(Case::forwards(
+                format!("ipv6 {name} quoting a vip flow goes to its backend"),
+                f.clone(),
+                world::encapsulated(&f, 0, &key6, &B4),
+                &[L3Ipv6, L4Other, CtMiss, IcmpErrorForwarded, FwdEncapV6],
+            ));
+        }
+        for len in [0, 40, 47] {
+            let f = frames::icmp6_error(
+                ROUTER_V6,
+                V6_TCP.key.addr,
+                2,
+                0,
+                [0, 0, 5, 0],
+                &reply_v6(V6_TCP.key.addr, 40000, 80, len),
+            );
+            cases.push(Case::drops(
+                format!("ipv6 error with a {len}-byte quote is dropped"),
+                f,
+                &[L3Ipv6, L4Other, DropIcmpQuoteShort],
+            ));
+        }
+    }
+    cases
+}
+
+/// The hash every fragment of a datagram is encapsulated with (addresses, id, protocol).
+fn frag_key(mut key: FlowKey, id: u32) -> FlowKey {
+    key.sport_be = id as u16;
+    key.dport_be = (id >> 16) as u16;
+    key
+}
+
+fn fragment_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let dst = v4(&V_UDP.key);
+    let id = 0x4242u16;
+    let first = {
+        let mut f = frames::udp4(dst, 5353, 53, &[1; 64]);
+        frames::set_ipv4_id(&mut f, id);
+        frames::set_ipv4_fragment(&mut f, true, 0);
+        frames::fix_ipv4_checksum(&mut f);
+        f
+    };
+    let later = |offset: u16, more: bool| {
+        let mut f = frames::udp4(dst, 0x0102, 0x0304, &[2; 64]);
+        frames::set_ipv4_id(&mut f, id);
+        frames::set_ipv4_fragment(&mut f, more, offset);
+        frames::fix_ipv4_checksum(&mut f);
+        f
+    };
+    let fkey = frag_key(world::key_v4(dst, 0, 0, proto::UDP), id as u32);
+    cases.push(Case::forwards(
+        "ipv4 first fragment selects by its ports and is recorded",
+        first.clone(),
+        world::encapsulated(&first, 0, &fkey, &B2),
+        &[L3Ipv4, L4Udp, CtMiss, FragTracked, FwdEncapV4],
+    ));
+    for (offset, more) in [(9u16, true), (18, false)] {
+        let f = later(offset, more);
+        let first = first.clone();
+        cases.push(
+            Case::forwards(
+                format!("ipv4 later fragment at offset {offset} follows the first (in order)"),
+                f.clone(),
+                world::encapsulated(&f, 0, &fkey, &B2),
+                &[L3Ipv4, L4Fragment, FragForwarded, FwdEncapV4],
+            )
+            .with_setup(move |b: &mut Balancer| {
+                assert_eq!(send(b, &first).0, XdpAction::Tx);
+            }),
+        );
+    }
+    {
+        // Out of order: the last fragment arrives before the first is seen.
+        cases.push(Case::drops(
+            "ipv4 later fragment before its first (out of order) is dropped, not guessed",
+            later(18, false),
+            &[L3Ipv4, L4Fragment, DropFragUnknown],
+        ));
+        let (last, first2) = (later(18, false), first.clone());
+        let f = later(9, true);
+        cases.push(
+            Case::forwards(
+                "ipv4 fragments after a late first fragment follow it",
+                f.clone(),
+                world::encapsulated(&f, 0, &fkey, &B2),
+                &[L3Ipv4, L4Fragment, FragForwarded, FwdEncapV4],
+            )
+            .with_setup(move |b: &mut Balancer| {
+                assert_eq!(send(b, &last).0, XdpAction::Drop);
+                assert_eq!(send(b, &first2).0, XdpAction::Tx);
+            }),
+        );
+        let mut other_id = later(9, true);
+        frames::set_ipv4_id(&mut other_id, id + 1);
+        frames::fix_ipv4_checksum(&mut other_id);
+        let first3 = first.clone();
+        cases.push(
+            Case::drops(
+                "ipv4 later fragment of another datagram does not follow",
+                other_id,
+                &[L3Ipv4, L4Fragment, DropFragUnknown],
+            )
+            .with_setup(move |b: &mut Balancer| {
+                assert_eq!(send(b, &first3).0, XdpAction::Tx);
+            }),
+        );
+    }
+    {
+        let mut f = frames::udp4(NOT_VIP, 1, 2, &[3; 64]);
+        frames::set_ipv4_fragment(&mut f, false, 9);
+        frames::fix_ipv4_checksum(&mut f);
+        cases.push(Case::passes(
+            "ipv4 later fragment to a non-vip address passes",
+            f,
+            &[L3Ipv4, L4Fragment, PassNotVip],
+        ));
+        let mut f = frames::tcp4(v4(&V_L7.key), 40000, 443, false, &[3; 64]);
+        frames::set_ipv4_fragment(&mut f, true, 0);
+        frames::fix_ipv4_checksum(&mut f);
+        cases.push(Case::passes(
+            "ipv4 first fragment to an l7 vip passes",
+            f,
+            &[L3Ipv4, L4Tcp, PassL7],
+        ));
+    }
+    {
+        let dst6 = V6_UDP.key.addr;
+        let id6 = 0xdead_beef_u32;
+        let first = frames::with_ipv6_ext(
+            &frames::udp6(dst6, 5353, 53, &[1; 64]),
+            44,
+            &frames::ext_fragment(0, true, id6),
+        );
+        let fkey6 = frag_key(world::key_v6(dst6, 0, 0, proto::UDP), id6);
+        cases.push(Case::forwards(
+            "ipv6 first fragment selects by its ports and is recorded",
+            first.clone(),
+            world::encapsulated(&first, 0, &fkey6, &B1),
+            &[L3Ipv6, L4Udp, CtMiss, FragTracked, FwdEncapV4],
+        ));
+        let later6 = frames::with_ipv6_ext(
+            &frames::udp6(dst6, 9, 9, &[2; 64]),
+            44,
+            &frames::ext_fragment(9, false, id6),
+        );
+        let f1 = first.clone();
+        cases.push(
+            Case::forwards(
+                "ipv6 later fragment follows the first",
+                later6.clone(),
+                world::encapsulated(&later6, 0, &fkey6, &B1),
+                &[L3Ipv6, L4Fragment, FragForwarded, FwdEncapV4],
+            )
+            .with_setup(move |b: &mut Balancer| {
+                assert_eq!(send(b, &f1).0, XdpAction::Tx);
+            }),
+        );
+        cases.push(Case::drops(
+            "ipv6 later fragment without its first is dropped",
+            later6,
+            &[L3Ipv6, L4Fragment, DropFragUnknown],
+        ));
+    }
+    cases
+}
+
 #[test]
 fn every_fixture_case() {
     let mut cases = ipv4_parse_cases();
@@ -658,7 +1049,9 @@ fn every_fixture_case() {
     cases.extend(l2_cases());
     cases.extend(forwarding_cases());
     cases.extend(conntrack_cases());
-    run_all(world::install, &cases);
+    cases.extend(icmp_cases());
+    cases.extend(fragment_cases());
+    run_all(world::install, world::reset, &cases);
 }
 
 /// Across many flows of the two-backend VIP, the data path agrees with the userspace Maglev
@@ -666,7 +1059,7 @@ fn every_fixture_case() {
 #[test]
 fn maglev_selection_matches_the_installed_table() {
     let mut b = Balancer::load().expect("load");
-    world::install(&mut b);
+    let _world = world::install(&mut b);
     let dst = v4(&V_PAIR.key);
     let mut per_backend = [0u32; 3];
     for sport in 20000..20400u16 {
@@ -701,7 +1094,7 @@ fn maglev_selection_matches_the_installed_table() {
 #[test]
 fn table_swaps_alternate_slots_and_take_effect_at_once() {
     let mut b = Balancer::load().expect("load");
-    world::install(&mut b);
+    let _world = world::install(&mut b);
     let first = b.vip(&V_TCP.key).unwrap().expect("vip").table_index;
     let meta = b
         .publish_vip(&V_TCP.key, V_TCP.id, 0, &world::table(&[B2]))
@@ -790,4 +1183,33 @@ fn malformed_packets_log_once_per_interval_through_aya_log() {
     let (level, message) = malformed[0];
     assert_eq!(*level, log::Level::Warn);
     assert!(message.contains("ihl 3"), "{message}");
+}
+
+/// ICMP errors are sent where the flow's data goes, but never create connection-table state;
+/// removing the last VIP of an address stops the balancer answering for it.
+#[test]
+fn icmp_errors_create_no_state_and_vip_addresses_follow_vips() {
+    let mut b = Balancer::load().expect("load");
+    let _world = world::install(&mut b);
+    let err = frames::icmp4_error(
+        ROUTER_V4,
+        VIP,
+        3,
+        4,
+        [0, 0, 5, 0x78],
+        &reply_v4(VIP, 40000, 80, proto::TCP, 28),
+    );
+    assert_eq!(send(&b, &err).0, XdpAction::Tx);
+    let key = world::key_v4(VIP, 40000, 80, proto::TCP);
+    assert_eq!(b.flow_backend(&key).unwrap(), None);
+
+    let l7 = v4(&V_L7.key);
+    assert_eq!(send(&b, &frames::icmp4_echo(l7)).0, XdpAction::Tx);
+    b.remove_vip(&V_L7.key).unwrap();
+    assert_eq!(send(&b, &frames::icmp4_echo(l7)).0, XdpAction::Pass);
+    // 203.0.113.10 still has two VIPs: removing one keeps the address answered.
+    b.remove_vip(&V_TCP.key).unwrap();
+    assert_eq!(send(&b, &frames::icmp4_echo(VIP)).0, XdpAction::Tx);
+    b.remove_vip(&V_UDP.key).unwrap();
+    assert_eq!(send(&b, &frames::icmp4_echo(VIP)).0, XdpAction::Pass);
 }

@@ -1,5 +1,7 @@
-//! `cargo xtask`: what cargo alone does not do for xlb (tool set-up, the full test run).
+//! `cargo xtask`: what cargo alone does not do for xlb (tool set-up, the full test run and the
+//! benchmarks).
 
+mod bench;
 mod setup;
 mod test;
 mod toolchain;
@@ -23,6 +25,9 @@ enum Command {
     Setup,
     /// Run set-up, then every check and test suite, stopping at the first failure.
     Test(test::TestArgs),
+    /// Run set-up, then a benchmark in release mode (as root): `cargo xtask bench dataplane`
+    /// prints the balancer's per-packet cost and writes target/xlb-bench/dataplane.json.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +35,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup => setup::run(),
         Command::Test(args) => test::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -125,7 +125,15 @@ const STEPS: &[Step] = &[
         needs_root: true,
         command: || {
             let mut c = cargo();
-            c.args(["test", "-p", "xlb-tests", "--test", "fixtures"]);
+            c.args([
+                "test",
+                "-p",
+                "xlb-tests",
+                "--test",
+                "fixtures",
+                "--test",
+                "decap",
+            ]);
             c
         },
     },

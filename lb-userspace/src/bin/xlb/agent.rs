@@ -24,8 +24,9 @@ pub struct AgentArgs {
     stats_interval_secs: u64,
 }
 
+/// The `--xdp-mode` values.
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum ModeArg {
+pub enum ModeArg {
     Auto,
     Native,
     Generic,

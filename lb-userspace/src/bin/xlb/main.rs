@@ -1,6 +1,7 @@
 //! `xlb`: the agent and its command-line interface, one binary.
 
 mod agent;
+mod decap;
 
 use std::process::ExitCode;
 
@@ -18,6 +19,9 @@ struct Cli {
 enum Commands {
     /// Load the XDP balancer, attach it to an interface and run until SIGTERM or SIGINT.
     Agent(agent::AgentArgs),
+    /// Attach the backend-side decapsulator: strips the balancer's IPIP / IPv6-in-IP headers
+    /// addressed to this host and hands the inner packet to the stack. Runs until SIGTERM.
+    Decap(decap::DecapArgs),
 }
 
 fn main() -> ExitCode {
@@ -25,6 +29,7 @@ fn main() -> ExitCode {
     lb_userspace::logging::init_tracing();
     let result = match cli.command {
         Commands::Agent(args) => agent::run(args),
+        Commands::Decap(args) => decap::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

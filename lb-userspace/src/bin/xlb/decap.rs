@@ -1,0 +1,111 @@
+//! `xlb decap`: the backend-side decapsulator. Attach it to a backend host's NIC; tunnel packets
+//! from the balancer addressed to this host are stripped and handed to the stack, where the VIP
+//! (configured on loopback) takes them and the reply goes straight to the client.
+
+use std::net::IpAddr;
+
+use anyhow::Context as _;
+use clap::Args;
+use lb_userspace::loader::Decapsulator;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::agent::ModeArg;
+
+/// Arguments of `xlb decap`.
+#[derive(Debug, Args)]
+pub struct DecapArgs {
+    /// Network interface to attach the decapsulator to.
+    #[arg(long, short = 'i')]
+    interface: String,
+    /// Tunnel address to accept (repeatable). Default: every address of the interface.
+    #[arg(long = "address", value_name = "ADDR")]
+    addresses: Vec<IpAddr>,
+    /// XDP attach mode: native (driver), generic (skb), or auto (native, else generic).
+    #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
+    xdp_mode: ModeArg,
+}
+
+/// Runs the decapsulator until SIGTERM or SIGINT.
+pub fn run(args: DecapArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: DecapArgs) -> anyhow::Result<()> {
+    let addresses = if args.addresses.is_empty() {
+        interface_addresses(&args.interface)?
+    } else {
+        args.addresses.clone()
+    };
+    anyhow::ensure!(
+        !addresses.is_empty(),
+        "interface {} has no addresses; give the tunnel address with --address",
+        args.interface
+    );
+    let mut decap = Decapsulator::load().context("loading the XDP decapsulator (are you root?)")?;
+    for addr in &addresses {
+        decap.add_local_addr(*addr)?;
+    }
+    let (mode, _link) = decap.attach(&args.interface, args.xdp_mode.into())?;
+    let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+    tracing::info!(interface = %args.interface, %mode, addresses = %list.join(","), "xlb_decap attached");
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    let totals = decap.counters()?;
+    tracing::info!(counters = %totals, "stopping; detaching xlb_decap");
+    Ok(())
+}
+
+/// Every IPv4 and IPv6 address of `interface` (link-local IPv6 excluded: tunnels never use it).
+fn interface_addresses(interface: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we free below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("listing interface addresses");
+    }
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned; it lives until freeifaddrs.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: a NUL-terminated name owned by the list.
+        let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) };
+        if name.to_bytes() != interface.as_bytes() {
+            continue;
+        }
+        // SAFETY: the family field is valid for every sockaddr; the casts match the family.
+        unsafe {
+            match (*ifa.ifa_addr).sa_family as i32 {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    out.push(IpAddr::from(
+                        u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                    ));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    let a = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                    if a.segments()[0] & 0xffc0 != 0xfe80 {
+                        out.push(IpAddr::V6(a));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    // SAFETY: frees the list from getifaddrs exactly once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
+}

@@ -1,0 +1,75 @@
+//! `cargo xtask bench <what>`: benchmarks that need set-up, root and a release build.
+//!
+//! `dataplane` runs the `dataplane-bench` binary of the `xlb-tests` crate: the balancer's
+//! per-packet cost per packet class with live-frames `BPF_PROG_TEST_RUN`, next to a trivial XDP
+//! program, printed as a table and written to `target/xlb-bench/dataplane.json`.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+
+use crate::setup;
+
+/// Arguments of `cargo xtask bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which benchmark to run.
+    what: Bench,
+    /// Skip the set-up step (Debian packages, rust-src, bpf-linker).
+    #[arg(long)]
+    skip_setup: bool,
+    /// Passed to the benchmark binary (see `-- --help`), e.g. `-- --repeat 200000`.
+    #[arg(last = true)]
+    extra: Vec<String>,
+}
+
+/// The benchmarks there are.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Bench {
+    /// Per-packet cost of the XDP balancer per packet class, against a trivial XDP program.
+    Dataplane,
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Runs set-up (unless skipped), then the chosen benchmark in release mode.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if !args.skip_setup {
+        setup::run()?;
+    }
+    if !setup::is_root() {
+        bail!("the benchmark loads BPF programs and creates a network namespace; run it as root");
+    }
+    match args.what {
+        Bench::Dataplane => {
+            let root = workspace_root();
+            let out = root.join("target/xlb-bench/dataplane.json");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.current_dir(&root)
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "xlb-tests",
+                    "--bin",
+                    "dataplane-bench",
+                ])
+                .arg("--")
+                .arg("--out")
+                .arg(&out)
+                .args(&args.extra);
+            let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+            if !status.success() {
+                bail!("the dataplane benchmark failed ({status})");
+            }
+        }
+    }
+    Ok(())
+}
