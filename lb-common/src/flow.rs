@@ -39,12 +39,29 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     h = mix(h, word(&key.dst, 12));
     h = mix(h, (key.sport_be as u32) | ((key.dport_be as u32) << 16));
     h = mix(h, (key.proto as u32) | ((key.family as u32) << 8));
-    h ^= 40;
+    fmix(h ^ 40)
+}
+
+/// MurmurHash3's finaliser: every input bit affects every output bit.
+#[inline(always)]
+fn fmix(mut h: u32) -> u32 {
     h ^= h >> 16;
     h = h.wrapping_mul(0x85eb_ca6b);
     h ^= h >> 13;
     h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
+}
+
+/// Hash of a destination address, for the VIP-address prefilter: bit
+/// `addr_hash(..) % VIP_BLOOM_BITS` is set for every VIP address.
+#[inline(always)]
+pub fn addr_hash(addr: &[u8; 16], family: u8) -> u32 {
+    let mut h = FLOW_HASH_SEED ^ family as u32;
+    h = mix(h, word(addr, 0));
+    h = mix(h, word(addr, 4));
+    h = mix(h, word(addr, 8));
+    h = mix(h, word(addr, 12));
+    fmix(h)
 }
 
 /// Fills the host bits of `prefix` (the low `32 - prefix_len` bits) from `hash`: the outer IPv4

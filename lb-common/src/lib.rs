@@ -34,6 +34,11 @@ pub mod maps {
     /// Hash map [`crate::types::LocalAddr`] -> `VIP_ADDR_F_*` flags: every VIP address (for
     /// ICMP and later fragments, which carry no ports).
     pub const VIP_ADDRS: &str = "XLB_VIP_ADDRS";
+    /// Array of [`crate::types::VipState`] by VIP id.
+    pub const VIP_STATE: &str = "XLB_VIP_STATE";
+    /// Array of `u64` words: a one-hash bloom filter of VIP addresses, so traffic to other
+    /// addresses is passed after one array lookup.
+    pub const VIP_BLOOM: &str = "XLB_VIP_BLOOM";
     /// LRU hash [`crate::types::FragKey`] -> [`crate::types::FragValue`].
     pub const FRAGS: &str = "XLB_FRAGS";
     /// Decapsulator: hash set of [`crate::types::LocalAddr`] it strips tunnels for.

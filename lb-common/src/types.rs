@@ -33,8 +33,10 @@ pub const MAX_BACKENDS: u32 = 65536;
 pub const MAX_TABLES: u32 = 2 * MAX_VIPS;
 /// Size of the inner-map template; real tables are created with their own (prime) size.
 pub const TABLE_TEMPLATE_SIZE: u32 = 65537;
-/// Default entries of the per-CPU connection table (per CPU).
-pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
+/// Default entries of the connection table (all CPUs together): about 110 MB of kernel memory.
+pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
+/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists for an LRU hash map.
+pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// `BPF_F_INNER_MAP`: lets inner maps of one map-of-maps have different `max_entries`.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
 
@@ -69,7 +71,31 @@ pub struct VipMeta {
     pub table_index: u32,
     /// Number of slots in that table (prime).
     pub table_size: u32,
+    /// Incarnation of `vip_id`: bumped whenever the id is given to a VIP anew, so
+    /// connection-table entries of an earlier VIP with the same id are recognised as stale.
+    pub generation: u32,
+    /// Explicit padding (always zero).
+    pub _pad: u32,
 }
+
+/// VIP state flag: the VIP id is in use.
+pub const VIP_S_ACTIVE: u32 = 1 << 31;
+
+/// Per-VIP-id state, read on the connection-table fast path (an array lookup instead of the
+/// VIP hash lookup): `flags` holds the VIP's `VIP_F_*` bits plus [`VIP_S_ACTIVE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipState {
+    /// `VIP_F_*` | [`VIP_S_ACTIVE`].
+    pub flags: u32,
+    /// The live incarnation of the id (see [`VipMeta::generation`]).
+    pub generation: u32,
+}
+
+/// Bits of the VIP-address prefilter (`XLB_VIP_BLOOM`): one bit per address hash.
+pub const VIP_BLOOM_BITS: u32 = 1 << 16;
+/// Its size in 64-bit words.
+pub const VIP_BLOOM_WORDS: u32 = VIP_BLOOM_BITS / 64;
 
 /// Backend flag: the backend passes its health checks and may receive traffic, including
 /// established flows. When clear, established flows are re-selected.
@@ -111,14 +137,20 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// What the connection table remembers about a flow.
+/// What the connection table remembers about a flow: enough to forward its next packets
+/// without looking the VIP up again.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
     /// The backend the flow is pinned to.
     pub backend_id: u32,
-    /// Explicit padding (always zero).
-    pub _pad: u32,
+    /// The VIP it belongs to.
+    pub vip_id: u32,
+    /// That VIP's generation when the flow was pinned.
+    pub generation: u32,
+    /// The flow's hash ([`crate::flow::flow_hash`]), kept so established packets need not
+    /// recompute it for their outer source address.
+    pub hash: u32,
 }
 
 /// Balancer-wide settings, written by the agent.
@@ -159,6 +191,9 @@ pub struct LocalAddr {
 pub const VIP_ADDR_F_L4: u32 = 1 << 0;
 /// `XLB_VIP_ADDRS` flag: the address has at least one L7 VIP.
 pub const VIP_ADDR_F_L7: u32 = 1 << 1;
+/// `XLB_VIP_ADDRS` flag: the address has a VIP for every port (port 0), so a miss on the exact
+/// port must be retried with port 0.
+pub const VIP_ADDR_F_ANY_PORT: u32 = 1 << 2;
 /// Most distinct VIP addresses.
 pub const MAX_VIP_ADDRS: u32 = MAX_VIPS;
 
@@ -235,15 +270,18 @@ mod pod {
     // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
     unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
+    unsafe impl aya::Pod for super::VipState {}
+    // SAFETY: see above: repr(C), integers and byte arrays, explicit padding.
     unsafe impl aya::Pod for super::FragValue {}
 }
 
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
-    assert!(core::mem::size_of::<VipMeta>() == 16);
+    assert!(core::mem::size_of::<VipMeta>() == 24);
+    assert!(core::mem::size_of::<VipState>() == 8);
     assert!(core::mem::size_of::<Backend>() == 32);
     assert!(core::mem::size_of::<FlowKey>() == 40);
-    assert!(core::mem::size_of::<FlowValue>() == 8);
+    assert!(core::mem::size_of::<FlowValue>() == 16);
     assert!(core::mem::size_of::<LbConfig>() == 40);
     assert!(core::mem::size_of::<Stats>() == 24);
     assert!(core::mem::size_of::<LocalAddr>() == 20);

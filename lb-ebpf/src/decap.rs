@@ -11,6 +11,7 @@
 )]
 
 mod counters;
+mod l2;
 mod log;
 #[expect(
     dead_code,
@@ -31,7 +32,7 @@ use lb_common::{
     types::{FAMILY_V4, LocalAddr, MAX_LOCAL_ADDRS, proto},
 };
 
-use crate::reader::PacketReader;
+use crate::{l2::L2, reader::PacketReader};
 
 /// The addresses this host accepts tunnel packets for (written by `xlb decap`).
 #[btf_map]
@@ -105,27 +106,8 @@ fn decap(ctx: &XdpContext) -> u32 {
     }
 
     // Keep the MACs and VLAN tags; they move forward by the outer header's length.
-    let l2: [u8; 20] = match pkt.vlans() {
-        0 => match reader.read::<[u8; 12]>(0) {
-            Some(m) => {
-                let mut a = [0u8; 20];
-                a[..12].copy_from_slice(&m);
-                a
-            }
-            None => return xdp_action::XDP_ABORTED,
-        },
-        1 => match reader.read::<[u8; 16]>(0) {
-            Some(m) => {
-                let mut a = [0u8; 20];
-                a[..16].copy_from_slice(&m);
-                a
-            }
-            None => return xdp_action::XDP_ABORTED,
-        },
-        _ => match reader.read::<[u8; 20]>(0) {
-            Some(m) => m,
-            None => return xdp_action::XDP_ABORTED,
-        },
+    let Some(l2) = L2::save(&reader, pkt.vlans()) else {
+        return xdp_action::XDP_ABORTED;
     };
     let strip = inner - pkt.l3();
     // SAFETY: the helper only moves `data`; all later accesses re-derive bounds from `ctx`.
@@ -133,32 +115,11 @@ fn decap(ctx: &XdpContext) -> u32 {
         counters::add(Counter::DropAdjustFailed, 1);
         return xdp_action::XDP_DROP;
     }
-    let r = PacketReader::new(ctx);
-    let ok = match pkt.vlans() {
-        0 => r.write::<[u8; 12]>(
-            0,
-            [
-                l2[0], l2[1], l2[2], l2[3], l2[4], l2[5], l2[6], l2[7], l2[8], l2[9], l2[10],
-                l2[11],
-            ],
-        ),
-        1 => r.write::<[u8; 16]>(
-            0,
-            [
-                l2[0], l2[1], l2[2], l2[3], l2[4], l2[5], l2[6], l2[7], l2[8], l2[9], l2[10],
-                l2[11], l2[12], l2[13], l2[14], l2[15],
-            ],
-        ),
-        _ => r.write(0, l2),
-    };
     let ether_type: u16 = if inner_v4 { 0x0800 } else { 0x86dd };
-    // A constant offset per case: the verifier tracks those exactly.
-    let et_off = match pkt.vlans() {
-        0 => 12,
-        1 => 16,
-        _ => 20,
-    };
-    if ok.is_none() || r.write(et_off, ether_type.to_be_bytes()).is_none() {
+    if l2
+        .write(&PacketReader::new(ctx), l2.dst, l2.src, ether_type)
+        .is_none()
+    {
         return xdp_action::XDP_ABORTED;
     }
     counters::add(

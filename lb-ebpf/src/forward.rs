@@ -11,7 +11,7 @@ use lb_common::{
     types::{Backend, FAMILY_V4, FAMILY_V6, LbConfig, proto},
 };
 
-use crate::{counters, icmp, parse::Packet, reader::PacketReader};
+use crate::{counters, icmp, l2::L2, parse::Packet, reader::PacketReader};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -52,17 +52,8 @@ pub fn encapsulate(
     }
 
     // The VLAN tags (TCI + inner TPID) must survive the move of the L2 header.
-    let old = PacketReader::new(ctx);
-    let tags: [u8; 8] = match pkt.vlans() {
-        0 => [0; 8],
-        1 => match old.read::<[u8; 4]>(12) {
-            Some(t) => [t[0], t[1], t[2], t[3], 0, 0, 0, 0],
-            None => return xdp_action::XDP_ABORTED,
-        },
-        _ => match old.read::<[u8; 8]>(12) {
-            Some(t) => t,
-            None => return xdp_action::XDP_ABORTED,
-        },
+    let Some(l2) = L2::save(&PacketReader::new(ctx), pkt.vlans()) else {
+        return xdp_action::XDP_ABORTED;
     };
 
     // SAFETY: the helper only moves `data`; all later accesses re-derive bounds from `ctx`.
@@ -71,36 +62,19 @@ pub fn encapsulate(
         return xdp_action::XDP_DROP;
     }
     let r = PacketReader::new(ctx);
-    let ok = r.write(0, cfg.nexthop_mac).is_some() && r.write(6, cfg.lb_mac).is_some();
-    if !ok {
-        return xdp_action::XDP_ABORTED;
-    }
-    let ok = match pkt.vlans() {
-        0 => true,
-        1 => r
-            .write::<[u8; 4]>(12, [tags[0], tags[1], tags[2], tags[3]])
-            .is_some(),
-        _ => r.write(12, tags).is_some(),
-    };
-    if !ok {
+    let ether_type = if outer_v6 { ETH_P_IPV6 } else { ETH_P_IPV4 };
+    if l2
+        .write(&r, cfg.nexthop_mac, cfg.lb_mac, ether_type)
+        .is_none()
+    {
         return xdp_action::XDP_ABORTED;
     }
     let l3 = pkt.l3();
-    let et_off = l3 - 2;
     let inner_proto = if pkt.key.family == FAMILY_V4 {
         proto::IPIP
     } else {
         proto::IPV6
     };
-
-    if r.write(
-        et_off,
-        if outer_v6 { ETH_P_IPV6 } else { ETH_P_IPV4 }.to_be_bytes(),
-    )
-    .is_none()
-    {
-        return xdp_action::XDP_ABORTED;
-    }
     let written = if outer_v6 {
         write_outer_v6(&r, l3, pkt, cfg, backend, hash, inner_proto)
     } else {

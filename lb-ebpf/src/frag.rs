@@ -5,7 +5,7 @@
 
 use lb_common::{
     counters::Counter,
-    types::{FragKey, FragValue, LocalAddr, VIP_ADDR_F_L4, VipMeta},
+    types::{FlowKey, FragKey, FragValue, LocalAddr, VIP_ADDR_F_L4, VipMeta},
 };
 
 use crate::{
@@ -51,14 +51,14 @@ pub enum Later {
     Drop,
 }
 
-/// Looks a later fragment up.
+/// Looks up a later fragment: its record first, then whether its address has a forwarded VIP.
 #[inline(always)]
 pub fn later(pkt: &Packet) -> Later {
     // SAFETY: the value is copied out immediately.
     if let Some(v) = unsafe { XLB_FRAGS.get(key(pkt)) } {
         return Later::Follow(*v);
     }
-    if vip_address_flags(pkt) & VIP_ADDR_F_L4 != 0 {
+    if vip_address_flags(&pkt.key) & VIP_ADDR_F_L4 != 0 {
         counters::add(Counter::DropFragUnknown, 1);
         return Later::Drop;
     }
@@ -66,12 +66,12 @@ pub fn later(pkt: &Packet) -> Later {
     Later::Pass
 }
 
-/// The `VIP_ADDR_F_*` flags of the packet's destination address (0: no VIP there).
+/// The `VIP_ADDR_F_*` flags of a flow's destination address (0: no VIP there).
 #[inline(always)]
-pub fn vip_address_flags(pkt: &Packet) -> u32 {
+pub fn vip_address_flags(flow: &FlowKey) -> u32 {
     let addr = LocalAddr {
-        addr: pkt.key.dst,
-        family: pkt.key.family,
+        addr: flow.dst,
+        family: flow.family,
         _pad: [0; 3],
     };
     // SAFETY: the value is copied out immediately.

@@ -18,7 +18,7 @@ use lb_common::{
     types::{FAMILY_V4, FAMILY_V6, FlowKey, proto},
 };
 
-use crate::{counters, parse::Packet, reader::PacketReader};
+use crate::{counters, l2::L2, parse::Packet, reader::PacketReader};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -34,19 +34,8 @@ const MAX_V4_QUOTE: usize = 68;
 #[inline(always)]
 pub fn too_big(ctx: &XdpContext, pkt: &Packet, lb_mac: &[u8; 6], mtu: u16) -> u32 {
     let old = PacketReader::new(ctx);
-    let Some(peer_mac) = old.read::<[u8; 6]>(6) else {
+    let Some(l2h) = L2::save(&old, pkt.vlans()) else {
         return xdp_action::XDP_ABORTED;
-    };
-    let tags: [u8; 8] = match pkt.vlans() {
-        0 => [0; 8],
-        1 => match old.read::<[u8; 4]>(12) {
-            Some(t) => [t[0], t[1], t[2], t[3], 0, 0, 0, 0],
-            None => return xdp_action::XDP_ABORTED,
-        },
-        _ => match old.read::<[u8; 8]>(12) {
-            Some(t) => t,
-            None => return xdp_action::XDP_ABORTED,
-        },
     };
     let v4 = pkt.key.family == FAMILY_V4;
     let added: usize = if v4 { 28 } else { 48 };
@@ -81,21 +70,9 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, lb_mac: &[u8; 6], mtu: u16) -> u3
         return xdp_action::XDP_DROP;
     }
     let r = PacketReader::new(ctx);
-    let ok = r.write(0, peer_mac).is_some()
-        && r.write(6, *lb_mac).is_some()
-        && match pkt.vlans() {
-            0 => true,
-            1 => r
-                .write::<[u8; 4]>(12, [tags[0], tags[1], tags[2], tags[3]])
-                .is_some(),
-            _ => r.write(12, tags).is_some(),
-        }
-        && r.write(
-            l2 - 2,
-            if v4 { ETH_P_IPV4 } else { ETH_P_IPV6 }.to_be_bytes(),
-        )
-        .is_some();
-    if !ok {
+    let ether_type = if v4 { ETH_P_IPV4 } else { ETH_P_IPV6 };
+    // Back to the sender's MAC (the router that handed us the packet).
+    if l2h.write(&r, l2h.src, *lb_mac, ether_type).is_none() {
         return xdp_action::XDP_ABORTED;
     }
     let written = if v4 {
@@ -244,12 +221,10 @@ const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 const ICMPV6_TIME_EXCEEDED: u8 = 3;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 
-/// Classifies an ICMP packet to a VIP address (see [`IcmpAction`]).
+/// Classifies an ICMP packet to a VIP address (see [`IcmpAction`]); the caller has checked
+/// that the destination is one.
 #[inline(always)]
 pub fn classify(reader: &PacketReader, pkt: &mut Packet) -> IcmpAction {
-    if crate::frag::vip_address_flags(pkt) == 0 {
-        return IcmpAction::Pass;
-    }
     let v4 = pkt.key.family == FAMILY_V4;
     if v4 {
         match pkt.icmp_type {

@@ -13,6 +13,7 @@ mod counters;
 mod forward;
 mod frag;
 mod icmp;
+mod l2;
 mod log;
 mod maps;
 mod parse;
@@ -62,13 +63,36 @@ fn balance(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
 
+    // A later fragment follows its first fragment's record even if its address has lost its
+    // VIPs since: the datagram is completed where it started.
     if pkt.later_fragment {
         return later_fragment(ctx, pkt, cfg);
     }
 
+    // Traffic to addresses that are certainly not VIPs (ordinary host traffic) is settled by
+    // one array lookup; the rest by one hash lookup on the address (no ports needed, so it
+    // also covers ICMP and later fragments).
+    if !select::maybe_vip_address(&pkt.key) {
+        counters::add(Counter::PassNotVip, 1);
+        return xdp_action::XDP_PASS;
+    }
+    // Established TCP / UDP flows go straight from the connection table to their backend.
+    let p = pkt.key.proto;
+    if !pkt.fragmented
+        && (p == proto::UDP || (p == proto::TCP && !select::opens_connection(pkt)))
+        && let Some(est) = select::established(&pkt.key)
+    {
+        select::account(est.vip_id, est.backend_id, frame_len);
+        return send(ctx, &reader, pkt, cfg, est.vip_flags, est.backend, est.hash);
+    }
+
     // The flow a packet belongs to: its own, or for an ICMP error the quoted one.
-    let is_icmp = pkt.key.proto == proto::ICMP || pkt.key.proto == proto::ICMPV6;
+    let is_icmp = pkt.is_icmp();
     let icmp_error = if is_icmp && !pkt.fragmented {
+        if frag::vip_address_flags(&pkt.key) == 0 {
+            counters::add(Counter::PassNotVip, 1);
+            return xdp_action::XDP_PASS;
+        }
         match icmp::classify(&reader, pkt) {
             icmp::IcmpAction::EchoReply => return icmp::echo_reply(ctx, pkt, &cfg.lb_mac),
             icmp::IcmpAction::Pass => {

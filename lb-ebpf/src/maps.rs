@@ -3,13 +3,13 @@
 //! agent's typed map layer is their only writer.
 
 use aya_ebpf::{
-    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray},
+    btf_maps::{Array, ArrayOfMaps, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::types::{
-    BPF_F_INNER_MAP, Backend, DEFAULT_FLOW_ENTRIES, FRAG_ENTRIES, FlowKey, FlowValue, FragKey,
-    FragValue, LbConfig, LocalAddr, MAX_BACKENDS, MAX_TABLES, MAX_VIP_ADDRS, MAX_VIPS, Stats,
-    TABLE_TEMPLATE_SIZE, VipKey, VipMeta,
+    BPF_F_INNER_MAP, BPF_F_NO_COMMON_LRU, Backend, DEFAULT_FLOW_ENTRIES, FRAG_ENTRIES, FlowKey,
+    FlowValue, FragKey, FragValue, LbConfig, LocalAddr, MAX_BACKENDS, MAX_TABLES, MAX_VIP_ADDRS,
+    MAX_VIPS, Stats, TABLE_TEMPLATE_SIZE, VIP_BLOOM_WORDS, VipKey, VipMeta, VipState,
 };
 
 /// VIPs. A hash map, so the agent's update of a VIP (new table index and size together) is seen
@@ -28,10 +28,17 @@ pub static XLB_MAGLEV: ArrayOfMaps<
     { MAX_TABLES as usize },
 > = ArrayOfMaps::new();
 
-/// The connection table: per-CPU LRU, 5-tuple -> backend.
+/// The connection table: 5-tuple -> backend. An LRU hash with per-CPU LRU lists
+/// (`BPF_F_NO_COMMON_LRU`): inserts and evictions never contend across CPUs, and entries are
+/// shared, so a flow whose packets reach another CPU (RSS change, CPU hot-plug) keeps its
+/// backend.
 #[btf_map]
-pub static XLB_FLOWS: LruPerCpuHashMap<FlowKey, FlowValue, { DEFAULT_FLOW_ENTRIES as usize }> =
-    LruPerCpuHashMap::new();
+pub static XLB_FLOWS: LruHashMap<
+    FlowKey,
+    FlowValue,
+    { DEFAULT_FLOW_ENTRIES as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
 
 /// Balancer-wide settings (one entry).
 #[btf_map]
@@ -54,3 +61,12 @@ pub static XLB_VIP_ADDRS: HashMap<LocalAddr, u32, { MAX_VIP_ADDRS as usize }> = 
 /// hash a datagram's fragments to different queues than its first one.
 #[btf_map]
 pub static XLB_FRAGS: LruHashMap<FragKey, FragValue, { FRAG_ENTRIES as usize }> = LruHashMap::new();
+
+/// Per-VIP-id state for the connection-table fast path.
+#[btf_map]
+pub static XLB_VIP_STATE: Array<VipState, { MAX_VIPS as usize }> = Array::new();
+
+/// One-hash bloom filter of VIP addresses: a clear bit proves "not a VIP address" with one
+/// array lookup, so ordinary host traffic skips every hash-map lookup.
+#[btf_map]
+pub static XLB_VIP_BLOOM: Array<u64, { VIP_BLOOM_WORDS as usize }> = Array::new();

@@ -103,6 +103,12 @@ impl Packet {
     pub fn ip_len(&self) -> usize {
         self.ip_len as usize
     }
+    /// ICMP in IPv4 or ICMPv6 in IPv6 (protocol 58 in IPv4, or 1 in IPv6, is neither).
+    #[inline(always)]
+    pub fn is_icmp(&self) -> bool {
+        (self.key.family == FAMILY_V4 && self.key.proto == proto::ICMP)
+            || (self.key.family == FAMILY_V6 && self.key.proto == proto::ICMPV6)
+    }
 }
 
 #[inline(always)]
@@ -356,7 +362,8 @@ fn parse_l4(reader: &PacketReader, pkt: &mut Packet) -> Result<(), Stop> {
             pkt.key.dport_be = u16::from_ne_bytes([u[2], u[3]]);
             counters::add(Counter::L4Udp, 1);
         }
-        proto::ICMP | proto::ICMPV6 => {
+        // ICMP belongs to IPv4 and ICMPv6 to IPv6; the other pairing is just "another protocol".
+        proto::ICMP | proto::ICMPV6 if pkt.is_icmp() => {
             let Some(i) = reader.read::<[u8; 8]>(l4) else {
                 return Err(truncated_l4());
             };

@@ -6,17 +6,23 @@ use lb_common::{
     LogSite,
     counters::Counter,
     flow::flow_hash,
-    types::{BACKEND_F_UP, Backend, FlowKey, FlowValue, Stats, VipKey, VipMeta, proto},
+    types::{
+        BACKEND_F_UP, Backend, FlowKey, FlowValue, Stats, VIP_ADDR_F_ANY_PORT, VIP_BLOOM_BITS,
+        VIP_F_L7, VIP_S_ACTIVE, VipKey, VipMeta, proto,
+    },
 };
 
 use crate::{
     counters, log,
-    maps::{XLB_BACKEND_STATS, XLB_BACKENDS, XLB_FLOWS, XLB_MAGLEV, XLB_VIP_STATS, XLB_VIPS},
+    maps::{
+        XLB_BACKEND_STATS, XLB_BACKENDS, XLB_FLOWS, XLB_MAGLEV, XLB_VIP_BLOOM, XLB_VIP_STATE,
+        XLB_VIP_STATS, XLB_VIPS,
+    },
     parse::{Packet, TCP_ACK, TCP_SYN},
 };
 
-/// Finds the VIP a flow is addressed to: (address, port, protocol), then (address, 0,
-/// protocol) for VIPs that take every port.
+/// Finds the VIP a flow is addressed to: (address, port, protocol), then, when the address has
+/// an every-port VIP, (address, 0, protocol).
 #[inline(always)]
 pub fn lookup_vip(flow: &FlowKey) -> Option<VipMeta> {
     let mut key = VipKey {
@@ -29,6 +35,9 @@ pub fn lookup_vip(flow: &FlowKey) -> Option<VipMeta> {
     // program's RCU read section.
     if let Some(meta) = unsafe { XLB_VIPS.get(key) } {
         return Some(*meta);
+    }
+    if crate::frag::vip_address_flags(flow) & VIP_ADDR_F_ANY_PORT == 0 {
+        return None;
     }
     key.port_be = 0;
     // SAFETY: as above.
@@ -74,10 +83,24 @@ pub fn select(
 ) -> Option<Selected> {
     if !syn {
         // SAFETY: the value is copied out immediately.
-        if let Some(v) = unsafe { XLB_FLOWS.get(key) } {
+        if let Some(v) = unsafe { XLB_FLOWS.get(key) }.copied() {
             let id = v.backend_id;
             if let Some(b) = backend(id) {
                 counters::add(Counter::CtHit, 1);
+                if remember && (v.vip_id != vip.vip_id || v.generation != vip.generation) {
+                    // Pinned under another VIP or an earlier generation (the VIP set changed):
+                    // keep the backend, re-pin under the VIP that matches now so the next
+                    // packets take the fast path again.
+                    let _ = XLB_FLOWS.insert(
+                        key,
+                        FlowValue {
+                            vip_id: vip.vip_id,
+                            generation: vip.generation,
+                            ..v
+                        },
+                        0,
+                    );
+                }
                 return Some(Selected { id, backend: b });
             }
             counters::add(Counter::CtReselect, 1);
@@ -112,7 +135,9 @@ pub fn select(
             key,
             FlowValue {
                 backend_id: id,
-                _pad: 0,
+                vip_id: vip.vip_id,
+                generation: vip.generation,
+                hash: flow_hash(key),
             },
             0,
         );
@@ -148,5 +173,52 @@ fn bump(stats: Option<*mut Stats>, bytes: u64) {
             (*s).packets += 1;
             (*s).bytes += bytes;
         }
+    }
+}
+
+/// A flow the connection table can forward without the VIP lookup.
+pub struct Established {
+    /// The VIP's id.
+    pub vip_id: u32,
+    /// The VIP's `VIP_F_*` flags.
+    pub vip_flags: u32,
+    /// The backend's id.
+    pub backend_id: u32,
+    /// The backend.
+    pub backend: &'static Backend,
+    /// The flow hash, remembered at selection (it picks the outer source address).
+    pub hash: u32,
+}
+
+/// The fast path for established flows: a connection-table hit whose VIP is still the one the
+/// flow was pinned under (id active, same generation, not L7) and whose backend is up.
+/// Anything else returns `None` and the packet takes the full path, which decides exactly as
+/// if this shortcut did not exist.
+#[inline(always)]
+pub fn established(key: &FlowKey) -> Option<Established> {
+    // SAFETY: the value is copied out immediately.
+    let v = unsafe { XLB_FLOWS.get(key) }.copied()?;
+    let st = XLB_VIP_STATE.get(v.vip_id)?;
+    if st.flags & VIP_S_ACTIVE == 0 || st.flags & VIP_F_L7 != 0 || st.generation != v.generation {
+        return None;
+    }
+    let b = backend(v.backend_id)?;
+    counters::add(Counter::CtHit, 1);
+    Some(Established {
+        vip_id: v.vip_id,
+        vip_flags: st.flags,
+        backend_id: v.backend_id,
+        backend: b,
+        hash: v.hash,
+    })
+}
+
+/// False when the address is certainly not a VIP address (its bloom bit is clear).
+#[inline(always)]
+pub fn maybe_vip_address(key: &FlowKey) -> bool {
+    let h = lb_common::flow::addr_hash(&key.dst, key.family) % VIP_BLOOM_BITS;
+    match XLB_VIP_BLOOM.get(h / 64) {
+        Some(word) => word & (1u64 << (h % 64)) != 0,
+        None => true,
     }
 }

@@ -37,8 +37,9 @@ const MAP_SEEN: &str = "XLB_BENCH_SEEN";
 pub struct BenchFrame {
     /// Length of the frame in `bytes`.
     pub len: u32,
-    /// Explicit padding (always zero).
-    pub _pad: u32,
+    /// When non-zero: offset of a 4-byte field rewritten with a per-CPU sequence number on every
+    /// repetition (each repetition is then a new flow).
+    pub vary_offset: u32,
     /// The frame, from the Ethernet header on; zero after `len`.
     pub bytes: [u8; BENCH_FRAME_MAX],
 }
@@ -94,16 +95,16 @@ impl BenchPrograms {
             .map_err(|source| LoaderError::Map { name, source })
     }
 
-    /// Sets the frame the restoring entry point writes back. Panics if it is longer than
+    /// Sets the frame the restoring entry point writes back (see [`BenchFrame::vary_offset`]). Panics if it is longer than
     /// [`BENCH_FRAME_MAX`] - 1 (the eBPF side masks the length to that).
-    pub fn set_frame(&mut self, frame: &[u8]) -> Result<(), LoaderError> {
+    pub fn set_frame(&mut self, frame: &[u8], vary_offset: u32) -> Result<(), LoaderError> {
         assert!(
             !frame.is_empty() && frame.len() < BENCH_FRAME_MAX,
             "bench frames are 1..{BENCH_FRAME_MAX} bytes"
         );
         let mut value = BenchFrame {
             len: frame.len() as u32,
-            _pad: 0,
+            vary_offset,
             bytes: [0; BENCH_FRAME_MAX],
         };
         value.bytes[..frame.len()].copy_from_slice(frame);

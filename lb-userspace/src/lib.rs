@@ -9,3 +9,4 @@ pub mod loader;
 pub mod logging;
 pub mod maglev;
 pub mod maps;
+pub mod sim;

@@ -73,6 +73,12 @@ pub enum LoaderError {
         /// The largest valid value.
         max: u32,
     },
+    /// A Maglev table the maps cannot take (refused before anything was written).
+    #[error("Maglev table refused: {reason}")]
+    BadTable {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The log ring buffer could not be opened.
     #[error("opening the eBPF log buffer: {0}")]
     Log(#[from] aya_log::Error),
@@ -108,7 +114,7 @@ pub struct Balancer {
 /// Sizes chosen at load time.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
-    /// Entries of the per-CPU connection table, per CPU.
+    /// Entries of the connection table (all CPUs together).
     pub flow_entries: u32,
 }
 

@@ -7,16 +7,24 @@
 //!   table;
 //! - a backend id is written before any table refers to it.
 
-use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray};
 use lb_common::{
+    flow::addr_hash,
     maps as names,
     types::{
         BPF_F_INNER_MAP, Backend, FlowKey, FlowValue, FragKey, FragValue, LbConfig, LocalAddr,
-        MAX_BACKENDS, MAX_VIPS, Stats, VIP_ADDR_F_L4, VIP_ADDR_F_L7, VIP_F_L7, VipKey, VipMeta,
+        MAX_BACKENDS, MAX_VIPS, Stats, VIP_ADDR_F_ANY_PORT, VIP_ADDR_F_L4, VIP_ADDR_F_L7,
+        VIP_BLOOM_BITS, VIP_BLOOM_WORDS, VIP_F_L7, VIP_S_ACTIVE, VipKey, VipMeta, VipState,
     },
 };
 
-use crate::loader::{Balancer, LoaderError};
+use crate::{
+    loader::{Balancer, LoaderError},
+    maglev::{EMPTY_SLOT, is_prime},
+};
+
+/// Largest Maglev table the map layer accepts (a prime near 2^20, 16 times the default).
+pub const MAX_TABLE_SIZE: u32 = 1_048_573;
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> LoaderError {
     move |source| LoaderError::Map { name, source }
@@ -75,6 +83,24 @@ impl Balancer {
                 max: MAX_VIPS - 1,
             });
         }
+        // Validate everything before writing anything: a refused publish changes nothing.
+        let size = table.len() as u32;
+        if table.is_empty() || table.len() > MAX_TABLE_SIZE as usize || !is_prime(size) {
+            return Err(LoaderError::BadTable {
+                reason: format!(
+                    "size {} is not a prime in 2..={MAX_TABLE_SIZE}",
+                    table.len()
+                ),
+            });
+        }
+        if let Some(bad) = table
+            .iter()
+            .find(|&&id| id != EMPTY_SLOT && id >= MAX_BACKENDS)
+        {
+            return Err(LoaderError::BadTable {
+                reason: format!("slot holds backend id {bad}, beyond {}", MAX_BACKENDS - 1),
+            });
+        }
         let current = self.vip(key)?;
         let first = 2 * vip_id;
         let table_index = match current {
@@ -84,7 +110,6 @@ impl Balancer {
 
         // A fresh inner map per publish: nothing else holds it, so filling it is invisible to
         // packets until the outer map points at it.
-        let size = table.len() as u32;
         let mut inner: Array<MapData, u32> =
             Array::create(size, BPF_F_INNER_MAP).map_err(map_err("maglev table"))?;
         for (slot, id) in table.iter().enumerate() {
@@ -97,18 +122,94 @@ impl Balancer {
             ArrayOfMaps::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
         outer.set(table_index, &inner, 0).map_err(map_err(name))?;
 
+        // The same VIP keeps its generation (its established flows stay on the fast path); an id
+        // given to a VIP anew gets the next one, so older flows under that id are stale.
+        let generation = match current {
+            Some(meta) if meta.vip_id == vip_id => meta.generation,
+            _ => self.vip_state(vip_id)?.generation.wrapping_add(1),
+        };
         let meta = VipMeta {
             vip_id,
             flags,
             table_index,
             table_size: size,
+            generation,
+            _pad: 0,
         };
         let name = names::VIPS;
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
         vips.insert(key, meta, 0).map_err(map_err(name))?;
+        self.set_vip_state(
+            vip_id,
+            VipState {
+                flags: flags | VIP_S_ACTIVE,
+                generation,
+            },
+        )?;
+        // The key moved to another id: flows pinned under the old id must not take the fast
+        // path any more.
+        if let Some(old) = current
+            && old.vip_id != vip_id
+        {
+            self.deactivate_vip_id(old.vip_id)?;
+        }
+        // A new port-specific VIP takes that port's traffic from an every-port VIP of the same
+        // address: the latter's pinned flows must go through the full lookup again.
+        if current.is_none() && key.port_be != 0 {
+            let any_port = VipKey { port_be: 0, ..*key };
+            if self.vip(&any_port)?.is_some() {
+                self.bump_generation(&any_port)?;
+            }
+        }
         self.refresh_vip_addr(key)?;
         Ok(meta)
+    }
+
+    /// Gives a VIP a new generation: its pinned flows leave the fast path until the full path
+    /// re-pins them.
+    fn bump_generation(&mut self, key: &VipKey) -> Result<(), LoaderError> {
+        let Some(mut meta) = self.vip(key)? else {
+            return Ok(());
+        };
+        meta.generation = meta.generation.wrapping_add(1);
+        let name = names::VIPS;
+        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
+        vips.insert(key, meta, 0).map_err(map_err(name))?;
+        self.set_vip_state(
+            meta.vip_id,
+            VipState {
+                flags: meta.flags | VIP_S_ACTIVE,
+                generation: meta.generation,
+            },
+        )
+    }
+
+    /// Takes a VIP id off the fast path (its generation is kept, so a later reuse bumps it).
+    fn deactivate_vip_id(&mut self, vip_id: u32) -> Result<(), LoaderError> {
+        let generation = self.vip_state(vip_id)?.generation;
+        self.set_vip_state(
+            vip_id,
+            VipState {
+                flags: 0,
+                generation,
+            },
+        )
+    }
+
+    fn vip_state(&self, vip_id: u32) -> Result<VipState, LoaderError> {
+        let name = names::VIP_STATE;
+        let map: Array<&MapData, VipState> =
+            Array::try_from(self.map_checked(name)?).map_err(map_err(name))?;
+        map.get(&vip_id, 0).map_err(map_err(name))
+    }
+
+    fn set_vip_state(&mut self, vip_id: u32, state: VipState) -> Result<(), LoaderError> {
+        let name = names::VIP_STATE;
+        let mut map: Array<&mut MapData, VipState> =
+            Array::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
+        map.set(vip_id, state, 0).map_err(map_err(name))
     }
 
     /// Rewrites the address-level entry of `key`'s address from every VIP on that address:
@@ -118,14 +219,31 @@ impl Balancer {
         let vips: HashMap<&MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
         let mut flags = 0;
+        let mut bloom = vec![0u64; VIP_BLOOM_WORDS as usize];
         for entry in vips.iter() {
             let (k, meta) = entry.map_err(map_err(name))?;
+            let bit = addr_hash(&k.addr, k.family) % VIP_BLOOM_BITS;
+            bloom[(bit / 64) as usize] |= 1 << (bit % 64);
             if k.addr == key.addr && k.family == key.family {
                 flags |= if meta.flags & VIP_F_L7 != 0 {
                     VIP_ADDR_F_L7
                 } else {
                     VIP_ADDR_F_L4
                 };
+                if k.port_be == 0 {
+                    flags |= VIP_ADDR_F_ANY_PORT;
+                }
+            }
+        }
+        // Set new bits before the address entry appears, clear stale ones after it is gone;
+        // only changed words are written.
+        let name = names::VIP_BLOOM;
+        let mut words: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
+        for (i, want) in bloom.iter().enumerate() {
+            let have = words.get(&(i as u32), 0).map_err(map_err(name))?;
+            if have | want != have {
+                words.set(i as u32, have | want, 0).map_err(map_err(name))?;
             }
         }
         let addr = LocalAddr {
@@ -138,12 +256,22 @@ impl Balancer {
             HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
         if flags == 0 {
             match addrs.remove(&addr) {
-                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-                Err(e) => Err(map_err(name)(e)),
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
             }
         } else {
-            addrs.insert(addr, flags, 0).map_err(map_err(name))
+            addrs.insert(addr, flags, 0).map_err(map_err(name))?;
         }
+        let name = names::VIP_BLOOM;
+        let mut words: Array<&mut MapData, u64> =
+            Array::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
+        for (i, want) in bloom.iter().enumerate() {
+            let have = words.get(&(i as u32), 0).map_err(map_err(name))?;
+            if have != *want {
+                words.set(i as u32, *want, 0).map_err(map_err(name))?;
+            }
+        }
+        Ok(())
     }
 
     /// The live entry of a VIP, if any.
@@ -160,6 +288,11 @@ impl Balancer {
 
     /// Removes a VIP: its packets are passed to the host stack from then on.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<(), LoaderError> {
+        if let Some(meta) = self.vip(key)? {
+            // First take the id off the fast path, so no established flow is forwarded after
+            // the VIP is gone.
+            self.deactivate_vip_id(meta.vip_id)?;
+        }
         let name = names::VIPS;
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
@@ -195,8 +328,8 @@ impl Balancer {
     /// and for an operator's explicit reset, never part of a reconcile.
     pub fn clear_flows(&mut self) -> Result<(), LoaderError> {
         let name = names::FLOWS;
-        let mut map: PerCpuHashMap<&mut MapData, FlowKey, FlowValue> =
-            PerCpuHashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
+        let mut map: HashMap<&mut MapData, FlowKey, FlowValue> =
+            HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
         let keys: Vec<FlowKey> = map.keys().filter_map(Result::ok).collect();
         for key in keys {
             match map.remove(&key) {
@@ -223,16 +356,13 @@ impl Balancer {
         Ok(())
     }
 
-    /// The backend a flow is pinned to in the connection table (on any CPU), if any.
+    /// The backend a flow is pinned to in the connection table, if any.
     pub fn flow_backend(&self, key: &FlowKey) -> Result<Option<u32>, LoaderError> {
         let name = names::FLOWS;
-        let map: PerCpuHashMap<&MapData, FlowKey, FlowValue> =
-            PerCpuHashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
+        let map: HashMap<&MapData, FlowKey, FlowValue> =
+            HashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
         match map.get(key, 0) {
-            Ok(values) => Ok(values
-                .iter()
-                .find(|v| **v != FlowValue::default())
-                .map(|v| v.backend_id)),
+            Ok(value) => Ok(Some(value.backend_id)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(name)(e)),
         }

@@ -282,8 +282,8 @@ pub fn run_all<W>(
             case.name
         );
     }
-    // The connection table is per CPU and BPF_PROG_TEST_RUN runs on the caller's CPU: a case
-    // whose set-up packet ran on another CPU would miss its own flow.
+    // BPF_PROG_TEST_RUN runs on the caller's CPU; staying on one keeps per-CPU state (LRU
+    // lists, scratch, counters) in one place, so cases behave the same run after run.
     pin_to_current_cpu();
     let mut balancer = Balancer::load_with(LoadOptions {
         flow_entries: FIXTURE_FLOW_ENTRIES,

@@ -4,6 +4,7 @@
 
 pub mod fixture;
 pub mod frames;
+pub mod r#gen;
 pub mod netns;
 pub mod render;
 pub mod world;

@@ -1213,3 +1213,25 @@ fn icmp_errors_create_no_state_and_vip_addresses_follow_vips() {
     b.remove_vip(&V_UDP.key).unwrap();
     assert_eq!(send(&b, &frames::icmp4_echo(VIP)).0, XdpAction::Pass);
 }
+
+/// A table the maps cannot take (not prime, empty, naming a backend id out of range) is refused
+/// before anything is written: the VIP keeps its live table and traffic is unchanged.
+#[test]
+fn a_refused_table_changes_nothing() {
+    let mut b = Balancer::load().expect("load");
+    let _world = world::install(&mut b);
+    let before = b.vip(&V_TCP.key).unwrap();
+    for bad in [
+        vec![B2.id; 250],
+        Vec::new(),
+        vec![B2.id; 65536],
+        vec![lb_common::types::MAX_BACKENDS; 251],
+    ] {
+        let err = b.publish_vip(&V_TCP.key, V_TCP.id, 0, &bad);
+        assert!(err.is_err(), "a table of {} slots was accepted", bad.len());
+        assert_eq!(b.vip(&V_TCP.key).unwrap(), before);
+    }
+    let f = frames::tcp4(VIP, 43000, 80, true, b"");
+    let key = world::key_v4(VIP, 43000, 80, proto::TCP);
+    assert_eq!(send(&b, &f).1, world::encapsulated(&f, 0, &key, &B1));
+}

@@ -133,6 +133,8 @@ const STEPS: &[Step] = &[
                 "fixtures",
                 "--test",
                 "decap",
+                "--test",
+                "differential",
             ]);
             c
         },

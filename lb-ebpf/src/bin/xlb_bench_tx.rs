@@ -34,8 +34,9 @@ const FRAME_MAX: usize = 2048;
 pub struct BenchFrame {
     /// Length of the frame in `bytes`.
     pub len: u32,
-    /// Explicit padding (always zero).
-    pub _pad: u32,
+    /// When non-zero: the offset of a 4-byte field (the client's IPv4 source address) that
+    /// gets a fresh value on every repetition, so each repetition is a new flow.
+    pub vary_offset: u32,
     /// The frame, from the Ethernet header on.
     pub bytes: [u8; FRAME_MAX],
 }
@@ -52,6 +53,10 @@ pub static XLB_BENCH_JUMP: ProgramArray<1> = ProgramArray::new();
 /// the veth rather than failing at the redirect (a cheaper path than the one being measured).
 #[btf_map]
 pub static XLB_BENCH_SEEN: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Sequence for `BenchFrame::vary_offset`.
+#[btf_map]
+pub static XLB_BENCH_SEQ: PerCpuArray<u32, 1> = PerCpuArray::new();
 
 /// Entry point of every measured run: writes the original frame back over whatever a previous
 /// repetition left in this recycled page, then tail-calls the program under test.
@@ -73,6 +78,25 @@ pub fn xlb_bench_restore(ctx: XdpContext) -> u32 {
     let rc = unsafe { bpf_xdp_store_bytes(ctx.ctx, 0, frame.bytes.as_ptr() as *mut _, len) };
     if rc != 0 {
         return xdp_action::XDP_ABORTED;
+    }
+    if frame.vary_offset != 0 {
+        // A per-CPU sequence number as the varied field: every repetition is a flow the
+        // connection table has not seen (until the sequence wraps).
+        let Some(seq) = XLB_BENCH_SEQ.get_ptr_mut(0) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // SAFETY: this CPU's slot of a per-CPU array.
+        let value = unsafe {
+            *seq = (*seq).wrapping_add(1);
+            *seq
+        };
+        let bytes = value.to_be_bytes();
+        let off = frame.vary_offset & 0x3ff;
+        // SAFETY: the helper bounds-checks the write against the packet.
+        let rc = unsafe { bpf_xdp_store_bytes(ctx.ctx, off, bytes.as_ptr() as *mut _, 4) };
+        if rc != 0 {
+            return xdp_action::XDP_ABORTED;
+        }
     }
     // SAFETY: a tail call never returns on success; on failure (empty slot) we fall through.
     unsafe { XLB_BENCH_JUMP.tail_call(&ctx, 0) };

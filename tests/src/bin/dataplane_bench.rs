@@ -137,6 +137,10 @@ struct Class {
     verdict: Verdict,
     /// The counter that must grow by exactly one per repetition: proves the path taken.
     path: Counter,
+    /// Rewrite the client's IPv4 source address on every repetition, so each one is a new
+    /// flow (a connection-table insert, as for real new connections) rather than the same
+    /// tuple again.
+    new_flow_each_time: bool,
 }
 
 fn classes() -> Vec<Class> {
@@ -153,6 +157,7 @@ fn classes() -> Vec<Class> {
             prime: None,
             verdict: Verdict::Tx,
             path: Counter::CtMiss,
+            new_flow_each_time: true,
         },
         Class {
             name: "established TCP (ACK)",
@@ -160,6 +165,7 @@ fn classes() -> Vec<Class> {
             prime: Some(syn4(41_001)),
             verdict: Verdict::Tx,
             path: Counter::CtHit,
+            new_flow_each_time: false,
         },
         Class {
             name: "UDP",
@@ -167,6 +173,7 @@ fn classes() -> Vec<Class> {
             prime: Some(frames::udp4(VIP_V4, 41_002, 53, b"bench payload")),
             verdict: Verdict::Tx,
             path: Counter::CtHit,
+            new_flow_each_time: false,
         },
         Class {
             name: "IPv6 TCP (ACK)",
@@ -174,6 +181,7 @@ fn classes() -> Vec<Class> {
             prime: Some(frames::tcp6(VIP_V6, 41_003, 80, true, b"")),
             verdict: Verdict::Tx,
             path: Counter::CtHit,
+            new_flow_each_time: false,
         },
         Class {
             name: "ICMP too-big",
@@ -181,6 +189,7 @@ fn classes() -> Vec<Class> {
             prime: Some(syn4(41_004)),
             verdict: Verdict::Tx,
             path: Counter::IcmpTooBigSent,
+            new_flow_each_time: false,
         },
         Class {
             name: "non-VIP pass",
@@ -188,6 +197,7 @@ fn classes() -> Vec<Class> {
             prime: None,
             verdict: Verdict::Pass,
             path: Counter::PassNotVip,
+            new_flow_each_time: false,
         },
     ]
 }
@@ -506,7 +516,13 @@ fn measure_class(
             class.verdict
         );
     }
-    bench.set_frame(&class.frame).context("bench frame")?;
+    // The IPv4 source address of an untagged frame.
+    let vary = if class.new_flow_each_time {
+        (L3 + 12) as u32
+    } else {
+        0
+    };
+    bench.set_frame(&class.frame, vary).context("bench frame")?;
     let xlb_fd = program
         .fd()
         .context("balancer program fd")?
