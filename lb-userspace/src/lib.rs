@@ -4,9 +4,13 @@
 //! The `xlb` binary is a thin shell over this crate; tests use the same loader the agent uses.
 
 pub mod bench;
+pub mod config;
 pub mod counters;
+pub mod desired;
+pub mod host;
 pub mod loader;
 pub mod logging;
 pub mod maglev;
 pub mod maps;
+pub mod reconcile;
 pub mod sim;

@@ -178,3 +178,34 @@ fn run_ok(cmd: &mut Command) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs `f` on a thread that has entered `ns`'s network namespace (sockets it opens live
+/// there), and returns its result.
+pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        enter(&path);
+        f()
+    })
+    .join()
+    .expect("thread in namespace panicked")
+}
+
+/// Starts `f` on a thread inside `ns` without waiting for it.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = format!("/var/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        enter(&path);
+        f()
+    })
+}
+
+fn enter(path: &str) {
+    let file = File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: setns on an fd we own; affects only the calling thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}

@@ -9,9 +9,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+};
+
 use xlb_tests::{
     frames,
-    netns::{Netns, sweep_stale, veth_pair},
+    netns::{Netns, in_netns, spawn_in_netns, sweep_stale, veth_pair},
 };
 
 /// The `xlb` binary under test: `$XLB_BIN`, else the workspace's debug build.
@@ -280,4 +285,185 @@ fn namespaces_are_removed_when_guards_drop() {
         !String::from_utf8_lossy(&list.stdout).contains(&name),
         "namespace {name} survived its guard"
     );
+}
+
+/// Writes a file the test removes on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str, contents: &str) -> TempFile {
+        let path = std::env::temp_dir().join(format!("xlbt-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).expect("writing a temp file");
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Real TCP through the real data path: client -> router -> xlb host (XDP encapsulates and
+/// sends back to the router) -> router -> backend (xlb decap strips the tunnel, the VIP on
+/// loopback answers) -> reply straight to the client. The agent is configured from a file.
+#[test]
+fn tcp_through_the_balancer_and_decap_reaches_the_backend_and_replies_directly() {
+    sweep_stale();
+    let client = Netns::create("client");
+    let router = Netns::create("router");
+    let lb = Netns::create("lb");
+    let backend = Netns::create("backend");
+    veth_pair(&client, "eth0", &router, "c0");
+    veth_pair(&lb, "eth0", &router, "l0");
+    veth_pair(&backend, "eth0", &router, "b0");
+    client.run(&["ip", "addr", "add", "10.99.1.2/24", "dev", "eth0"]);
+    client.run(&["ip", "route", "add", "default", "via", "10.99.1.1"]);
+    router.run(&["ip", "addr", "add", "10.99.1.1/24", "dev", "c0"]);
+    router.run(&["ip", "addr", "add", "10.99.2.1/24", "dev", "l0"]);
+    router.run(&["ip", "addr", "add", "10.99.3.1/24", "dev", "b0"]);
+    router.run(&["ip", "route", "add", "203.0.113.10/32", "via", "10.99.2.2"]);
+    lb.run(&["ip", "addr", "add", "10.99.2.2/24", "dev", "eth0"]);
+    lb.run(&["ip", "route", "add", "default", "via", "10.99.2.1"]);
+    backend.run(&["ip", "addr", "add", "10.99.3.2/24", "dev", "eth0"]);
+    backend.run(&["ip", "route", "add", "default", "via", "10.99.3.1"]);
+    backend.run(&["ip", "addr", "add", "203.0.113.10/32", "dev", "lo"]);
+    for ns in [&router, &backend] {
+        ns.run(&[
+            "sh",
+            "-c",
+            "echo 1 > /proc/sys/net/ipv4/ip_forward; \
+             for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done",
+        ]);
+    }
+    // The lb host learns its router's MAC (next_hop_mac = "auto" reads the neighbour table).
+    lb.run(&["ping", "-c", "1", "-W", "2", "10.99.2.1"]);
+
+    // Frames sent with XDP_TX into a veth are delivered only if the peer has an XDP program:
+    // the router's side gets the balancer with no VIPs, which passes everything.
+    let mut router_xdp = Agent::start(
+        &router,
+        &["agent", "--interface", "l0", "--xdp-mode", "native"],
+    );
+    router_xdp.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    let mut decap = Agent::start(
+        &backend,
+        &[
+            "decap",
+            "--interface",
+            "eth0",
+            "--address",
+            "10.99.3.2",
+            "--xdp-mode",
+            "native",
+        ],
+    );
+    decap.wait_for("xlb_decap attached", Duration::from_secs(20));
+
+    let config = TempFile::new(
+        "xlb.toml",
+        r#"
+[agent]
+interface = "eth0"
+xdp_mode = "native"
+next_hop_mac = "auto"
+encap_source_v4 = "10.99.2.2/32"
+egress_mtu = 1500
+
+[[vip]]
+name = "web"
+address = "203.0.113.10"
+port = 80
+protocol = "tcp"
+
+[[vip.backend]]
+address = "10.99.3.2"
+"#,
+    );
+    let mut agent = Agent::start(&lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    agent.wait_for("configuration applied", Duration::from_secs(20));
+    agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+
+    // A real TCP server on the VIP in the backend host, a real client in the client host.
+    const CONNECTIONS: usize = 20;
+    let listener = in_netns(&backend, || {
+        TcpListener::bind("203.0.113.10:80").expect("bind the VIP on the backend")
+    });
+    let server = std::thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            let (mut s, peer) = listener.accept().expect("accept");
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).expect("read request");
+            let reply = format!(
+                "backend saw {peer} say {}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+            s.write_all(reply.as_bytes()).expect("reply");
+        }
+    });
+    let replies = spawn_in_netns(&client, || {
+        let vip: SocketAddr = "203.0.113.10:80".parse().unwrap();
+        (0..CONNECTIONS)
+            .map(|i| {
+                let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5))
+                    .unwrap_or_else(|e| panic!("connection {i} to the VIP failed: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.write_all(format!("hello {i}").as_bytes()).unwrap();
+                let mut out = String::new();
+                s.read_to_string(&mut out).unwrap();
+                out
+            })
+            .collect::<Vec<String>>()
+    })
+    .join()
+    .expect("client");
+    server.join().expect("server");
+    for (i, r) in replies.iter().enumerate() {
+        assert!(
+            r.starts_with("backend saw 10.99.1.2:") && r.ends_with(&format!("hello {i}")),
+            "reply {i}: {r:?}"
+        );
+    }
+
+    assert!(agent.terminate().success());
+    let totals = agent.wait_for("stopping; detaching", Duration::from_secs(5));
+    assert!(
+        counter(&totals, "fwd_encap_v4") >= 3 * CONNECTIONS as u64,
+        "{totals}"
+    );
+    assert!(
+        counter(&totals, "ct_miss") >= CONNECTIONS as u64,
+        "{totals}"
+    );
+    assert!(counter(&totals, "ct_hit") >= CONNECTIONS as u64, "{totals}");
+    assert!(decap.terminate().success());
+    let dtotals = decap.wait_for("stopping; detaching", Duration::from_secs(5));
+    assert!(
+        counter(&dtotals, "decap_v4") >= 3 * CONNECTIONS as u64,
+        "{dtotals}"
+    );
+    assert!(router_xdp.terminate().success());
+}
+
+/// A configuration with errors is refused at start, naming file, line and key.
+#[test]
+fn the_agent_refuses_an_invalid_configuration() {
+    sweep_stale();
+    let hosts = two_hosts();
+    let config = TempFile::new(
+        "bad.toml",
+        "[agent]\ninterface = \"eth0\"\negress_mtu = 100\n",
+    );
+    let out = hosts
+        .lb
+        .command(xlb_bin().to_str().unwrap())
+        .args(["agent", "--config", config.0.to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run xlb");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(":3: agent.egress_mtu"), "{stderr}");
+    let link = hosts.lb.run(&["ip", "link", "show", "dev", "eth0"]);
+    assert!(!link.contains("xdp"), "nothing may be attached: {link}");
 }

@@ -135,6 +135,8 @@ const STEPS: &[Step] = &[
                 "decap",
                 "--test",
                 "differential",
+                "--test",
+                "reconcile",
             ]);
             c
         },

@@ -1,6 +1,7 @@
 //! `xlb`: the agent and its command-line interface, one binary.
 
 mod agent;
+mod check;
 mod decap;
 
 use std::process::ExitCode;
@@ -22,6 +23,9 @@ enum Commands {
     /// Attach the backend-side decapsulator: strips the balancer's IPIP / IPv6-in-IP headers
     /// addressed to this host and hands the inner packet to the stack. Runs until SIGTERM.
     Decap(decap::DecapArgs),
+    /// Validate a configuration file without touching the system: prints every error (exit 2)
+    /// or a one-line summary (exit 0); exit 1 if the file cannot be read.
+    Check(check::CheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Commands::Agent(args) => agent::run(args),
         Commands::Decap(args) => decap::run(args),
+        Commands::Check(args) => check::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,3272 @@
+//! The agent's configuration file, `xlb.toml`: its schema as typed data, and [`parse`], which
+//! validates a whole file and reports every mistake in it at once, each with file, line and key.
+//!
+//! Pure logic: [`parse`] reads no file and touches nothing on the system; [`load`] is the one
+//! function here that does I/O. A [`Config`] holds validated, typed values (addresses, ports,
+//! enums, durations), so nothing downstream parses a string again.
+//!
+//! The file is walked over `toml`'s spanned document tree rather than deserialized with serde
+//! derive, because serde stops at the first error and an operator fixing a file wants all of
+//! them. The schema keeps serde's `default, deny_unknown_fields` discipline by hand: each table
+//! lists its allowed keys once (`*_KEYS`), and every default is a `DEFAULT_*` constant below.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::maglev;
+
+// ---------------------------------------------------------------------------------------------
+// Defaults and limits
+// ---------------------------------------------------------------------------------------------
+
+/// Default of `agent.egress_mtu`, in bytes.
+pub const DEFAULT_EGRESS_MTU: u16 = 1500;
+/// Valid `agent.egress_mtu`, in bytes: IPv6's minimum link MTU up to common jumbo frames.
+pub const EGRESS_MTU_RANGE: RangeInclusive<u16> = 1280..=9216;
+/// Default of `agent.admin_socket`.
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/xlb/admin.sock";
+/// Default of `agent.metrics_listen`.
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9641";
+/// Default of `agent.state_dir`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/xlb";
+/// Default of `agent.bpffs_dir`.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/xlb";
+/// Default of `agent.flow_table_entries`: the connection table the loader creates by default.
+pub const DEFAULT_FLOW_TABLE_ENTRIES: u32 = lb_common::types::DEFAULT_FLOW_ENTRIES;
+/// Valid `agent.flow_table_entries`.
+pub const FLOW_TABLE_ENTRIES_RANGE: RangeInclusive<u32> = 1024..=16_777_216;
+/// Default of `vip.table_size`, in slots.
+pub const DEFAULT_TABLE_SIZE: u32 = maglev::DEFAULT_TABLE_SIZE;
+/// Largest valid `vip.table_size`: the largest prime below 2^20 (4 MiB of map memory per table).
+pub const MAX_TABLE_SIZE: u32 = 1_048_573;
+/// Default of `vip.backend.weight`.
+pub const DEFAULT_WEIGHT: u16 = 100;
+/// Default of `vip.backend.region`.
+pub const DEFAULT_REGION: &str = "local";
+/// Default of `health_check.interval_ms`, in milliseconds.
+pub const DEFAULT_CHECK_INTERVAL_MS: u32 = 2000;
+/// Valid `health_check.interval_ms`, in milliseconds (100 ms to one hour).
+pub const CHECK_INTERVAL_MS_RANGE: RangeInclusive<u32> = 100..=3_600_000;
+/// Default of `health_check.timeout_ms`, in milliseconds.
+pub const DEFAULT_CHECK_TIMEOUT_MS: u32 = 1000;
+/// Default of `health_check.rise`, in consecutive passed checks.
+pub const DEFAULT_RISE: u8 = 2;
+/// Default of `health_check.fall`, in consecutive failed checks.
+pub const DEFAULT_FALL: u8 = 3;
+/// Valid `health_check.rise` and `health_check.fall`.
+pub const RISE_FALL_RANGE: RangeInclusive<u8> = 1..=100;
+/// Default of `health_check.path`.
+pub const DEFAULT_HTTP_PATH: &str = "/";
+/// Default of `health_check.expected_status`.
+pub const DEFAULT_EXPECTED_STATUS: u16 = 200;
+/// Default of `health_check.panic_threshold`, as a share of the pool.
+pub const DEFAULT_PANIC_THRESHOLD: f64 = 0.5;
+
+/// Longest unix socket path the kernel accepts (`sun_path` holds 108 bytes with the NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// Longest Linux interface name (`IFNAMSIZ` less the NUL).
+const MAX_INTERFACE_NAME: usize = 15;
+
+const ROOT_KEYS: &[&str] = &["agent", "vip"];
+const AGENT_KEYS: &[&str] = &[
+    "interface",
+    "xdp_mode",
+    "next_hop_mac",
+    "encap_source_v4",
+    "encap_source_v6",
+    "egress_mtu",
+    "admin_socket",
+    "metrics_listen",
+    "state_dir",
+    "bpffs_dir",
+    "flow_table_entries",
+];
+const VIP_KEYS: &[&str] = &[
+    "name",
+    "address",
+    "port",
+    "protocol",
+    "mode",
+    "table_size",
+    "health_check",
+    "regions",
+    "backend",
+];
+const BACKEND_KEYS: &[&str] = &["address", "weight", "region", "mac", "health_check"];
+const CHECK_KEYS: &[&str] = &[
+    "type",
+    "port",
+    "interval_ms",
+    "timeout_ms",
+    "rise",
+    "fall",
+    "path",
+    "expected_status",
+    "send",
+    "expect",
+    "panic_threshold",
+];
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration
+// ---------------------------------------------------------------------------------------------
+
+/// A validated `xlb.toml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The `[agent]` table: host-wide settings.
+    pub agent: Agent,
+    /// The `[[vip]]` tables, in file order. Default: none.
+    pub vips: Vec<Vip>,
+}
+
+impl Config {
+    /// Number of backends over all VIPs.
+    pub fn backend_count(&self) -> usize {
+        self.vips.iter().map(|vip| vip.backends.len()).sum()
+    }
+}
+
+/// The `[agent]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    /// `interface`: the network interface the balancer attaches to, e.g. `"eth0"`. Required.
+    pub interface: String,
+    /// `xdp_mode`: how the XDP program is attached. Default `"auto"`.
+    pub xdp_mode: XdpMode,
+    /// `next_hop_mac`: the MAC address forwarded frames are sent to (the router), or `"auto"` to
+    /// resolve it from the host's default route. Default `"auto"`.
+    pub next_hop_mac: NextHopMac,
+    /// `encap_source_v4`: the outer IPv4 source of IPIP packets; with a prefix the host bits
+    /// vary per flow so backend NICs can spread the load. Default: none; required when a
+    /// `dsr-ipip` VIP has an IPv4 backend.
+    pub encap_source_v4: Option<Ipv4Prefix>,
+    /// `encap_source_v6`: the outer IPv6 source of IPv6-in-IP packets (prefix length at least
+    /// /96: only the low 32 bits vary per flow). Default: none; required when a `dsr-ipip` VIP
+    /// has an IPv6 backend.
+    pub encap_source_v6: Option<Ipv6Prefix>,
+    /// `egress_mtu`: the largest IP packet, in bytes and outer header included, that the egress
+    /// link carries; bigger ones get an ICMP too-big reply. Default 1500; valid 1280..=9216.
+    pub egress_mtu: u16,
+    /// `admin_socket`: the unix socket of the admin API (absolute path, at most 107 bytes).
+    /// Default `"/run/xlb/admin.sock"`.
+    pub admin_socket: PathBuf,
+    /// `metrics_listen`: the address and port the Prometheus endpoint listens on.
+    /// Default `"127.0.0.1:9641"`.
+    pub metrics_listen: SocketAddr,
+    /// `state_dir`: where run-time changes are kept across restarts (absolute path).
+    /// Default `"/var/lib/xlb"`.
+    pub state_dir: PathBuf,
+    /// `bpffs_dir`: where maps and the XDP link are pinned for hitless restarts (absolute path
+    /// on a bpffs mount). Default `"/sys/fs/bpf/xlb"`.
+    pub bpffs_dir: PathBuf,
+    /// `flow_table_entries`: connection-table entries over all CPUs (about 100 bytes of kernel
+    /// memory each). Default 1048576; valid 1024..=16777216.
+    pub flow_table_entries: u32,
+}
+
+/// How the XDP program is attached (`agent.xdp_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XdpMode {
+    /// `"auto"`: native, falling back to generic with a warning when the driver refuses.
+    #[default]
+    Auto,
+    /// `"native"`: driver mode only.
+    Native,
+    /// `"generic"`: skb mode, which works on every device at a fraction of native speed.
+    Generic,
+}
+
+impl fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        })
+    }
+}
+
+/// Where forwarded frames go (`agent.next_hop_mac`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NextHopMac {
+    /// `"auto"`: the MAC of the default route's gateway, resolved at start.
+    #[default]
+    Auto,
+    /// A fixed MAC address.
+    Fixed(MacAddr),
+}
+
+/// An Ethernet (EUI-48) unicast address, written `aa:bb:cc:dd:ee:ff` in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// An IPv4 address with a prefix length (32 for a single address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv4Prefix {
+    /// The network address (host bits zero).
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0..=32.
+    pub len: u8,
+}
+
+impl fmt::Display for Ipv4Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// An IPv6 address with a prefix length (128 for a single address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ipv6Prefix {
+    /// The network address (host bits zero).
+    pub addr: Ipv6Addr,
+    /// Prefix length, 96..=128.
+    pub len: u8,
+}
+
+impl fmt::Display for Ipv6Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// One `[[vip]]` table: a virtual IP service and its backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vip {
+    /// `name`: unique among VIPs, lowercase letters, digits, `_` and `-`. Required.
+    pub name: String,
+    /// `address`: the virtual IP, IPv4 or IPv6. Required.
+    pub address: IpAddr,
+    /// `port`: destination port, 0..=65535; 0 means every port. Required.
+    pub port: u16,
+    /// `protocol`: `"tcp"` or `"udp"`. Required.
+    pub protocol: Protocol,
+    /// `mode`: how traffic reaches the backends. Default `"dsr-ipip"`.
+    pub mode: VipMode,
+    /// `table_size`: slots of the VIP's Maglev table; a prime, at most 1048573 and at least the
+    /// number of backends with weight > 0. Default 65537.
+    pub table_size: u32,
+    /// `health_check`: how backends are checked. Default: none (every backend counts as up).
+    pub health_check: Option<HealthCheck>,
+    /// `health_check.panic_threshold`: the share of the pool (0.0..=1.0) that must be healthy;
+    /// below it the VIP keeps sending to every backend rather than overloading the few that
+    /// pass. Default 0.5.
+    pub panic_threshold: f64,
+    /// `regions`: region names in priority order (the first is the primary). Default: none, and
+    /// then backends' regions are not checked.
+    pub regions: Vec<String>,
+    /// The `[[vip.backend]]` tables, in file order. Default: none.
+    pub backends: Vec<Backend>,
+}
+
+/// A VIP's transport protocol (`vip.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// `"tcp"`.
+    Tcp,
+    /// `"udp"`.
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::types::proto::TCP,
+            Protocol::Udp => lb_common::types::proto::UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// How a VIP's traffic reaches its backends (`vip.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VipMode {
+    /// `"dsr-ipip"`: encapsulated (IPIP / IPv6-in-IP) to the backend, which replies directly.
+    #[default]
+    DsrIpip,
+    /// `"dsr-l2"`: only the destination MAC is rewritten; backends share the balancer's L2
+    /// segment and the VIP's address family.
+    DsrL2,
+    /// `"l7"`: passed to the host stack, where the agent's HTTP gateway serves it.
+    L7,
+}
+
+impl VipMode {
+    /// Whether packets are encapsulated, so an outer source address is needed.
+    pub fn encapsulates(self) -> bool {
+        self == VipMode::DsrIpip
+    }
+}
+
+impl fmt::Display for VipMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VipMode::DsrIpip => "dsr-ipip",
+            VipMode::DsrL2 => "dsr-l2",
+            VipMode::L7 => "l7",
+        })
+    }
+}
+
+/// One `[[vip.backend]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// `address`: the backend's IP address. Required; unique within its VIP.
+    pub address: IpAddr,
+    /// `weight`: relative share of new flows, 0..=65535; 0 drains the backend (no new flows,
+    /// established ones continue). Default 100.
+    pub weight: u16,
+    /// `region`: the region the backend belongs to. Default `"local"`.
+    pub region: String,
+    /// `mac`: the backend's MAC, for `dsr-l2` VIPs only. Default: none (resolved from the
+    /// neighbour table).
+    pub mac: Option<MacAddr>,
+    /// The check that applies to this backend: the backend's `health_check` table merged over
+    /// the VIP's (its keys replace the VIP's), or the VIP's check as is. `None` when neither
+    /// exists.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A resolved health check (`health_check` table), with every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `type` and its type-specific keys. Required.
+    pub probe: Probe,
+    /// `port`: the port checked, 1..=65535. Default: the VIP's port; required when that is 0.
+    pub port: u16,
+    /// `interval_ms`: time between checks. Default 2000 ms; valid 100..=3600000 ms.
+    pub interval: Duration,
+    /// `timeout_ms`: how long one check may take; must be below the interval. Default 1000 ms.
+    pub timeout: Duration,
+    /// `rise`: consecutive passed checks that bring a backend up. Default 2; valid 1..=100.
+    pub rise: u8,
+    /// `fall`: consecutive failed checks that take a backend down. Default 3; valid 1..=100.
+    pub fall: u8,
+}
+
+/// What a health check does (`health_check.type`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// `"tcp"`: a TCP connect succeeds.
+    Tcp,
+    /// `"http"`: an HTTP GET returns the expected status.
+    Http(HttpProbe),
+    /// `"https"`: as `http`, over TLS.
+    Https(HttpProbe),
+    /// `"udp"`: a datagram is answered with the expected reply.
+    Udp(UdpProbe),
+}
+
+/// The keys of an `http` or `https` check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpProbe {
+    /// `path`: the request path. Default `"/"`.
+    pub path: String,
+    /// `expected_status`: the status that counts as healthy, 100..=599. Default 200.
+    pub expected_status: u16,
+}
+
+/// The keys of a `udp` check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpProbe {
+    /// `send`: the payload of the request datagram (non-empty). Required.
+    pub send: String,
+    /// `expect`: text the reply must contain (empty: any reply). Required.
+    pub expect: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+/// What kind of mistake a [`ConfigError`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConfigErrorKind {
+    /// The file could not be read (the only kind without a line).
+    Io,
+    /// Not valid TOML, or not UTF-8.
+    Syntax,
+    /// A key the table does not have.
+    UnknownKey,
+    /// A required key or table is absent.
+    MissingKey,
+    /// A value of the wrong TOML type (a string where a number belongs, ...).
+    WrongType,
+    /// A number outside its valid range.
+    OutOfRange,
+    /// A malformed or unusable value: an address, MAC, name, path or choice.
+    InvalidValue,
+    /// Something that must be unique is not.
+    Duplicate,
+    /// Values that are valid alone but not together.
+    Conflict,
+}
+
+/// One mistake in a configuration file.
+///
+/// Displays as `FILE:LINE: KEY: MESSAGE` (syntax errors add the column, and the key is left
+/// out where there is none), e.g.
+/// `xlb.toml:14: vip[1].backend[0].weight: 70000 is out of range; expected 0..=65535`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file name, as given to [`parse`] or [`load`].
+    pub file: String,
+    /// 1-based line of the offending key, value or table header; `None` when the file could
+    /// not be read.
+    pub line: Option<usize>,
+    /// 1-based column (in characters), for syntax errors only.
+    pub column: Option<usize>,
+    /// The key path, e.g. `vip[1].backend[0].weight` (0-based indices); empty for syntax and
+    /// read errors.
+    pub key: String,
+    /// What kind of mistake this is.
+    pub kind: ConfigErrorKind,
+    /// What is wrong and what would be valid.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        f.write_str(": ")?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every mistake found in one file, in file order; never empty. Displays one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors {
+    errors: Vec<ConfigError>,
+}
+
+impl ConfigErrors {
+    /// The errors, in file order.
+    pub fn errors(&self) -> &[ConfigError] {
+        &self.errors
+    }
+
+    /// Number of errors (at least one).
+    pub fn len(&self) -> usize {
+        self.errors.len()
+    }
+
+    /// Always false: there is at least one error. (Here for clippy's `len_without_is_empty`.)
+    pub fn is_empty(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// Whether the file could not be read at all (as opposed to read and found invalid).
+    pub fn is_unreadable(&self) -> bool {
+        self.errors.iter().any(|e| e.kind == ConfigErrorKind::Io)
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.errors.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl IntoIterator for ConfigErrors {
+    type Item = ConfigError;
+    type IntoIter = std::vec::IntoIter<ConfigError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.errors.into_iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a ConfigErrors {
+    type Item = &'a ConfigError;
+    type IntoIter = std::slice::Iter<'a, ConfigError>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.errors.iter()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+/// Parses and validates the text of a configuration file. `file_name` is only used in messages.
+///
+/// Pure: reads no file, resolves no name, touches nothing on the system.
+///
+/// # Errors
+///
+/// [`ConfigErrors`] with every mistake found: syntax errors alone if the text is not valid
+/// TOML (the rest cannot be read reliably then), otherwise every schema and consistency error.
+pub fn parse(file_name: &str, text: &str) -> Result<Config, ConfigErrors> {
+    let mut cx = Ctx::new(file_name, text);
+    let (root, syntax_errors) = DeTable::parse_recoverable(text);
+    if !syntax_errors.is_empty() {
+        for error in syntax_errors {
+            let offset = error.span().map_or(0, |span| span.start);
+            cx.push(ConfigError {
+                file: file_name.to_owned(),
+                line: Some(cx.line_of(offset)),
+                column: Some(cx.column_of(offset)),
+                key: String::new(),
+                kind: ConfigErrorKind::Syntax,
+                message: format!("invalid TOML: {}", error.message()),
+            });
+        }
+        return Err(cx.finish());
+    }
+    let root = TableRef {
+        path: String::new(),
+        span: 0..0,
+        entries: root.get_ref(),
+    };
+    let config = read_config(&mut cx, &root);
+    match config {
+        Some(config) if cx.errors.is_empty() => Ok(config),
+        _ => {
+            if cx.errors.is_empty() {
+                // Unreachable by construction: every `None` above follows a reported error.
+                cx.report(
+                    ConfigErrorKind::InvalidValue,
+                    &(0..0),
+                    "",
+                    "internal error: the configuration was rejected without a reason; please \
+                     report this",
+                );
+            }
+            Err(cx.finish())
+        }
+    }
+}
+
+/// Reads and validates a configuration file. Messages name the file as `path` displays.
+///
+/// # Errors
+///
+/// [`ConfigErrors`]: one [`ConfigErrorKind::Io`] error if the file cannot be read (then
+/// [`ConfigErrors::is_unreadable`] is true), otherwise as [`parse`].
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let file_name = path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|err| ConfigErrors {
+        errors: vec![ConfigError {
+            file: file_name.clone(),
+            line: None,
+            column: None,
+            key: String::new(),
+            kind: ConfigErrorKind::Io,
+            message: format!("cannot be read: {err}"),
+        }],
+    })?;
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(err) => {
+            let valid = &err.as_bytes()[..err.utf8_error().valid_up_to()];
+            // The prefix before the bad byte is valid UTF-8, so it gives the line and column.
+            let prefix = String::from_utf8_lossy(valid);
+            let cx = Ctx::new(&file_name, &prefix);
+            return Err(ConfigErrors {
+                errors: vec![ConfigError {
+                    file: file_name.clone(),
+                    line: Some(cx.line_of(prefix.len())),
+                    column: Some(cx.column_of(prefix.len())),
+                    key: String::new(),
+                    kind: ConfigErrorKind::Syntax,
+                    message: "the file is not UTF-8 text; TOML files must be UTF-8".to_owned(),
+                }],
+            });
+        }
+    };
+    parse(&file_name, &text)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The walker: spans, key paths and error collection
+// ---------------------------------------------------------------------------------------------
+
+/// The state of one parse: the text (for line numbers) and the errors found so far.
+struct Ctx<'a> {
+    file: &'a str,
+    text: &'a str,
+    line_starts: Vec<usize>,
+    errors: Vec<ConfigError>,
+}
+
+/// A value that passed its own checks, with where it was written.
+#[derive(Debug, Clone)]
+struct Loc<T> {
+    value: T,
+    span: Range<usize>,
+    key: String,
+}
+
+/// An optional key as read: absent, present but invalid (already reported), or valid.
+#[derive(Debug, Clone)]
+enum Field<T> {
+    Absent,
+    Invalid,
+    Valid(Loc<T>),
+}
+
+impl<T> Field<T> {
+    fn loc(&self) -> Option<&Loc<T>> {
+        match self {
+            Field::Valid(loc) => Some(loc),
+            _ => None,
+        }
+    }
+
+    fn value(&self) -> Option<&T> {
+        self.loc().map(|loc| &loc.value)
+    }
+
+    fn is_absent(&self) -> bool {
+        matches!(self, Field::Absent)
+    }
+}
+
+impl<T: Clone> Field<T> {
+    /// The value, or `default` when the key is absent; `None` when it was invalid.
+    fn or(&self, default: T) -> Option<T> {
+        match self {
+            Field::Absent => Some(default),
+            Field::Invalid => None,
+            Field::Valid(loc) => Some(loc.value.clone()),
+        }
+    }
+}
+
+/// Whether a key must be present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Optional,
+    Required,
+}
+
+/// Why a string value was rejected.
+struct Bad {
+    kind: ConfigErrorKind,
+    message: String,
+}
+
+impl Bad {
+    fn value(message: impl Into<String>) -> Self {
+        Self {
+            kind: ConfigErrorKind::InvalidValue,
+            message: message.into(),
+        }
+    }
+
+    fn range(message: impl Into<String>) -> Self {
+        Self {
+            kind: ConfigErrorKind::OutOfRange,
+            message: message.into(),
+        }
+    }
+}
+
+/// One TOML table with its key path and where it starts.
+struct TableRef<'t, 'i> {
+    path: String,
+    span: Range<usize>,
+    entries: &'t DeTable<'i>,
+}
+
+impl<'t, 'i> TableRef<'t, 'i> {
+    fn key(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.path)
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'t Spanned<DeValue<'i>>> {
+        self.entries
+            .iter()
+            .find(|(key, _)| key.get_ref().as_ref() == name)
+            .map(|(_, value)| value)
+    }
+}
+
+impl<'a> Ctx<'a> {
+    fn new(file: &'a str, text: &'a str) -> Self {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Self {
+            file,
+            text,
+            line_starts,
+            errors: Vec::new(),
+        }
+    }
+
+    /// 1-based line of a byte offset.
+    fn line_of(&self, offset: usize) -> usize {
+        self.line_starts.partition_point(|&start| start <= offset)
+    }
+
+    /// 1-based column, in characters, of a byte offset.
+    fn column_of(&self, offset: usize) -> usize {
+        let start = self.line_starts[self.line_of(offset) - 1];
+        self.text
+            .get(start..offset)
+            .map_or(1, |before| before.chars().count() + 1)
+    }
+
+    fn push(&mut self, error: ConfigError) {
+        self.errors.push(error);
+    }
+
+    fn report(
+        &mut self,
+        kind: ConfigErrorKind,
+        span: &Range<usize>,
+        key: &str,
+        message: impl Into<String>,
+    ) {
+        let error = ConfigError {
+            file: self.file.to_owned(),
+            line: Some(self.line_of(span.start)),
+            column: None,
+            key: key.to_owned(),
+            kind,
+            message: message.into(),
+        };
+        self.errors.push(error);
+    }
+
+    /// The errors sorted by position (stable, so one line's errors keep their order).
+    fn finish(mut self) -> ConfigErrors {
+        self.errors.sort_by_key(|e| (e.line, e.column));
+        ConfigErrors {
+            errors: self.errors,
+        }
+    }
+
+    /// Checks that `value` is a table and that it has only `allowed` keys.
+    fn table<'t, 'i>(
+        &mut self,
+        value: &'t Spanned<DeValue<'i>>,
+        path: String,
+        allowed: &[&str],
+        expected: &str,
+    ) -> Option<TableRef<'t, 'i>> {
+        let DeValue::Table(entries) = value.get_ref() else {
+            let message = format!("expected {expected}, found {}", describe(value.get_ref()));
+            self.report(ConfigErrorKind::WrongType, &value.span(), &path, message);
+            return None;
+        };
+        let table = TableRef {
+            path,
+            span: value.span(),
+            entries,
+        };
+        for (key, _) in table.entries.iter() {
+            let name = key.get_ref().as_ref();
+            if !allowed.contains(&name) {
+                let message = format!(
+                    "unknown key; {}allowed keys here: {}",
+                    suggestion(name, allowed),
+                    allowed.join(", ")
+                );
+                self.report(
+                    ConfigErrorKind::UnknownKey,
+                    &key.span(),
+                    &table.key(name),
+                    message,
+                );
+            }
+        }
+        Some(table)
+    }
+
+    /// Reports a missing required key at the table's header.
+    fn missing(&mut self, table: &TableRef<'_, '_>, name: &str, expected: &str) {
+        self.missing_in(&table.path, &table.span.clone(), name, expected);
+    }
+
+    /// Reports a missing required key of the table at `path`, whose header is at `span`.
+    fn missing_in(&mut self, path: &str, span: &Range<usize>, name: &str, expected: &str) {
+        let key = if path.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{path}.{name}")
+        };
+        let message = format!("required key is missing; expected {expected}");
+        self.report(ConfigErrorKind::MissingKey, span, &key, message);
+    }
+
+    fn string(
+        &mut self,
+        table: &TableRef<'_, '_>,
+        name: &str,
+        presence: Presence,
+        expected: &str,
+    ) -> Field<String> {
+        let Some(value) = table.get(name) else {
+            if presence == Presence::Required {
+                self.missing(table, name, expected);
+            }
+            return Field::Absent;
+        };
+        let key = table.key(name);
+        match value.get_ref() {
+            DeValue::String(s) => Field::Valid(Loc {
+                value: s.to_string(),
+                span: value.span(),
+                key,
+            }),
+            other => {
+                let message = format!("expected {expected}, found {}", describe(other));
+                self.report(ConfigErrorKind::WrongType, &value.span(), &key, message);
+                Field::Invalid
+            }
+        }
+    }
+
+    /// A string key turned into a `T` by `convert`, whose error message is reported as is.
+    fn parsed<T>(
+        &mut self,
+        table: &TableRef<'_, '_>,
+        name: &str,
+        presence: Presence,
+        expected: &str,
+        convert: impl FnOnce(&str) -> Result<T, Bad>,
+    ) -> Field<T> {
+        match self.string(table, name, presence, expected) {
+            Field::Absent => Field::Absent,
+            Field::Invalid => Field::Invalid,
+            Field::Valid(loc) => match convert(&loc.value) {
+                Ok(value) => Field::Valid(Loc {
+                    value,
+                    span: loc.span,
+                    key: loc.key,
+                }),
+                Err(bad) => {
+                    self.report(bad.kind, &loc.span, &loc.key, bad.message);
+                    Field::Invalid
+                }
+            },
+        }
+    }
+
+    /// An integer key within `range`.
+    fn int<T: TryFrom<i128> + Copy>(
+        &mut self,
+        table: &TableRef<'_, '_>,
+        name: &str,
+        presence: Presence,
+        range: RangeInclusive<i128>,
+    ) -> Field<T> {
+        let bounds = format!("{}..={}", range.start(), range.end());
+        let expected = format!("an integer in {bounds}");
+        let Some(value) = table.get(name) else {
+            if presence == Presence::Required {
+                self.missing(table, name, &expected);
+            }
+            return Field::Absent;
+        };
+        let key = table.key(name);
+        let span = value.span();
+        let DeValue::Integer(int) = value.get_ref() else {
+            let message = format!("expected {expected}, found {}", describe(value.get_ref()));
+            self.report(ConfigErrorKind::WrongType, &span, &key, message);
+            return Field::Invalid;
+        };
+        let parsed = i128::from_str_radix(int.as_str(), int.radix()).ok();
+        match parsed
+            .filter(|n| range.contains(n))
+            .and_then(|n| T::try_from(n).ok())
+        {
+            Some(value) => Field::Valid(Loc { value, span, key }),
+            None => {
+                let shown = parsed.map_or_else(|| int.to_string(), |n| n.to_string());
+                let message = format!("{shown} is out of range; expected {bounds}");
+                self.report(ConfigErrorKind::OutOfRange, &span, &key, message);
+                Field::Invalid
+            }
+        }
+    }
+
+    /// A share in 0.0..=1.0 (integers 0 and 1 accepted too).
+    fn fraction(&mut self, table: &TableRef<'_, '_>, name: &str) -> Field<f64> {
+        let Some(value) = table.get(name) else {
+            return Field::Absent;
+        };
+        let key = table.key(name);
+        let span = value.span();
+        let number = match value.get_ref() {
+            DeValue::Float(float) => float.as_str().parse::<f64>().ok(),
+            DeValue::Integer(int) => i64::from_str_radix(int.as_str(), int.radix())
+                .ok()
+                .and_then(|n| i32::try_from(n).ok())
+                .map(f64::from),
+            other => {
+                let message = format!(
+                    "expected a number in 0.0..=1.0 (a share of the pool), found {}",
+                    describe(other)
+                );
+                self.report(ConfigErrorKind::WrongType, &span, &key, message);
+                return Field::Invalid;
+            }
+        };
+        match number.filter(|n| (0.0..=1.0).contains(n)) {
+            Some(value) => Field::Valid(Loc { value, span, key }),
+            None => {
+                let shown = &self.text[span.clone()];
+                let message = format!("{shown} is out of range; expected 0.0..=1.0");
+                self.report(ConfigErrorKind::OutOfRange, &span, &key, message);
+                Field::Invalid
+            }
+        }
+    }
+
+    /// An array of tables, written with `header` (e.g. `[[vip.backend]]`), each checked against
+    /// `allowed`. Absent: empty.
+    fn tables<'t, 'i>(
+        &mut self,
+        table: &TableRef<'t, 'i>,
+        name: &str,
+        allowed: &[&str],
+        header: &str,
+    ) -> Vec<Option<TableRef<'t, 'i>>> {
+        let Some(value) = table.get(name) else {
+            return Vec::new();
+        };
+        let key = table.key(name);
+        let expected = format!("a {header} table");
+        let DeValue::Array(items) = value.get_ref() else {
+            let message = format!(
+                "expected an array of tables ({header}), found {}",
+                describe(value.get_ref())
+            );
+            self.report(ConfigErrorKind::WrongType, &value.span(), &key, message);
+            return Vec::new();
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| self.table(item, format!("{key}[{i}]"), allowed, &expected))
+            .collect()
+    }
+}
+
+/// A value's type and, for scalars, the value itself, for "found ..." messages.
+fn describe(value: &DeValue<'_>) -> String {
+    match value {
+        DeValue::String(s) => format!("the string {s:?}"),
+        DeValue::Integer(i) => format!("the integer {i}"),
+        DeValue::Float(f) => format!("the float {f}"),
+        DeValue::Boolean(b) => format!("the boolean {b}"),
+        DeValue::Datetime(d) => format!("the date-time {d}"),
+        DeValue::Array(_) => "an array".to_owned(),
+        DeValue::Table(_) => "a table".to_owned(),
+    }
+}
+
+/// "did you mean `key`? " for a close allowed key, else nothing.
+fn suggestion(name: &str, allowed: &[&str]) -> String {
+    closest(name, allowed).map_or_else(String::new, |close| format!("did you mean `{close}`? "))
+}
+
+/// The allowed key nearest to a misspelt one, if it is close enough to be the likely intent.
+fn closest<'k>(name: &str, allowed: &[&'k str]) -> Option<&'k str> {
+    let name = name.to_ascii_lowercase();
+    allowed
+        .iter()
+        .map(|candidate| (edit_distance(&name, candidate), *candidate))
+        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 4))
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate)
+}
+
+/// Levenshtein distance, in characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Value parsers (string -> typed value)
+// ---------------------------------------------------------------------------------------------
+
+const IP_EXPECTED: &str = "an IP address such as \"192.0.2.10\" or \"2001:db8::10\"";
+const NAME_EXPECTED: &str = "a name of lowercase letters, digits, '_' and '-', e.g. \"web\"";
+const MAC_EXPECTED: &str = "a MAC address such as \"02:00:5e:10:00:01\"";
+
+fn parse_choice<T: Copy>(what: &str, s: &str, choices: &[(&str, T)]) -> Result<T, Bad> {
+    choices
+        .iter()
+        .find(|(name, _)| *name == s)
+        .map(|(_, value)| *value)
+        .ok_or_else(|| {
+            let names: Vec<String> = choices.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+            Bad::value(format!(
+                "{s:?} is not a valid {what}; expected one of {}",
+                names.join(", ")
+            ))
+        })
+}
+
+fn parse_xdp_mode(s: &str) -> Result<XdpMode, Bad> {
+    parse_choice(
+        "XDP mode",
+        s,
+        &[
+            ("auto", XdpMode::Auto),
+            ("native", XdpMode::Native),
+            ("generic", XdpMode::Generic),
+        ],
+    )
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol, Bad> {
+    parse_choice(
+        "protocol",
+        s,
+        &[("tcp", Protocol::Tcp), ("udp", Protocol::Udp)],
+    )
+}
+
+fn parse_mode(s: &str) -> Result<VipMode, Bad> {
+    parse_choice(
+        "VIP mode",
+        s,
+        &[
+            ("dsr-ipip", VipMode::DsrIpip),
+            ("dsr-l2", VipMode::DsrL2),
+            ("l7", VipMode::L7),
+        ],
+    )
+}
+
+/// The `type` of a health check, before its type-specific keys are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckType {
+    Tcp,
+    Http,
+    Https,
+    Udp,
+}
+
+impl CheckType {
+    fn name(self) -> &'static str {
+        match self {
+            CheckType::Tcp => "tcp",
+            CheckType::Http => "http",
+            CheckType::Https => "https",
+            CheckType::Udp => "udp",
+        }
+    }
+
+    fn is_http(self) -> bool {
+        matches!(self, CheckType::Http | CheckType::Https)
+    }
+}
+
+fn parse_check_type(s: &str) -> Result<CheckType, Bad> {
+    parse_choice(
+        "health-check type",
+        s,
+        &[
+            ("tcp", CheckType::Tcp),
+            ("http", CheckType::Http),
+            ("https", CheckType::Https),
+            ("udp", CheckType::Udp),
+        ],
+    )
+}
+
+/// VIP, backend and region names: `[a-z0-9_-]+`.
+fn parse_name(s: &str) -> Result<String, Bad> {
+    if s.is_empty() {
+        return Err(Bad::value(format!(
+            "an empty name; expected {NAME_EXPECTED}"
+        )));
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-'))
+    {
+        return Err(Bad::value(format!(
+            "{s:?} contains {c:?}; expected {NAME_EXPECTED}"
+        )));
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_interface(s: &str) -> Result<String, Bad> {
+    const VALID: &str = "expected a Linux interface name such as \"eth0\"";
+    if s.is_empty() {
+        return Err(Bad::value(format!("an empty interface name; {VALID}")));
+    }
+    if s.len() > MAX_INTERFACE_NAME {
+        return Err(Bad::value(format!(
+            "{s:?} is {} bytes long; Linux interface names have at most {MAX_INTERFACE_NAME}",
+            s.len()
+        )));
+    }
+    if s == "." || s == ".." || s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+        return Err(Bad::value(format!(
+            "{s:?} is not a valid interface name (no '/', ':' or spaces, not \".\" or \"..\"); \
+             {VALID}"
+        )));
+    }
+    Ok(s.to_owned())
+}
+
+fn parse_mac(s: &str) -> Result<MacAddr, Bad> {
+    let mut octets = [0u8; 6];
+    let mut parts = s.split(':');
+    let well_formed = octets.iter_mut().all(|octet| {
+        parts
+            .next()
+            .filter(|p| p.len() == 2)
+            .and_then(|p| u8::from_str_radix(p, 16).ok())
+            .map(|value| *octet = value)
+            .is_some()
+    }) && parts.next().is_none();
+    if !well_formed {
+        return Err(Bad::value(format!(
+            "{s:?} is not a MAC address; expected six hex pairs separated by ':', e.g. \
+             \"02:00:5e:10:00:01\""
+        )));
+    }
+    if octets == [0; 6] {
+        return Err(Bad::value(format!(
+            "{s:?} is the all-zero MAC; expected a unicast MAC address"
+        )));
+    }
+    if octets[0] & 1 != 0 {
+        return Err(Bad::value(format!(
+            "{s:?} is a multicast or broadcast MAC; expected a unicast MAC address (first octet \
+             even)"
+        )));
+    }
+    Ok(MacAddr(octets))
+}
+
+fn parse_next_hop(s: &str) -> Result<NextHopMac, Bad> {
+    if s == "auto" {
+        return Ok(NextHopMac::Auto);
+    }
+    parse_mac(s).map(NextHopMac::Fixed).map_err(|bad| {
+        Bad::value(format!(
+            "{}; or \"auto\" to use the default route's gateway",
+            bad.message
+        ))
+    })
+}
+
+/// Addresses that can never be a VIP, backend or tunnel source.
+fn unusable(ip: IpAddr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        Some("the broadcast address")
+    } else {
+        None
+    }
+}
+
+fn parse_ip(s: &str) -> Result<IpAddr, Bad> {
+    let ip: IpAddr = s.parse().map_err(|_| {
+        Bad::value(format!(
+            "{s:?} is not an IP address; expected {IP_EXPECTED}"
+        ))
+    })?;
+    match unusable(ip) {
+        Some(what) => Err(Bad::value(format!(
+            "{s:?} is {what}; expected a unicast address"
+        ))),
+        None => Ok(ip),
+    }
+}
+
+/// An address or `address/len` for a tunnel source, of the family `v6` says.
+fn parse_prefix(s: &str, v6: bool) -> Result<(IpAddr, u8), Bad> {
+    let (family, example, min_len, max_len) = if v6 {
+        ("IPv6", "\"fd00:ff::/96\"", 96u8, 128u8)
+    } else {
+        ("IPv4", "\"10.255.0.0/16\"", 0, 32)
+    };
+    let valid = format!("expected an {family} address or prefix such as {example}");
+    let (addr_text, len_text) = match s.split_once('/') {
+        Some((addr, len)) => (addr, Some(len)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr_text
+        .parse()
+        .map_err(|_| Bad::value(format!("{s:?} is not an address or prefix; {valid}")))?;
+    if addr.is_ipv6() != v6 {
+        let other = if v6 { "IPv4" } else { "IPv6" };
+        return Err(Bad::value(format!("{s:?} is an {other} address; {valid}")));
+    }
+    if let Some(what) = unusable(addr) {
+        return Err(Bad::value(format!(
+            "{s:?} is {what}; expected a unicast {family} address or prefix"
+        )));
+    }
+    let len = match len_text {
+        None => max_len,
+        Some(text) => {
+            let len = text.parse::<u8>().ok().filter(|len| *len <= max_len);
+            match len {
+                Some(len) if len >= min_len => len,
+                Some(len) => {
+                    return Err(Bad::range(format!(
+                        "prefix length /{len} is too short; expected /{min_len}../{max_len} (the \
+                         balancer varies only the low 32 bits of the outer source per flow)"
+                    )));
+                }
+                None => {
+                    return Err(Bad::range(format!(
+                        "prefix length /{text} is out of range; expected /{min_len}../{max_len}"
+                    )));
+                }
+            }
+        }
+    };
+    let network = match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+        }
+    };
+    if network != addr {
+        return Err(Bad::value(format!(
+            "{s:?} has host bits set; expected the network address, \"{network}/{len}\" (the \
+             balancer fills the host bits per flow)"
+        )));
+    }
+    Ok((addr, len))
+}
+
+fn parse_prefix_v4(s: &str) -> Result<Ipv4Prefix, Bad> {
+    match parse_prefix(s, false)? {
+        (IpAddr::V4(addr), len) => Ok(Ipv4Prefix { addr, len }),
+        (IpAddr::V6(_), _) => Err(Bad::value(format!("{s:?} is not an IPv4 prefix"))),
+    }
+}
+
+fn parse_prefix_v6(s: &str) -> Result<Ipv6Prefix, Bad> {
+    match parse_prefix(s, true)? {
+        (IpAddr::V6(addr), len) => Ok(Ipv6Prefix { addr, len }),
+        (IpAddr::V4(_), _) => Err(Bad::value(format!("{s:?} is not an IPv6 prefix"))),
+    }
+}
+
+fn parse_socket_addr(s: &str) -> Result<SocketAddr, Bad> {
+    s.parse().map_err(|_| {
+        Bad::value(format!(
+            "{s:?} is not an address and port; expected e.g. \"127.0.0.1:9641\" or \
+             \"[::1]:9641\""
+        ))
+    })
+}
+
+fn parse_absolute_path(s: &str) -> Result<PathBuf, Bad> {
+    if !s.starts_with('/') {
+        return Err(Bad::value(format!(
+            "{s:?} is not an absolute path; expected a path starting with '/'"
+        )));
+    }
+    if s.contains('\0') {
+        return Err(Bad::value("the path contains a NUL byte"));
+    }
+    Ok(PathBuf::from(s))
+}
+
+fn parse_socket_path(s: &str) -> Result<PathBuf, Bad> {
+    let path = parse_absolute_path(s)?;
+    if s.len() > MAX_SOCKET_PATH {
+        return Err(Bad::value(format!(
+            "the path is {} bytes long; a unix socket path holds at most {MAX_SOCKET_PATH}",
+            s.len()
+        )));
+    }
+    Ok(path)
+}
+
+fn parse_http_path(s: &str) -> Result<String, Bad> {
+    if !s.starts_with('/') {
+        return Err(Bad::value(format!(
+            "{s:?} is not an absolute request path; expected a path starting with '/', e.g. \
+             \"/healthz\""
+        )));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Bad::value(format!(
+            "{s:?} contains spaces or control characters; percent-encode them (e.g. %20)"
+        )));
+    }
+    Ok(s.to_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the sections
+// ---------------------------------------------------------------------------------------------
+
+struct AgentDraft {
+    path: String,
+    span: Range<usize>,
+    interface: Field<String>,
+    xdp_mode: Field<XdpMode>,
+    next_hop_mac: Field<NextHopMac>,
+    encap_source_v4: Field<Ipv4Prefix>,
+    encap_source_v6: Field<Ipv6Prefix>,
+    egress_mtu: Field<u16>,
+    admin_socket: Field<PathBuf>,
+    metrics_listen: Field<SocketAddr>,
+    state_dir: Field<PathBuf>,
+    bpffs_dir: Field<PathBuf>,
+    flow_table_entries: Field<u32>,
+}
+
+struct VipDraft {
+    path: String,
+    span: Range<usize>,
+    name: Field<String>,
+    address: Field<IpAddr>,
+    port: Field<u16>,
+    protocol: Field<Protocol>,
+    mode: Field<VipMode>,
+    table_size: Field<u32>,
+    check: Option<PartialCheck>,
+    regions: Field<Vec<Loc<String>>>,
+    backends: Vec<BackendDraft>,
+    /// Filled in by validation.
+    resolved_check: Option<HealthCheck>,
+}
+
+struct BackendDraft {
+    path: String,
+    address: Field<IpAddr>,
+    weight: Field<u16>,
+    region: Field<String>,
+    mac: Field<MacAddr>,
+    check: Option<PartialCheck>,
+    /// Filled in by validation.
+    resolved_check: Option<HealthCheck>,
+}
+
+/// A `health_check` table as written: every key optional, so a backend's table can be merged
+/// over its VIP's before the result is checked as a whole.
+#[derive(Debug, Clone)]
+struct PartialCheck {
+    path: String,
+    span: Range<usize>,
+    kind: Field<CheckType>,
+    port: Field<u16>,
+    interval_ms: Field<u32>,
+    timeout_ms: Field<u32>,
+    rise: Field<u8>,
+    fall: Field<u8>,
+    http_path: Field<String>,
+    expected_status: Field<u16>,
+    send: Field<String>,
+    expect: Field<String>,
+    panic_threshold: Field<f64>,
+}
+
+fn read_config(cx: &mut Ctx<'_>, root: &TableRef<'_, '_>) -> Option<Config> {
+    // Unknown top-level keys are reported by opening the root like any other table.
+    let root_value_keys: Vec<_> = root
+        .entries
+        .iter()
+        .filter(|(key, _)| !ROOT_KEYS.contains(&key.get_ref().as_ref()))
+        .map(|(key, _)| (key.get_ref().to_string(), key.span()))
+        .collect();
+    for (name, span) in root_value_keys {
+        let message = format!(
+            "unknown key; {}allowed at the top level: [agent], [[vip]]",
+            suggestion(&name, ROOT_KEYS)
+        );
+        cx.report(ConfigErrorKind::UnknownKey, &span, &name, message);
+    }
+
+    let agent = read_agent(cx, root);
+    let mut vips: Vec<VipDraft> = cx
+        .tables(root, "vip", VIP_KEYS, "[[vip]]")
+        .into_iter()
+        .flatten()
+        .map(|table| read_vip(cx, &table))
+        .collect();
+
+    for vip in &mut vips {
+        validate_vip(cx, vip);
+    }
+    validate_across_vips(cx, agent.as_ref(), &vips);
+
+    build(agent?, vips)
+}
+
+fn read_agent(cx: &mut Ctx<'_>, root: &TableRef<'_, '_>) -> Option<AgentDraft> {
+    let Some(value) = root.get("agent") else {
+        cx.missing(
+            root,
+            "agent",
+            "an [agent] table, with at least `interface = \"eth0\"`",
+        );
+        return None;
+    };
+    let t = cx.table(value, "agent".to_owned(), AGENT_KEYS, "an [agent] table")?;
+    use Presence::{Optional, Required};
+    Some(AgentDraft {
+        interface: cx.parsed(
+            &t,
+            "interface",
+            Required,
+            "the network interface to attach to, e.g. \"eth0\"",
+            parse_interface,
+        ),
+        xdp_mode: cx.parsed(
+            &t,
+            "xdp_mode",
+            Optional,
+            "\"auto\", \"native\" or \"generic\"",
+            parse_xdp_mode,
+        ),
+        next_hop_mac: cx.parsed(
+            &t,
+            "next_hop_mac",
+            Optional,
+            "\"auto\" or a MAC address such as \"02:00:5e:10:00:01\"",
+            parse_next_hop,
+        ),
+        encap_source_v4: cx.parsed(
+            &t,
+            "encap_source_v4",
+            Optional,
+            "an IPv4 address or prefix such as \"10.255.0.0/16\"",
+            parse_prefix_v4,
+        ),
+        encap_source_v6: cx.parsed(
+            &t,
+            "encap_source_v6",
+            Optional,
+            "an IPv6 address or prefix such as \"fd00:ff::/96\"",
+            parse_prefix_v6,
+        ),
+        egress_mtu: cx.int(
+            &t,
+            "egress_mtu",
+            Optional,
+            i128::from(*EGRESS_MTU_RANGE.start())..=i128::from(*EGRESS_MTU_RANGE.end()),
+        ),
+        admin_socket: cx.parsed(
+            &t,
+            "admin_socket",
+            Optional,
+            "an absolute path",
+            parse_socket_path,
+        ),
+        metrics_listen: cx.parsed(
+            &t,
+            "metrics_listen",
+            Optional,
+            "an address and port such as \"127.0.0.1:9641\"",
+            parse_socket_addr,
+        ),
+        state_dir: cx.parsed(
+            &t,
+            "state_dir",
+            Optional,
+            "an absolute path",
+            parse_absolute_path,
+        ),
+        bpffs_dir: cx.parsed(
+            &t,
+            "bpffs_dir",
+            Optional,
+            "an absolute path",
+            parse_absolute_path,
+        ),
+        flow_table_entries: cx.int(
+            &t,
+            "flow_table_entries",
+            Optional,
+            i128::from(*FLOW_TABLE_ENTRIES_RANGE.start())
+                ..=i128::from(*FLOW_TABLE_ENTRIES_RANGE.end()),
+        ),
+        path: t.path,
+        span: t.span,
+    })
+}
+
+fn read_vip(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> VipDraft {
+    use Presence::{Optional, Required};
+    let name = cx.parsed(t, "name", Required, NAME_EXPECTED, parse_name);
+    let address = cx.parsed(t, "address", Required, IP_EXPECTED, parse_ip);
+    let port = cx.int(t, "port", Required, 0..=65535);
+    let protocol = cx.parsed(
+        t,
+        "protocol",
+        Required,
+        "\"tcp\" or \"udp\"",
+        parse_protocol,
+    );
+    let mode = cx.parsed(
+        t,
+        "mode",
+        Optional,
+        "\"dsr-ipip\", \"dsr-l2\" or \"l7\"",
+        parse_mode,
+    );
+    let table_size = cx.int(t, "table_size", Optional, 2..=i128::from(MAX_TABLE_SIZE));
+    let check = t
+        .get("health_check")
+        .and_then(|value| read_check(cx, value, t.key("health_check")));
+    let regions = read_regions(cx, t);
+    let backends = cx
+        .tables(t, "backend", BACKEND_KEYS, "[[vip.backend]]")
+        .into_iter()
+        .flatten()
+        .map(|table| read_backend(cx, &table))
+        .collect();
+    VipDraft {
+        path: t.path.clone(),
+        span: t.span.clone(),
+        name,
+        address,
+        port,
+        protocol,
+        mode,
+        table_size,
+        check,
+        regions,
+        backends,
+        resolved_check: None,
+    }
+}
+
+fn read_regions(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> Field<Vec<Loc<String>>> {
+    let Some(value) = t.get("regions") else {
+        return Field::Absent;
+    };
+    let key = t.key("regions");
+    let DeValue::Array(items) = value.get_ref() else {
+        let message = format!(
+            "expected an array of region names in priority order, e.g. [\"eu-west\", \
+             \"eu-north\"], found {}",
+            describe(value.get_ref())
+        );
+        cx.report(ConfigErrorKind::WrongType, &value.span(), &key, message);
+        return Field::Invalid;
+    };
+    if items.iter().next().is_none() {
+        cx.report(
+            ConfigErrorKind::InvalidValue,
+            &value.span(),
+            &key,
+            "an empty list; expected at least one region name, or leave `regions` out",
+        );
+        return Field::Invalid;
+    }
+    let mut regions: Vec<Loc<String>> = Vec::new();
+    let mut valid = true;
+    for (i, item) in items.iter().enumerate() {
+        let item_key = format!("{key}[{i}]");
+        let DeValue::String(s) = item.get_ref() else {
+            let message = format!("expected a region name, found {}", describe(item.get_ref()));
+            cx.report(ConfigErrorKind::WrongType, &item.span(), &item_key, message);
+            valid = false;
+            continue;
+        };
+        match parse_name(s) {
+            Err(bad) => {
+                cx.report(bad.kind, &item.span(), &item_key, bad.message);
+                valid = false;
+            }
+            Ok(name) => {
+                if let Some(first) = regions.iter().find(|r| r.value == name) {
+                    let message = format!(
+                        "region {name:?} is listed twice (first as {}); list each region once",
+                        first.key
+                    );
+                    cx.report(ConfigErrorKind::Duplicate, &item.span(), &item_key, message);
+                    valid = false;
+                } else {
+                    regions.push(Loc {
+                        value: name,
+                        span: item.span(),
+                        key: item_key,
+                    });
+                }
+            }
+        }
+    }
+    if valid {
+        Field::Valid(Loc {
+            value: regions,
+            span: value.span(),
+            key,
+        })
+    } else {
+        Field::Invalid
+    }
+}
+
+fn read_backend(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> BackendDraft {
+    use Presence::{Optional, Required};
+    let address = cx.parsed(t, "address", Required, IP_EXPECTED, parse_ip);
+    let weight = cx.int(t, "weight", Optional, 0..=65535);
+    let region = cx.parsed(t, "region", Optional, NAME_EXPECTED, parse_name);
+    let mac = cx.parsed(t, "mac", Optional, MAC_EXPECTED, parse_mac);
+    let check = t
+        .get("health_check")
+        .and_then(|value| read_check(cx, value, t.key("health_check")));
+    BackendDraft {
+        path: t.path.clone(),
+        address,
+        weight,
+        region,
+        mac,
+        check,
+        resolved_check: None,
+    }
+}
+
+fn read_check(
+    cx: &mut Ctx<'_>,
+    value: &Spanned<DeValue<'_>>,
+    path: String,
+) -> Option<PartialCheck> {
+    use Presence::Optional;
+    let t = cx.table(value, path, CHECK_KEYS, "a table of health-check settings")?;
+    let interval = CHECK_INTERVAL_MS_RANGE;
+    let rise_fall = i128::from(*RISE_FALL_RANGE.start())..=i128::from(*RISE_FALL_RANGE.end());
+    Some(PartialCheck {
+        kind: cx.parsed(
+            &t,
+            "type",
+            Optional,
+            "\"tcp\", \"http\", \"https\" or \"udp\"",
+            parse_check_type,
+        ),
+        port: cx.int(&t, "port", Optional, 1..=65535),
+        interval_ms: cx.int(
+            &t,
+            "interval_ms",
+            Optional,
+            i128::from(*interval.start())..=i128::from(*interval.end()),
+        ),
+        timeout_ms: cx.int(&t, "timeout_ms", Optional, 1..=i128::from(*interval.end())),
+        rise: cx.int(&t, "rise", Optional, rise_fall.clone()),
+        fall: cx.int(&t, "fall", Optional, rise_fall),
+        http_path: cx.parsed(
+            &t,
+            "path",
+            Optional,
+            "a request path such as \"/healthz\"",
+            parse_http_path,
+        ),
+        expected_status: cx.int(&t, "expected_status", Optional, 100..=599),
+        send: cx.string(&t, "send", Optional, "the request payload, a string"),
+        expect: cx.string(&t, "expect", Optional, "the expected reply, a string"),
+        panic_threshold: cx.fraction(&t, "panic_threshold"),
+        path: t.path,
+        span: t.span,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------------------------
+
+/// The checks within one VIP: its backends, table size, regions and health checks.
+fn validate_vip(cx: &mut Ctx<'_>, vip: &mut VipDraft) {
+    let mode = vip.mode.or(VipMode::default());
+    let vip_family_v6 = vip.address.value().map(IpAddr::is_ipv6);
+
+    if mode == Some(VipMode::L7) {
+        if let Some(protocol) = vip.protocol.loc().filter(|p| p.value == Protocol::Udp) {
+            cx.report(
+                ConfigErrorKind::Conflict,
+                &protocol.span,
+                &protocol.key,
+                "an l7 VIP is served by the HTTP gateway, which speaks TCP; expected \
+                 protocol = \"tcp\", or an L4 mode (\"dsr-ipip\", \"dsr-l2\") for UDP",
+            );
+        }
+        if let Some(port) = vip.port.loc().filter(|p| p.value == 0) {
+            cx.report(
+                ConfigErrorKind::Conflict,
+                &port.span,
+                &port.key,
+                "an l7 VIP needs a specific port for the gateway to listen on; expected \
+                 1..=65535 (port 0, every port, is for L4 modes)",
+            );
+        }
+    }
+
+    for (i, backend) in vip.backends.iter().enumerate() {
+        if let Some(address) = backend.address.loc() {
+            if let Some(first) = vip.backends[..i]
+                .iter()
+                .find(|b| b.address.value() == Some(&address.value))
+            {
+                let message = format!(
+                    "{} is already a backend of this VIP ({}); list each backend once",
+                    address.value, first.path
+                );
+                cx.report(
+                    ConfigErrorKind::Duplicate,
+                    &address.span,
+                    &address.key,
+                    message,
+                );
+            }
+            let is_l4 = matches!(mode, Some(VipMode::DsrIpip | VipMode::DsrL2));
+            if is_l4 && address.value.is_loopback() {
+                let message = format!(
+                    "{} is a loopback address, which the balancer cannot forward to; expected \
+                     the backend's address on the network",
+                    address.value
+                );
+                cx.report(
+                    ConfigErrorKind::InvalidValue,
+                    &address.span,
+                    &address.key,
+                    message,
+                );
+            }
+            if let (Some(VipMode::DsrL2), Some(vip_v6)) = (mode, vip_family_v6)
+                && address.value.is_ipv6() != vip_v6
+            {
+                let (have, want) = if vip_v6 {
+                    ("IPv4", "IPv6")
+                } else {
+                    ("IPv6", "IPv4")
+                };
+                let message = format!(
+                    "an {have} backend on an {want} dsr-l2 VIP; dsr-l2 rewrites only the \
+                         MAC, so backends must be {want} on the balancer's L2 segment; expected \
+                         an {want} address, or mode = \"dsr-ipip\" to reach {have} backends"
+                );
+                cx.report(
+                    ConfigErrorKind::Conflict,
+                    &address.span,
+                    &address.key,
+                    message,
+                );
+            }
+        }
+        if let (Some(mac), Some(mode)) = (backend.mac.loc(), mode)
+            && mode != VipMode::DsrL2
+        {
+            let message = format!(
+                "a backend MAC only applies to dsr-l2 VIPs, and this VIP's mode is \
+                     \"{mode}\"; remove `mac`, or set mode = \"dsr-l2\" on the VIP"
+            );
+            cx.report(ConfigErrorKind::Conflict, &mac.span, &mac.key, message);
+        }
+    }
+
+    validate_table_size(cx, vip);
+    validate_regions(cx, vip);
+    validate_checks(cx, vip);
+}
+
+fn validate_table_size(cx: &mut Ctx<'_>, vip: &VipDraft) {
+    let Some(size) = vip.table_size.or(DEFAULT_TABLE_SIZE) else {
+        return;
+    };
+    let (span, key) = match vip.table_size.loc() {
+        Some(loc) => (loc.span.clone(), loc.key.clone()),
+        None => (vip.span.clone(), format!("{}.table_size", vip.path)),
+    };
+    if !maglev::is_prime(size) {
+        let below = (2..size).rev().find(|&n| maglev::is_prime(n));
+        let above = (size + 1..=MAX_TABLE_SIZE).find(|&n| maglev::is_prime(n));
+        let hint = match (below, above) {
+            (Some(b), Some(a)) => format!("the nearest primes are {b} and {a}"),
+            (Some(b), None) => format!("the nearest prime is {b}"),
+            (None, Some(a)) => format!("the nearest prime is {a}"),
+            (None, None) => "no prime fits".to_owned(),
+        };
+        let message = format!(
+            "{size} is not prime (Maglev needs a prime size so every backend's permutation \
+             visits every slot); {hint}"
+        );
+        cx.report(ConfigErrorKind::InvalidValue, &span, &key, message);
+        return;
+    }
+    // Invalid weights are already reported; count them as weighted so this check stays quiet.
+    let weighted = vip
+        .backends
+        .iter()
+        .filter(|b| b.weight.or(DEFAULT_WEIGHT) != Some(0))
+        .count();
+    if (size as usize) < weighted {
+        let message = format!(
+            "{size} slots are too few for {weighted} backends with weight > 0; expected a prime \
+             of at least {weighted} (about 100 times that for even shares; the default is \
+             {DEFAULT_TABLE_SIZE})"
+        );
+        cx.report(ConfigErrorKind::OutOfRange, &span, &key, message);
+    }
+}
+
+fn validate_regions(cx: &mut Ctx<'_>, vip: &VipDraft) {
+    let Some(regions) = vip.regions.loc() else {
+        return;
+    };
+    let names: Vec<&str> = regions.value.iter().map(|r| r.value.as_str()).collect();
+    for backend in &vip.backends {
+        let listed = |name: &str| names.contains(&name);
+        match &backend.region {
+            Field::Valid(region) if !listed(&region.value) => {
+                let message = format!(
+                    "region {:?} is not in {}; expected one of {}, or add it to the VIP's \
+                     regions",
+                    region.value,
+                    regions.key,
+                    quoted_list(&names)
+                );
+                cx.report(
+                    ConfigErrorKind::Conflict,
+                    &region.span,
+                    &region.key,
+                    message,
+                );
+            }
+            Field::Absent if !listed(DEFAULT_REGION) => {
+                let message = format!(
+                    "the backend has no region, so it is in {DEFAULT_REGION:?}, which is not in \
+                     {}; expected `region = ` one of {}",
+                    regions.key,
+                    quoted_list(&names)
+                );
+                let key = format!("{}.region", backend.path);
+                let span = backend
+                    .address
+                    .loc()
+                    .map_or(regions.span.clone(), |a| a.span.clone());
+                cx.report(ConfigErrorKind::MissingKey, &span, &key, message);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn quoted_list(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("{n:?}")).collect();
+    quoted.join(", ")
+}
+
+/// Resolves the VIP's check and each backend's effective check, reporting each mistake once:
+/// a key inherited from the VIP's table is judged there, not again for every backend.
+fn validate_checks(cx: &mut Ctx<'_>, vip: &mut VipDraft) {
+    let vip_port = vip.port.value().copied();
+    let mut vip_missing = Vec::new();
+    if let Some(check) = &vip.check {
+        vip.resolved_check = resolve_check(cx, check, vip_port, &mut vip_missing);
+    }
+    for backend in &mut vip.backends {
+        let Some(own) = &backend.check else {
+            backend.resolved_check = vip.resolved_check.clone();
+            continue;
+        };
+        if let Some(threshold) = own.panic_threshold.loc() {
+            let message = format!(
+                "panic_threshold applies to the VIP's whole pool, not one backend; set it in \
+                 {}.health_check",
+                vip.path
+            );
+            cx.report(
+                ConfigErrorKind::Conflict,
+                &threshold.span,
+                &threshold.key,
+                message,
+            );
+        }
+        let merged = match &vip.check {
+            Some(base) => merge_checks(own, base),
+            None => own.clone(),
+        };
+        let mark = cx.errors.len();
+        let mut missing = Vec::new();
+        backend.resolved_check = resolve_check(cx, &merged, vip_port, &mut missing);
+        let own_prefix = format!("{}.", own.path);
+        let new_errors = cx.errors.split_off(mark);
+        cx.errors.extend(new_errors.into_iter().filter(|e| {
+            let here = e.key.starts_with(&own_prefix);
+            let already = e.kind == ConfigErrorKind::MissingKey
+                && vip_missing
+                    .iter()
+                    .any(|name| e.key == format!("{}{name}", own_prefix));
+            here && !already
+        }));
+    }
+}
+
+/// The backend's keys over the VIP's. Type-specific keys are inherited only when the backend
+/// keeps a compatible type (http and https share theirs).
+fn merge_checks(own: &PartialCheck, base: &PartialCheck) -> PartialCheck {
+    fn pick<T: Clone>(own: &Field<T>, base: &Field<T>, inherit: bool) -> Field<T> {
+        if own.is_absent() && inherit {
+            base.clone()
+        } else {
+            own.clone()
+        }
+    }
+    let compatible = match (&own.kind, &base.kind) {
+        (Field::Absent, _) => true,
+        (Field::Valid(a), Field::Valid(b)) => {
+            a.value == b.value || (a.value.is_http() && b.value.is_http())
+        }
+        _ => false,
+    };
+    PartialCheck {
+        path: own.path.clone(),
+        span: own.span.clone(),
+        kind: pick(&own.kind, &base.kind, true),
+        port: pick(&own.port, &base.port, true),
+        interval_ms: pick(&own.interval_ms, &base.interval_ms, true),
+        timeout_ms: pick(&own.timeout_ms, &base.timeout_ms, true),
+        rise: pick(&own.rise, &base.rise, true),
+        fall: pick(&own.fall, &base.fall, true),
+        http_path: pick(&own.http_path, &base.http_path, compatible),
+        expected_status: pick(&own.expected_status, &base.expected_status, compatible),
+        send: pick(&own.send, &base.send, compatible),
+        expect: pick(&own.expect, &base.expect, compatible),
+        panic_threshold: Field::Absent,
+    }
+}
+
+/// Where a key was written, if it was.
+fn span_key<T>(field: &Field<T>) -> Option<(&Range<usize>, &str)> {
+    field.loc().map(|loc| (&loc.span, loc.key.as_str()))
+}
+
+/// Checks one (possibly merged) health check as a whole and fills in its defaults. Names of
+/// required keys found missing are pushed to `missing`.
+fn resolve_check(
+    cx: &mut Ctx<'_>,
+    check: &PartialCheck,
+    vip_port: Option<u16>,
+    missing: &mut Vec<&'static str>,
+) -> Option<HealthCheck> {
+    let mut require = |cx: &mut Ctx<'_>, name: &'static str, expected: &str| {
+        missing.push(name);
+        cx.missing_in(&check.path, &check.span, name, expected);
+    };
+
+    let kind = match &check.kind {
+        Field::Valid(loc) => Some(loc.value),
+        Field::Invalid => None,
+        Field::Absent => {
+            require(cx, "type", "\"tcp\", \"http\", \"https\" or \"udp\"");
+            None
+        }
+    };
+
+    let port = match (&check.port, vip_port) {
+        (Field::Valid(loc), _) => Some(loc.value),
+        (Field::Absent, Some(0)) => {
+            require(
+                cx,
+                "port",
+                "a port in 1..=65535 to check, because the VIP's port is 0 (every port)",
+            );
+            None
+        }
+        (Field::Absent, Some(port)) => Some(port),
+        (Field::Absent | Field::Invalid, _) => None,
+    };
+
+    let interval = check.interval_ms.or(DEFAULT_CHECK_INTERVAL_MS);
+    let timeout = check.timeout_ms.or(DEFAULT_CHECK_TIMEOUT_MS);
+    if let (Some(interval), Some(timeout)) = (interval, timeout)
+        && timeout >= interval
+    {
+        // Blame the key written in this table, so a backend's override is blamed for its
+        // own value and not for the one it inherited.
+        let own = format!("{}.", check.path);
+        let candidates = [check.timeout_ms.loc(), check.interval_ms.loc()];
+        let blamed = candidates
+            .iter()
+            .flatten()
+            .find(|loc| loc.key.starts_with(&own))
+            .or(candidates.iter().flatten().next());
+        let message = format!(
+            "timeout_ms {timeout} is not below interval_ms {interval}; expected timeout_ms < \
+                 interval_ms (a check must end before the next one starts)"
+        );
+        match blamed {
+            Some(loc) => cx.report(ConfigErrorKind::Conflict, &loc.span, &loc.key, message),
+            None => cx.report(
+                ConfigErrorKind::Conflict,
+                &check.span,
+                &format!("{}.timeout_ms", check.path),
+                message,
+            ),
+        }
+    }
+
+    let probe = kind.and_then(|kind| {
+        let http = kind.is_http();
+        let udp = kind == CheckType::Udp;
+        let misplaced = [
+            ("path", span_key(&check.http_path), http),
+            ("expected_status", span_key(&check.expected_status), http),
+            ("send", span_key(&check.send), udp),
+            ("expect", span_key(&check.expect), udp),
+        ];
+        let mut ok = true;
+        for (name, written, applies) in misplaced {
+            let Some((span, key)) = written.filter(|_| !applies) else {
+                continue;
+            };
+            let for_types = if name == "send" || name == "expect" {
+                "udp checks"
+            } else {
+                "http and https checks"
+            };
+            let message = format!(
+                "`{name}` only applies to {for_types}, and this check's type is \"{}\"; \
+                 remove it or change `type`",
+                kind.name()
+            );
+            cx.report(ConfigErrorKind::Conflict, span, key, message);
+            ok = false;
+        }
+        let probe = match kind {
+            CheckType::Tcp => Some(Probe::Tcp),
+            CheckType::Http | CheckType::Https => {
+                let http = HttpProbe {
+                    path: check.http_path.or(DEFAULT_HTTP_PATH.to_owned())?,
+                    expected_status: check.expected_status.or(DEFAULT_EXPECTED_STATUS)?,
+                };
+                Some(if kind == CheckType::Http {
+                    Probe::Http(http)
+                } else {
+                    Probe::Https(http)
+                })
+            }
+            CheckType::Udp => {
+                if check.send.is_absent() {
+                    require(
+                        cx,
+                        "send",
+                        "the request payload for a udp check, e.g. send = \"ping\"",
+                    );
+                }
+                if check.expect.is_absent() {
+                    require(
+                        cx,
+                        "expect",
+                        "the text a udp check's reply must contain, e.g. expect = \"pong\"",
+                    );
+                }
+                if let Some(send) = check.send.loc().filter(|s| s.value.is_empty()) {
+                    cx.report(
+                        ConfigErrorKind::InvalidValue,
+                        &send.span,
+                        &send.key,
+                        "an empty payload; expected a non-empty string to send",
+                    );
+                    ok = false;
+                }
+                Some(Probe::Udp(UdpProbe {
+                    send: check.send.value()?.clone(),
+                    expect: check.expect.value()?.clone(),
+                }))
+            }
+        };
+        probe.filter(|_| ok)
+    });
+
+    Some(HealthCheck {
+        probe: probe?,
+        port: port?,
+        interval: Duration::from_millis(u64::from(interval?)),
+        timeout: Duration::from_millis(u64::from(timeout?)),
+        rise: check.rise.or(DEFAULT_RISE)?,
+        fall: check.fall.or(DEFAULT_FALL)?,
+    })
+    .filter(|c| c.timeout < c.interval)
+}
+
+/// The checks that span VIPs: unique names and keys, tunnel sources, limits.
+fn validate_across_vips(cx: &mut Ctx<'_>, agent: Option<&AgentDraft>, vips: &[VipDraft]) {
+    for (i, vip) in vips.iter().enumerate() {
+        let earlier = &vips[..i];
+        if let Some(name) = vip.name.loc()
+            && let Some(first) = earlier.iter().find(|v| v.name.value() == Some(&name.value))
+        {
+            let message = format!(
+                "VIP name {:?} is already used by {} (line {}); expected a unique name",
+                name.value,
+                first.path,
+                cx.line_of(first.span.start)
+            );
+            cx.report(ConfigErrorKind::Duplicate, &name.span, &name.key, message);
+        }
+        if let (Some(address), Some(port), Some(protocol)) =
+            (vip.address.loc(), vip.port.value(), vip.protocol.value())
+        {
+            let same = |v: &&VipDraft| {
+                v.address.value() == Some(&address.value)
+                    && v.port.value() == Some(port)
+                    && v.protocol.value() == Some(protocol)
+            };
+            if let Some(first) = earlier.iter().find(same) {
+                let message = format!(
+                    "{protocol} {} port {port} is already served by {} ({:?}, line {}); expected \
+                     each (address, port, protocol) once",
+                    address.value,
+                    first.path,
+                    first.name.value().map_or("", String::as_str),
+                    cx.line_of(first.span.start)
+                );
+                cx.report(
+                    ConfigErrorKind::Duplicate,
+                    &address.span,
+                    &address.key,
+                    message,
+                );
+            }
+        }
+    }
+
+    let vip_limit = lb_common::types::MAX_VIPS as usize;
+    if let Some(vip) = vips.get(vip_limit) {
+        let message = format!("too many VIPs; expected at most {vip_limit}");
+        cx.report(ConfigErrorKind::OutOfRange, &vip.span, &vip.path, message);
+    }
+    let backend_limit = lb_common::types::MAX_BACKENDS as usize;
+    let total: usize = vips.iter().map(|v| v.backends.len()).sum();
+    if total > backend_limit {
+        let (span, key) = vips
+            .iter()
+            .flat_map(|v| v.backends.iter().map(move |b| (v, b)))
+            .nth(backend_limit)
+            .map_or((0..0, String::new()), |(v, b)| {
+                (v.span.clone(), b.path.clone())
+            });
+        let message =
+            format!("{total} backends in all; expected at most {backend_limit} over all VIPs");
+        cx.report(ConfigErrorKind::OutOfRange, &span, &key, message);
+    }
+
+    // Which tunnel sources the encapsulating VIPs need: the outer header has the backend's
+    // family, whatever the VIP's.
+    let Some(agent) = agent else { return };
+    let needs = |v6: bool| {
+        vips.iter().find_map(|vip| {
+            let encapsulates = vip.mode.or(VipMode::default())?.encapsulates();
+            let backend = vip
+                .backends
+                .iter()
+                .find(|b| b.address.value().is_some_and(|a| a.is_ipv6() == v6))?;
+            encapsulates.then_some((vip, backend))
+        })
+    };
+    for (v6, absent) in [
+        (false, agent.encap_source_v4.is_absent()),
+        (true, agent.encap_source_v6.is_absent()),
+    ] {
+        let Some((vip, backend)) = needs(v6).filter(|_| absent) else {
+            continue;
+        };
+        let (family, key, example, how) = if v6 {
+            ("IPv6", "encap_source_v6", "\"fd00:ff::/96\"", "IPv6-in-IP")
+        } else {
+            ("IPv4", "encap_source_v4", "\"10.255.0.0/16\"", "IPIP")
+        };
+        let message = format!(
+            "required key is missing: {} ({:?}) forwards to {family} backends such as {} by \
+             {how} (dsr-ipip), which needs an outer {family} source; expected an {family} \
+             address or prefix such as {example}",
+            vip.path,
+            vip.name.value().map_or("", String::as_str),
+            backend.path
+        );
+        cx.report(
+            ConfigErrorKind::MissingKey,
+            &agent.span,
+            &format!("{}.{key}", agent.path),
+            message,
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building the typed configuration (only reached when nothing was reported)
+// ---------------------------------------------------------------------------------------------
+
+fn build(agent: AgentDraft, vips: Vec<VipDraft>) -> Option<Config> {
+    let agent = Agent {
+        interface: agent.interface.value()?.clone(),
+        xdp_mode: agent.xdp_mode.or(XdpMode::default())?,
+        next_hop_mac: agent.next_hop_mac.or(NextHopMac::default())?,
+        encap_source_v4: agent.encap_source_v4.value().copied(),
+        encap_source_v6: agent.encap_source_v6.value().copied(),
+        egress_mtu: agent.egress_mtu.or(DEFAULT_EGRESS_MTU)?,
+        admin_socket: agent.admin_socket.or(DEFAULT_ADMIN_SOCKET.into())?,
+        metrics_listen: agent
+            .metrics_listen
+            .or(parse_socket_addr(DEFAULT_METRICS_LISTEN).ok()?)?,
+        state_dir: agent.state_dir.or(DEFAULT_STATE_DIR.into())?,
+        bpffs_dir: agent.bpffs_dir.or(DEFAULT_BPFFS_DIR.into())?,
+        flow_table_entries: agent.flow_table_entries.or(DEFAULT_FLOW_TABLE_ENTRIES)?,
+    };
+    let vips = vips
+        .into_iter()
+        .map(|vip| {
+            let backends = vip
+                .backends
+                .into_iter()
+                .map(|b| {
+                    Some(Backend {
+                        address: *b.address.value()?,
+                        weight: b.weight.or(DEFAULT_WEIGHT)?,
+                        region: b.region.or(DEFAULT_REGION.to_owned())?,
+                        mac: b.mac.value().copied(),
+                        health_check: b.resolved_check,
+                    })
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let panic_threshold = match &vip.check {
+                Some(check) => check.panic_threshold.or(DEFAULT_PANIC_THRESHOLD)?,
+                None => DEFAULT_PANIC_THRESHOLD,
+            };
+            Some(Vip {
+                name: vip.name.value()?.clone(),
+                address: *vip.address.value()?,
+                port: *vip.port.value()?,
+                protocol: *vip.protocol.value()?,
+                mode: vip.mode.or(VipMode::default())?,
+                table_size: vip.table_size.or(DEFAULT_TABLE_SIZE)?,
+                health_check: vip.resolved_check,
+                panic_threshold,
+                regions: vip
+                    .regions
+                    .or(Vec::new())?
+                    .into_iter()
+                    .map(|r| r.value)
+                    .collect(),
+                backends,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Config { agent, vips })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A valid `[agent]` table, lines 1 to 4; test documents append VIPs from line 5.
+    const AGENT: &str = r#"[agent]
+interface = "eth0"
+encap_source_v4 = "10.255.0.0/16"
+encap_source_v6 = "fd00:ff::/96"
+"#;
+
+    fn ok(text: &str) -> Config {
+        match parse("xlb.toml", text) {
+            Ok(config) => config,
+            Err(errors) => panic!("expected a valid config, got:\n{errors}"),
+        }
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        match parse("xlb.toml", text) {
+            Ok(config) => panic!("expected errors, got {config:#?}"),
+            Err(errors) => errors.errors().iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    /// Asserts that there is exactly one error and that it starts with `expected` (file, line,
+    /// key and the start of the message).
+    #[track_caller]
+    fn assert_only_error(text: &str, expected: &str) {
+        let all = errors(text);
+        assert_eq!(
+            all.len(),
+            1,
+            "expected one error, got:\n  {}",
+            all.join("\n  ")
+        );
+        assert!(
+            all[0].starts_with(expected),
+            "expected\n  {expected}\ngot\n  {}",
+            all[0]
+        );
+    }
+
+    fn with_agent(vips: &str) -> String {
+        format!("{AGENT}{vips}")
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let config = ok(include_str!("../../examples/xlb.toml"));
+        assert_eq!(config.vips.len(), 2);
+        assert_eq!(config.backend_count(), 5);
+        let web = &config.vips[0];
+        assert_eq!(web.backends.len(), 3);
+        assert_eq!(web.backends[2].weight, 0, "the third backend is drained");
+        assert_eq!(web.regions, ["eu-west", "eu-north"]);
+        let override_check = web.backends[1].health_check.as_ref().expect("merged check");
+        assert_eq!(
+            override_check.probe,
+            Probe::Http(HttpProbe {
+                path: "/status".into(),
+                expected_status: 200
+            })
+        );
+        assert_eq!(override_check.timeout, Duration::from_millis(500));
+        assert_eq!(override_check.port, 8080, "inherited from the VIP's check");
+        let echo = &config.vips[1];
+        assert_eq!(echo.protocol, Protocol::Udp);
+        assert!(echo.address.is_ipv6());
+        assert_eq!(echo.backends[0].health_check, echo.health_check);
+    }
+
+    #[test]
+    fn defaults_fill_every_optional_key() {
+        let config = ok(r#"
+[agent]
+interface = "eth0"
+
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+mode = "l7"
+
+[vip.health_check]
+type = "http"
+
+[[vip.backend]]
+address = "10.0.0.1"
+"#);
+        let agent = &config.agent;
+        assert_eq!(agent.interface, "eth0");
+        assert_eq!(agent.xdp_mode, XdpMode::Auto);
+        assert_eq!(agent.next_hop_mac, NextHopMac::Auto);
+        assert_eq!(agent.encap_source_v4, None);
+        assert_eq!(agent.encap_source_v6, None);
+        assert_eq!(agent.egress_mtu, 1500);
+        assert_eq!(agent.admin_socket, Path::new("/run/xlb/admin.sock"));
+        assert_eq!(agent.metrics_listen, "127.0.0.1:9641".parse().unwrap());
+        assert_eq!(agent.state_dir, Path::new("/var/lib/xlb"));
+        assert_eq!(agent.bpffs_dir, Path::new("/sys/fs/bpf/xlb"));
+        assert_eq!(agent.flow_table_entries, 1_048_576);
+
+        let vip = &config.vips[0];
+        assert_eq!(vip.mode, VipMode::L7);
+        assert_eq!(vip.table_size, 65537);
+        assert_eq!(vip.panic_threshold, 0.5);
+        assert!(vip.regions.is_empty());
+        let check = HealthCheck {
+            probe: Probe::Http(HttpProbe {
+                path: "/".into(),
+                expected_status: 200,
+            }),
+            port: 80,
+            interval: Duration::from_millis(2000),
+            timeout: Duration::from_millis(1000),
+            rise: 2,
+            fall: 3,
+        };
+        assert_eq!(vip.health_check.as_ref(), Some(&check));
+        let backend = &vip.backends[0];
+        assert_eq!(backend.weight, 100);
+        assert_eq!(backend.region, "local");
+        assert_eq!(backend.mac, None);
+        assert_eq!(backend.health_check.as_ref(), Some(&check));
+    }
+
+    #[test]
+    fn typed_values_are_parsed() {
+        let config = ok(r#"
+[agent]
+interface = "ens1f0"
+xdp_mode = "native"
+next_hop_mac = "02:00:5E:10:00:01"
+encap_source_v4 = "10.255.0.1"
+encap_source_v6 = "fd00:ff::1:0/112"
+egress_mtu = 9000
+metrics_listen = "[::1]:9100"
+flow_table_entries = 0x10000
+
+[[vip]]
+name = "l2"
+address = "192.0.2.20"
+port = 0
+protocol = "udp"
+mode = "dsr-l2"
+table_size = 251
+health_check = { type = "tcp", port = 53 }
+
+[[vip.backend]]
+address = "192.0.2.21"
+mac = "02:00:00:00:00:21"
+weight = 65535
+"#);
+        let agent = &config.agent;
+        assert_eq!(agent.xdp_mode, XdpMode::Native);
+        assert_eq!(
+            agent.next_hop_mac,
+            NextHopMac::Fixed(MacAddr([2, 0, 0x5e, 0x10, 0, 1]))
+        );
+        assert_eq!(
+            agent.encap_source_v4,
+            Some(Ipv4Prefix {
+                addr: Ipv4Addr::new(10, 255, 0, 1),
+                len: 32
+            })
+        );
+        assert_eq!(agent.encap_source_v6.map(|p| p.len), Some(112));
+        assert_eq!(agent.egress_mtu, 9000);
+        assert_eq!(agent.flow_table_entries, 65536);
+        let vip = &config.vips[0];
+        assert_eq!(
+            (vip.port, vip.protocol, vip.mode),
+            (0, Protocol::Udp, VipMode::DsrL2)
+        );
+        assert_eq!(vip.table_size, 251);
+        assert_eq!(vip.health_check.as_ref().map(|c| c.port), Some(53));
+        assert_eq!(
+            vip.backends[0].mac.map(|m| m.to_string()).as_deref(),
+            Some("02:00:00:00:00:21")
+        );
+        assert_eq!(vip.backends[0].weight, 65535);
+    }
+
+    #[test]
+    fn display_names_file_line_key_and_what_is_valid() {
+        let text = with_agent(
+            r#"
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+
+[[vip.backend]]
+address = "10.0.0.1"
+weight = 70000
+"#,
+        );
+        assert_eq!(
+            errors(&text),
+            ["xlb.toml:14: vip[0].backend[0].weight: 70000 is out of range; expected 0..=65535"]
+        );
+    }
+
+    #[test]
+    fn syntax_errors_give_line_and_column() {
+        let all = errors("[agent]\ninterface = eth0\n");
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(
+            all[0].starts_with("xlb.toml:2:13: invalid TOML: "),
+            "{}",
+            all[0]
+        );
+        let all = errors("[agent]\ninterface = \"eth0\"\ninterface = \"eth1\"\n[[vip]\n");
+        assert!(
+            all[0].starts_with("xlb.toml:3:1: invalid TOML: duplicate key"),
+            "{all:?}"
+        );
+        assert!(all[1].starts_with("xlb.toml:4:"), "{all:?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_the_allowed_ones() {
+        let text = with_agent(
+            r#"intervall = 3
+[[vips]]
+name = "x"
+
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+health_check = { type = "tcp", intervall_ms = 5 }
+
+[[vip.backend]]
+address = "10.0.0.1"
+wieght = 1
+"#,
+        );
+        let all = errors(&text);
+        assert_eq!(all.len(), 4, "{all:#?}");
+        assert!(all[0].starts_with(
+            "xlb.toml:5: agent.intervall: unknown key; allowed keys here: interface, xdp_mode,"
+        ));
+        assert_eq!(
+            all[1],
+            "xlb.toml:6: vips: unknown key; did you mean `vip`? allowed at the top level: \
+             [agent], [[vip]]"
+        );
+        assert!(all[2].starts_with(
+            "xlb.toml:14: vip[0].health_check.intervall_ms: unknown key; did you mean \
+             `interval_ms`? allowed keys here: type, port, interval_ms,"
+        ));
+        assert!(all[3].starts_with(
+            "xlb.toml:18: vip[0].backend[0].wieght: unknown key; did you mean `weight`? allowed \
+             keys here: address, weight, region, mac, health_check"
+        ));
+    }
+
+    #[test]
+    fn missing_required_keys_are_reported_at_their_table() {
+        assert_only_error(
+            "",
+            "xlb.toml:1: agent: required key is missing; expected an [agent] table",
+        );
+        let all = errors(
+            r#"[agent]
+xdp_mode = "auto"
+
+[[vip]]
+port = 80
+
+[[vip.backend]]
+weight = 1
+"#,
+        );
+        assert_eq!(
+            all,
+            [
+                "xlb.toml:1: agent.interface: required key is missing; expected the network \
+                 interface to attach to, e.g. \"eth0\"",
+                "xlb.toml:4: vip[0].name: required key is missing; expected a name of lowercase \
+                 letters, digits, '_' and '-', e.g. \"web\"",
+                "xlb.toml:4: vip[0].address: required key is missing; expected an IP address \
+                 such as \"192.0.2.10\" or \"2001:db8::10\"",
+                "xlb.toml:4: vip[0].protocol: required key is missing; expected \"tcp\" or \
+                 \"udp\"",
+                "xlb.toml:7: vip[0].backend[0].address: required key is missing; expected an IP \
+                 address such as \"192.0.2.10\" or \"2001:db8::10\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn wrong_types_say_what_was_expected_and_found() {
+        let text = r#"[agent]
+interface = "eth0"
+egress_mtu = "1500"
+vip = 3
+"#;
+        let all = errors(text);
+        assert_eq!(
+            all,
+            [
+                "xlb.toml:3: agent.egress_mtu: expected an integer in 1280..=9216, found the \
+                 string \"1500\"",
+                "xlb.toml:4: agent.vip: unknown key; allowed keys here: interface, xdp_mode, \
+                 next_hop_mac, encap_source_v4, encap_source_v6, egress_mtu, admin_socket, \
+                 metrics_listen, state_dir, bpffs_dir, flow_table_entries",
+            ]
+        );
+        assert_only_error(
+            "vip = 3\n[agent]\ninterface = \"eth0\"\n",
+            "xlb.toml:1: vip: expected an array of tables ([[vip]]), found the integer 3",
+        );
+        assert_only_error(
+            &with_agent("[vip]\nname = \"web\"\n"),
+            "xlb.toml:5: vip: expected an array of tables ([[vip]]), found a table",
+        );
+        assert_only_error(
+            &with_agent(
+                "[[vip]]\nname = \"web\"\naddress = \"192.0.2.1\"\nport = 1\nprotocol = \"tcp\"\n\
+                 backend = [\"10.0.0.1\"]\n",
+            ),
+            "xlb.toml:10: vip[0].backend[0]: expected a [[vip.backend]] table, found the string \
+             \"10.0.0.1\"",
+        );
+    }
+
+    #[test]
+    fn all_errors_are_collected() {
+        let text = with_agent(
+            r#"
+[[vip]]
+name = "Web"
+address = "192.0.2.300"
+port = 80
+protocol = "sctp"
+table_size = 65536
+
+[[vip.backend]]
+address = "10.0.0.1"
+weight = -1
+"#,
+        );
+        let all = errors(&text);
+        assert_eq!(all.len(), 5, "{all:#?}");
+        assert!(all[0].starts_with("xlb.toml:7: vip[0].name: \"Web\" contains 'W'"));
+        assert!(all[1].starts_with("xlb.toml:8: vip[0].address: \"192.0.2.300\" is not an IP"));
+        assert!(all[2].starts_with(
+            "xlb.toml:10: vip[0].protocol: \"sctp\" is not a valid protocol; expected one of \
+             \"tcp\", \"udp\""
+        ));
+        assert!(all[3].starts_with("xlb.toml:11: vip[0].table_size: 65536 is not prime"));
+        assert_eq!(
+            all[4],
+            "xlb.toml:15: vip[0].backend[0].weight: -1 is out of range; expected 0..=65535"
+        );
+    }
+
+    const TWO_VIPS: &str = r#"
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+
+[[vip]]
+name = "NAME"
+address = "ADDRESS"
+port = PORT
+protocol = "tcp"
+"#;
+
+    fn two_vips(name: &str, address: &str, port: u16) -> String {
+        with_agent(
+            &TWO_VIPS
+                .replace("NAME", name)
+                .replace("ADDRESS", address)
+                .replace("PORT", &port.to_string()),
+        )
+    }
+
+    #[test]
+    fn vip_names_must_be_unique() {
+        assert_only_error(
+            &two_vips("web", "192.0.2.11", 80),
+            "xlb.toml:13: vip[1].name: VIP name \"web\" is already used by vip[0] (line 6); \
+             expected a unique name",
+        );
+    }
+
+    #[test]
+    fn vips_must_differ_in_address_port_or_protocol() {
+        assert_only_error(
+            &two_vips("web2", "192.0.2.10", 80),
+            "xlb.toml:14: vip[1].address: tcp 192.0.2.10 port 80 is already served by vip[0] \
+             (\"web\", line 6); expected each (address, port, protocol) once",
+        );
+        // Port 0 (every port) beside a specific port of the same address is fine: the specific
+        // VIP wins for its port.
+        ok(&two_vips("web2", "192.0.2.10", 0));
+        ok(&two_vips("web2", "192.0.2.10", 81));
+        ok(&two_vips("web2", "192.0.2.11", 80));
+        ok(&with_agent(
+            &TWO_VIPS
+                .replace("NAME", "dns")
+                .replace("ADDRESS", "192.0.2.10")
+                .replace("PORT\nprotocol = \"tcp\"", "80\nprotocol = \"udp\""),
+        ));
+    }
+
+    #[test]
+    fn backend_addresses_must_be_unique_within_a_vip() {
+        let text = with_agent(
+            r#"
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+
+[[vip.backend]]
+address = "2001:db8::1"
+
+[[vip.backend]]
+address = "2001:db8:0::1"
+"#,
+        );
+        assert_only_error(
+            &text,
+            "xlb.toml:16: vip[0].backend[1].address: 2001:db8::1 is already a backend of this \
+             VIP (vip[0].backend[0]); list each backend once",
+        );
+    }
+
+    #[test]
+    fn dsr_l2_backends_need_the_vips_family() {
+        let text = with_agent(
+            r#"
+[[vip]]
+name = "l2"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+mode = "dsr-l2"
+
+[[vip.backend]]
+address = "192.0.2.11"
+
+[[vip.backend]]
+address = "2001:db8::11"
+"#,
+        );
+        assert_only_error(
+            &text,
+            "xlb.toml:17: vip[0].backend[1].address: an IPv6 backend on an IPv4 dsr-l2 VIP; \
+             dsr-l2 rewrites only the MAC",
+        );
+    }
+
+    #[test]
+    fn encapsulation_needs_a_source_of_the_backends_family() {
+        let vip = r#"
+[[vip]]
+name = "web"
+address = "2001:db8::10"
+port = 80
+protocol = "tcp"
+
+[[vip.backend]]
+address = "10.0.0.1"
+
+[[vip.backend]]
+address = "2001:db8::1"
+"#;
+        let text = format!("[agent]\ninterface = \"eth0\"\n{vip}");
+        let all = errors(&text);
+        assert_eq!(all.len(), 2, "{all:#?}");
+        assert!(all[0].starts_with(
+            "xlb.toml:1: agent.encap_source_v4: required key is missing: vip[0] (\"web\") \
+             forwards to IPv4 backends such as vip[0].backend[0] by IPIP (dsr-ipip), which needs \
+             an outer IPv4 source; expected an IPv4 address or prefix such as \"10.255.0.0/16\""
+        ));
+        assert!(all[1].starts_with("xlb.toml:1: agent.encap_source_v6: required key is missing"));
+        // Not encapsulating: no source needed.
+        ok(&format!(
+            "[agent]\ninterface = \"eth0\"\n{}",
+            vip.replace("protocol = \"tcp\"", "protocol = \"tcp\"\nmode = \"l7\"")
+        ));
+    }
+
+    #[test]
+    fn table_size_must_be_a_prime_large_enough() {
+        let vip = |size: &str| {
+            with_agent(&format!(
+                r#"
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+table_size = {size}
+
+[[vip.backend]]
+address = "10.0.0.1"
+
+[[vip.backend]]
+address = "10.0.0.2"
+
+[[vip.backend]]
+address = "10.0.0.3"
+
+[[vip.backend]]
+address = "10.0.0.4"
+weight = 0
+"#
+            ))
+        };
+        assert_only_error(
+            &vip("65536"),
+            "xlb.toml:11: vip[0].table_size: 65536 is not prime (Maglev needs a prime size so \
+             every backend's permutation visits every slot); the nearest primes are 65521 and \
+             65537",
+        );
+        assert_only_error(
+            &vip("2"),
+            "xlb.toml:11: vip[0].table_size: 2 slots are too few for 3 backends with weight > 0; \
+             expected a prime of at least 3",
+        );
+        ok(&vip("3")); // the drained backend needs no slot
+        assert_only_error(
+            &vip("1048576"),
+            "xlb.toml:11: vip[0].table_size: 1048576 is out of range; expected 2..=1048573",
+        );
+        assert_only_error(
+            &vip("1048572"),
+            "xlb.toml:11: vip[0].table_size: 1048572 is not prime (Maglev needs a prime size so \
+             every backend's permutation visits every slot); the nearest primes are 1048571 and \
+             1048573",
+        );
+    }
+
+    #[test]
+    fn agent_numbers_are_range_checked() {
+        assert_only_error(
+            &AGENT.replace("interface", "egress_mtu = 1279\ninterface"),
+            "xlb.toml:2: agent.egress_mtu: 1279 is out of range; expected 1280..=9216",
+        );
+        assert_only_error(
+            &AGENT.replace("interface", "flow_table_entries = 16777217\ninterface"),
+            "xlb.toml:2: agent.flow_table_entries: 16777217 is out of range; expected \
+             1024..=16777216",
+        );
+    }
+
+    const CHECKED_VIP: &str = r#"
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = PORT
+protocol = "tcp"
+
+[vip.health_check]
+CHECK
+
+[[vip.backend]]
+address = "10.0.0.1"
+BACKEND
+"#;
+
+    /// A VIP (port on line 9) whose check table starts on line 12 with `check` from line 13;
+    /// `backend` keys start on line 16 + the number of lines of `check`.
+    fn checked(port: u16, check: &str, backend: &str) -> String {
+        with_agent(
+            &CHECKED_VIP
+                .replace("PORT", &port.to_string())
+                .replace("CHECK", check)
+                .replace("BACKEND", backend),
+        )
+    }
+
+    #[test]
+    fn timeout_must_be_below_interval() {
+        assert_only_error(
+            &checked(
+                80,
+                "type = \"tcp\"\ninterval_ms = 1000\ntimeout_ms = 1000",
+                "",
+            ),
+            "xlb.toml:15: vip[0].health_check.timeout_ms: timeout_ms 1000 is not below \
+             interval_ms 1000; expected timeout_ms < interval_ms",
+        );
+        // The VIP's check alone is fine (default interval 2000); the backend's override is not,
+        // and is blamed for its own key.
+        assert_only_error(
+            &checked(80, "type = \"tcp\"", "health_check = { timeout_ms = 2500 }"),
+            "xlb.toml:17: vip[0].backend[0].health_check.timeout_ms: timeout_ms 2500 is not \
+             below interval_ms 2000",
+        );
+        // A mistake in the VIP's check is reported once, not again for each backend.
+        assert_only_error(
+            &checked(
+                80,
+                "type = \"tcp\"\ntimeout_ms = 3000",
+                "health_check = { rise = 5 }",
+            ),
+            "xlb.toml:14: vip[0].health_check.timeout_ms: timeout_ms 3000 is not below",
+        );
+    }
+
+    #[test]
+    fn health_check_keys_are_validated() {
+        assert_only_error(
+            &checked(80, "rise = 2", ""),
+            "xlb.toml:12: vip[0].health_check.type: required key is missing; expected \"tcp\", \
+             \"http\", \"https\" or \"udp\"",
+        );
+        let all = errors(&checked(
+            80,
+            "type = \"tcp\"\ninterval_ms = 50\nrise = 0\npath = \"/x\"\npanic_threshold = 1.5",
+            "",
+        ));
+        assert_eq!(
+            all,
+            [
+                "xlb.toml:14: vip[0].health_check.interval_ms: 50 is out of range; expected \
+                 100..=3600000",
+                "xlb.toml:15: vip[0].health_check.rise: 0 is out of range; expected 1..=100",
+                "xlb.toml:16: vip[0].health_check.path: `path` only applies to http and https \
+                 checks, and this check's type is \"tcp\"; remove it or change `type`",
+                "xlb.toml:17: vip[0].health_check.panic_threshold: 1.5 is out of range; \
+                 expected 0.0..=1.0",
+            ]
+        );
+        assert_only_error(
+            &checked(
+                80,
+                "type = \"http\"\nexpected_status = 600\npath = \"/\"",
+                "",
+            ),
+            "xlb.toml:14: vip[0].health_check.expected_status: 600 is out of range; expected \
+             100..=599",
+        );
+        assert_only_error(
+            &checked(80, "type = \"http\"\npath = \"healthz\"", ""),
+            "xlb.toml:14: vip[0].health_check.path: \"healthz\" is not an absolute request path",
+        );
+    }
+
+    #[test]
+    fn udp_checks_need_send_and_expect() {
+        let all = errors(&checked(80, "type = \"udp\"\nsend = \"ping\"", ""));
+        assert_eq!(
+            all,
+            [
+                "xlb.toml:12: vip[0].health_check.expect: required key is missing; expected the \
+              text a udp check's reply must contain, e.g. expect = \"pong\""
+            ]
+        );
+        ok(&checked(
+            80,
+            "type = \"udp\"\nsend = \"ping\"\nexpect = \"\"",
+            "",
+        ));
+    }
+
+    #[test]
+    fn a_port_0_vip_needs_a_check_port() {
+        assert_only_error(
+            &checked(0, "type = \"tcp\"", ""),
+            "xlb.toml:12: vip[0].health_check.port: required key is missing; expected a port in \
+             1..=65535 to check, because the VIP's port is 0 (every port)",
+        );
+        ok(&checked(0, "type = \"tcp\"\nport = 22", ""));
+        // Only a backend's own check (the VIP has none) is checked on its own.
+        let text = with_agent(
+            r#"
+[[vip]]
+name = "any"
+address = "192.0.2.10"
+port = 0
+protocol = "tcp"
+
+[[vip.backend]]
+address = "10.0.0.1"
+health_check = { type = "tcp" }
+"#,
+        );
+        assert_only_error(
+            &text,
+            "xlb.toml:14: vip[0].backend[0].health_check.port: required key is missing",
+        );
+    }
+
+    #[test]
+    fn backend_checks_merge_over_the_vips() {
+        let config = ok(&checked(
+            80,
+            "type = \"http\"\npath = \"/healthz\"\nrise = 4\nport = 8080",
+            "health_check = { type = \"https\", expected_status = 204 }",
+        ));
+        let vip = &config.vips[0];
+        let merged = vip.backends[0].health_check.as_ref().unwrap();
+        assert_eq!(
+            merged.probe,
+            Probe::Https(HttpProbe {
+                path: "/healthz".into(),
+                expected_status: 204
+            })
+        );
+        assert_eq!((merged.rise, merged.port), (4, 8080));
+
+        // A change of type to one with other keys inherits none of the VIP's type-specific
+        // keys, and needs its own.
+        let all = errors(&checked(
+            80,
+            "type = \"http\"\npath = \"/healthz\"",
+            "health_check = { type = \"udp\" }",
+        ));
+        assert_eq!(all.len(), 2, "{all:#?}");
+        assert!(all[0].starts_with(
+            "xlb.toml:18: vip[0].backend[0].health_check.send: required key is missing"
+        ));
+        assert!(all[1].starts_with(
+            "xlb.toml:18: vip[0].backend[0].health_check.expect: required key is missing"
+        ));
+        assert_only_error(
+            &checked(
+                80,
+                "type = \"tcp\"",
+                "health_check = { panic_threshold = 0.2 }",
+            ),
+            "xlb.toml:17: vip[0].backend[0].health_check.panic_threshold: panic_threshold \
+             applies to the VIP's whole pool, not one backend; set it in vip[0].health_check",
+        );
+    }
+
+    #[test]
+    fn mac_only_on_dsr_l2_backends() {
+        assert_only_error(
+            &checked(80, "type = \"tcp\"", "mac = \"02:00:00:00:00:01\""),
+            "xlb.toml:17: vip[0].backend[0].mac: a backend MAC only applies to dsr-l2 VIPs, and \
+             this VIP's mode is \"dsr-ipip\"; remove `mac`, or set mode = \"dsr-l2\" on the VIP",
+        );
+    }
+
+    #[test]
+    fn invalid_addresses_and_macs() {
+        let cases = [
+            (
+                "address = \"10.0.0.256\"",
+                "xlb.toml:14: vip[0].backend[0].address: \"10.0.0.256\" is not an IP address; \
+                 expected an IP address such as",
+            ),
+            (
+                "address = \"224.0.0.1\"",
+                "xlb.toml:14: vip[0].backend[0].address: \"224.0.0.1\" is a multicast address",
+            ),
+            (
+                "address = \"0.0.0.0\"",
+                "xlb.toml:14: vip[0].backend[0].address: \"0.0.0.0\" is the unspecified address",
+            ),
+            (
+                "address = \"127.0.0.1\"",
+                "xlb.toml:14: vip[0].backend[0].address: 127.0.0.1 is a loopback address",
+            ),
+        ];
+        let vip = r#"
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+mode = "dsr-l2"
+
+[[vip.backend]]
+"#;
+        for (backend, expected) in cases {
+            assert_only_error(&with_agent(&format!("{vip}{backend}\n")), expected);
+        }
+        for (mac, why) in [
+            (
+                "02:00:00:00:00",
+                "is not a MAC address; expected six hex pairs",
+            ),
+            ("02:00:00:00:00:0g", "is not a MAC address"),
+            ("02-00-00-00-00-01", "is not a MAC address"),
+            ("ff:ff:ff:ff:ff:ff", "is a multicast or broadcast MAC"),
+            ("00:00:00:00:00:00", "is the all-zero MAC"),
+        ] {
+            let text = with_agent(&format!("{vip}address = \"192.0.2.11\"\nmac = \"{mac}\"\n"));
+            assert_only_error(
+                &text,
+                &format!("xlb.toml:15: vip[0].backend[0].mac: \"{mac}\" {why}"),
+            );
+        }
+        assert_only_error(
+            &AGENT.replace("interface", "next_hop_mac = \"router\"\ninterface"),
+            "xlb.toml:2: agent.next_hop_mac: \"router\" is not a MAC address; expected six hex \
+             pairs separated by ':', e.g. \"02:00:5e:10:00:01\"; or \"auto\"",
+        );
+        assert_only_error(
+            &AGENT.replace(
+                "interface",
+                "metrics_listen = \"localhost:9641\"\ninterface",
+            ),
+            "xlb.toml:2: agent.metrics_listen: \"localhost:9641\" is not an address and port",
+        );
+        assert_only_error(
+            &AGENT.replace("\"eth0\"", "\"a-very-long-interface\""),
+            "xlb.toml:2: agent.interface: \"a-very-long-interface\" is 21 bytes long; Linux \
+             interface names have at most 15",
+        );
+        assert_only_error(
+            &AGENT.replace("interface", "state_dir = \"var/lib/xlb\"\ninterface"),
+            "xlb.toml:2: agent.state_dir: \"var/lib/xlb\" is not an absolute path",
+        );
+    }
+
+    #[test]
+    fn encap_sources_and_prefix_lengths() {
+        let v4 = |value: &str| AGENT.replace("\"10.255.0.0/16\"", &format!("\"{value}\""));
+        let v6 = |value: &str| AGENT.replace("\"fd00:ff::/96\"", &format!("\"{value}\""));
+        assert_only_error(
+            &v4("10.255.0.0/33"),
+            "xlb.toml:3: agent.encap_source_v4: prefix length /33 is out of range; expected \
+             /0../32",
+        );
+        assert_only_error(
+            &v4("10.255.0.1/16"),
+            "xlb.toml:3: agent.encap_source_v4: \"10.255.0.1/16\" has host bits set; expected \
+             the network address, \"10.255.0.0/16\"",
+        );
+        assert_only_error(
+            &v4("fd00::1"),
+            "xlb.toml:3: agent.encap_source_v4: \"fd00::1\" is an IPv6 address; expected an IPv4 \
+             address or prefix",
+        );
+        assert_only_error(
+            &v6("fd00:ff::/64"),
+            "xlb.toml:4: agent.encap_source_v6: prefix length /64 is too short; expected \
+             /96../128",
+        );
+        assert_only_error(
+            &v6("fd00:ff::/129"),
+            "xlb.toml:4: agent.encap_source_v6: prefix length /129 is out of range; expected \
+             /96../128",
+        );
+        assert_only_error(
+            &v6("fd00:ff::/x"),
+            "xlb.toml:4: agent.encap_source_v6: prefix length /x is out of range",
+        );
+        ok(&v6("fd00:ff::7"));
+    }
+
+    #[test]
+    fn regions_list_every_backend_region() {
+        let text = with_agent(
+            r#"
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+regions = ["eu-west", "eu-north", "eu-west"]
+
+[[vip.backend]]
+address = "10.0.0.1"
+region = "us-east"
+
+[[vip.backend]]
+address = "10.0.0.2"
+"#,
+        );
+        let all = errors(&text);
+        assert_eq!(
+            all,
+            [
+                "xlb.toml:11: vip[0].regions[2]: region \"eu-west\" is listed twice (first as \
+                 vip[0].regions[0]); list each region once",
+            ],
+            "backends are not checked against an invalid list"
+        );
+        let all = errors(&text.replace(", \"eu-west\"]", "]"));
+        assert_eq!(
+            all,
+            [
+                "xlb.toml:15: vip[0].backend[0].region: region \"us-east\" is not in \
+                 vip[0].regions; expected one of \"eu-west\", \"eu-north\", or add it to the \
+                 VIP's regions",
+                "xlb.toml:18: vip[0].backend[1].region: the backend has no region, so it is in \
+                 \"local\", which is not in vip[0].regions; expected `region = ` one of \
+                 \"eu-west\", \"eu-north\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn l7_vips_need_tcp_and_a_port() {
+        let text = with_agent(
+            r#"
+[[vip]]
+name = "api"
+address = "192.0.2.10"
+port = 0
+protocol = "udp"
+mode = "l7"
+"#,
+        );
+        let all = errors(&text);
+        assert_eq!(all.len(), 2, "{all:#?}");
+        assert!(all[0].starts_with("xlb.toml:9: vip[0].port: an l7 VIP needs a specific port"));
+        assert!(all[1].starts_with("xlb.toml:10: vip[0].protocol: an l7 VIP is served by"));
+    }
+
+    #[test]
+    fn load_reads_the_file_and_names_it() {
+        let dir = std::env::temp_dir().join(format!("xlb-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("xlb.toml");
+        std::fs::write(&path, "[agent]\ninterface = \"eth0\"\nbogus = 1\n").unwrap();
+        let err = load(&path).unwrap_err();
+        assert!(!err.is_unreadable());
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}:3: agent.bogus: unknown key", path.display())),
+            "{err}"
+        );
+        std::fs::write(&path, b"[agent]\ninterface = \"eth\xff\"\n").unwrap();
+        let err = load(&path).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}:2:17: the file is not UTF-8 text; TOML files must be UTF-8",
+                path.display()
+            )
+        );
+        std::fs::remove_file(&path).unwrap();
+        let err = load(&path).unwrap_err();
+        assert!(err.is_unreadable());
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: cannot be read: ", path.display())),
+            "{err}"
+        );
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    #[test]
+    fn edit_distance_suggests_close_keys_only() {
+        assert_eq!(closest("intervall_ms", CHECK_KEYS), Some("interval_ms"));
+        assert_eq!(closest("healthcheck", VIP_KEYS), Some("health_check"));
+        assert_eq!(closest("colour", VIP_KEYS), None);
+    }
+}

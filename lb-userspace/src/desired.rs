@@ -1,0 +1,114 @@
+//! From a validated configuration to the desired state the reconciler plans from. Pure: the
+//! host facts it needs (MACs) are passed in.
+
+use std::net::IpAddr;
+
+use lb_common::types::{FAMILY_V4, FAMILY_V6, LbConfig, VIP_F_DSR_L2, VIP_F_L7, VipKey};
+
+use crate::{
+    config::{Config, VipMode},
+    reconcile::{Desired, DesiredBackend, DesiredVip},
+};
+
+/// The balancer-wide settings of a configuration, given the LB interface's MAC and the next
+/// hop's.
+pub fn lb_config(cfg: &Config, lb_mac: [u8; 6], nexthop_mac: [u8; 6]) -> LbConfig {
+    let mut out = LbConfig {
+        lb_mac,
+        nexthop_mac,
+        egress_mtu: cfg.agent.egress_mtu,
+        ..LbConfig::default()
+    };
+    if let Some(p) = cfg.agent.encap_source_v4 {
+        out.encap_src_v4 = p.addr.octets();
+        out.encap_src_v4_prefix = p.len;
+    }
+    if let Some(p) = cfg.agent.encap_source_v6 {
+        out.encap_src_v6 = p.addr.octets();
+        out.encap_src_v6_prefix = p.len;
+    }
+    out
+}
+
+/// The data-path key of a VIP.
+pub fn vip_key(address: IpAddr, port: u16, proto: u8) -> VipKey {
+    let mut key = VipKey {
+        port_be: port.to_be(),
+        proto,
+        ..VipKey::default()
+    };
+    match address {
+        IpAddr::V4(a) => {
+            key.addr[..4].copy_from_slice(&a.octets());
+            key.family = FAMILY_V4;
+        }
+        IpAddr::V6(a) => {
+            key.addr = a.octets();
+            key.family = FAMILY_V6;
+        }
+    }
+    key
+}
+
+/// The desired state of a configuration. `healthy(vip_index, backend_index)` says whether a
+/// backend currently passes its checks; `mac_of` resolves dsr-l2 backends without a configured
+/// MAC (`None` leaves the MAC zero: such a backend is then never sent traffic by MAC).
+pub fn desired(
+    cfg: &Config,
+    lb: LbConfig,
+    healthy: impl Fn(usize, usize) -> bool,
+    mac_of: impl Fn(IpAddr) -> Option<[u8; 6]>,
+) -> Desired {
+    let vips = cfg
+        .vips
+        .iter()
+        .enumerate()
+        .map(|(vi, v)| DesiredVip {
+            key: vip_key(v.address, v.port, v.protocol.number()),
+            flags: match v.mode {
+                VipMode::DsrIpip => 0,
+                VipMode::DsrL2 => VIP_F_DSR_L2,
+                VipMode::L7 => VIP_F_L7,
+            },
+            table_size: v.table_size,
+            panic_threshold: v.panic_threshold,
+            backends: v
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(bi, b)| DesiredBackend {
+                    address: b.address,
+                    weight: b.weight as u32,
+                    healthy: healthy(vi, bi),
+                    mac: match v.mode {
+                        VipMode::DsrL2 => b.mac.map(|m| m.0).or_else(|| mac_of(b.address)),
+                        _ => None,
+                    },
+                })
+                .collect(),
+        })
+        .collect();
+    Desired { config: lb, vips }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_configuration_maps_to_vips_and_backends() {
+        let cfg = crate::config::parse("xlb.toml", include_str!("../../examples/xlb.toml"))
+            .expect("example parses");
+        let lb = lb_config(&cfg, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        assert_eq!(lb.egress_mtu, cfg.agent.egress_mtu);
+        let d = desired(&cfg, lb, |_, _| true, |_| None);
+        assert_eq!(d.vips.len(), cfg.vips.len());
+        for (dv, cv) in d.vips.iter().zip(&cfg.vips) {
+            assert_eq!(dv.key, vip_key(cv.address, cv.port, cv.protocol.number()));
+            assert_eq!(dv.backends.len(), cv.backends.len());
+            assert_eq!(dv.table_size, cv.table_size);
+        }
+        // The plan for it is valid.
+        crate::reconcile::Reconciler::new().plan(&d).expect("plan");
+    }
+}

@@ -1,0 +1,602 @@
+//! The reconciler: desired state (configuration + run-time changes + health) against what is
+//! in the maps, as a plan of map operations. Planning is pure: it owns the id allocation and the
+//! record of what was applied, and says exactly which writes bring the maps to the desired
+//! state, so a change to one VIP touches only that VIP's entries. [`apply`] carries a plan out
+//! through the typed map layer.
+//!
+//! Ids are never handed to a different backend or VIP while packets may still refer to them:
+//! freed ids join the back of a FIFO free list and come round again only after every other id.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::IpAddr,
+};
+
+use lb_common::types::{
+    BACKEND_F_UP, Backend, FAMILY_V4, FAMILY_V6, LbConfig, MAX_BACKENDS, MAX_VIPS, VipKey,
+};
+use thiserror::Error;
+
+use crate::{
+    loader::{Balancer, LoaderError},
+    maglev::{self, MaglevBackend, MaglevError},
+};
+
+/// One backend of a desired VIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredBackend {
+    /// Its address (the encapsulation destination, or for L2 DSR the host on the segment).
+    pub address: IpAddr,
+    /// Maglev weight; 0 = drained (keeps its established flows, gets no new ones).
+    pub weight: u32,
+    /// Passes its health checks (or has none).
+    pub healthy: bool,
+    /// MAC for L2 DSR VIPs.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// One desired VIP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredVip {
+    /// (address, port, protocol) as the data path matches it.
+    pub key: VipKey,
+    /// `VIP_F_*` flags (mode).
+    pub flags: u32,
+    /// Maglev table size (prime).
+    pub table_size: u32,
+    /// Share (0.0..=1.0) of the weighted backends that must be healthy; below it every
+    /// weighted backend takes traffic, healthy or not (rather than overloading the few left).
+    pub panic_threshold: f64,
+    /// Its backends.
+    pub backends: Vec<DesiredBackend>,
+}
+
+/// Everything the maps should hold.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Desired {
+    /// Balancer-wide settings.
+    pub config: LbConfig,
+    /// The VIPs.
+    pub vips: Vec<DesiredVip>,
+}
+
+/// One map write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MapOp {
+    /// Write the balancer-wide settings.
+    SetConfig(LbConfig),
+    /// Write backend `id` (an entry with family 0 frees it).
+    SetBackend(u32, Backend),
+    /// Publish a VIP with a new table (written beside the live one, then switched).
+    PublishVip {
+        /// The VIP.
+        key: VipKey,
+        /// Its id.
+        vip_id: u32,
+        /// `VIP_F_*`.
+        flags: u32,
+        /// The Maglev table of backend ids.
+        table: Vec<u32>,
+    },
+    /// Remove a VIP.
+    RemoveVip(VipKey),
+}
+
+/// Why a desired state cannot be planned. Nothing is applied when planning fails.
+#[derive(Debug, Error, PartialEq)]
+pub enum PlanError {
+    /// More VIPs than the maps hold.
+    #[error("{0} VIPs wanted; the balancer holds at most {MAX_VIPS}")]
+    TooManyVips(usize),
+    /// More backends (over all VIPs) than the maps hold.
+    #[error("more than {MAX_BACKENDS} backends over all VIPs")]
+    TooManyBackends,
+    /// The same VIP twice.
+    #[error("VIP {0:?} appears twice")]
+    DuplicateVip(VipKey),
+    /// A VIP's table cannot be built.
+    #[error("VIP {key:?}: {source}")]
+    Maglev {
+        /// The VIP.
+        key: VipKey,
+        /// The builder's error.
+        #[source]
+        source: MaglevError,
+    },
+}
+
+/// What the reconciler remembers about one applied VIP.
+#[derive(Debug, Clone, PartialEq)]
+struct AppliedVip {
+    vip_id: u32,
+    flags: u32,
+    table: Vec<u32>,
+    backends: BTreeMap<IpAddr, (u32, Backend)>,
+}
+
+/// The reconciler's memory of the maps, and its id allocators.
+#[derive(Debug)]
+pub struct Reconciler {
+    config: Option<LbConfig>,
+    vips: HashMap<VipKey, AppliedVip>,
+    free_vip_ids: VecDeque<u32>,
+    free_backend_ids: VecDeque<u32>,
+}
+
+impl Default for Reconciler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A plan and the reconciler state it leads to; [`Reconciler::commit`] adopts the state once
+/// the plan has been applied.
+#[derive(Debug)]
+pub struct Plan {
+    /// The map writes, in a safe order: backends first (a table never names a backend that is
+    /// not written yet), then VIP publications, then removals, then freed backends.
+    pub ops: Vec<MapOp>,
+    next: Reconciler,
+}
+
+impl Plan {
+    /// True when the maps already hold the desired state.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+fn backend_entry(b: &DesiredBackend, up: bool) -> Backend {
+    let mut entry = Backend::default();
+    match b.address {
+        IpAddr::V4(a) => {
+            entry.addr[..4].copy_from_slice(&a.octets());
+            entry.family = FAMILY_V4;
+        }
+        IpAddr::V6(a) => {
+            entry.addr = a.octets();
+            entry.family = FAMILY_V6;
+        }
+    }
+    entry.flags = if up { BACKEND_F_UP } else { 0 };
+    entry.mac = b.mac.unwrap_or_default();
+    entry
+}
+
+/// Whether the VIP is in panic: fewer than `panic_threshold` of its weighted backends healthy.
+/// In panic every weighted backend is used, as Envoy does, instead of piling all traffic onto
+/// the few survivors (or dropping it all when none is left).
+pub fn in_panic(vip: &DesiredVip) -> bool {
+    let weighted: Vec<&DesiredBackend> = vip.backends.iter().filter(|b| b.weight > 0).collect();
+    if weighted.is_empty() {
+        return false;
+    }
+    let healthy = weighted.iter().filter(|b| b.healthy).count();
+    (healthy as f64) < vip.panic_threshold * weighted.len() as f64
+}
+
+impl Reconciler {
+    /// A reconciler for empty maps.
+    pub fn new() -> Self {
+        Self {
+            config: None,
+            vips: HashMap::new(),
+            free_vip_ids: (0..MAX_VIPS).collect(),
+            // Id 0 is never used: a zeroed entry must not look like a real backend.
+            free_backend_ids: (1..MAX_BACKENDS).collect(),
+        }
+    }
+
+    /// The id of an applied VIP.
+    pub fn vip_id(&self, key: &VipKey) -> Option<u32> {
+        self.vips.get(key).map(|v| v.vip_id)
+    }
+
+    /// The id of an applied backend of a VIP.
+    pub fn backend_id(&self, key: &VipKey, address: &IpAddr) -> Option<u32> {
+        self.vips.get(key)?.backends.get(address).map(|(id, _)| *id)
+    }
+
+    /// Plans the writes that bring the maps from what this reconciler applied to `desired`.
+    pub fn plan(&self, desired: &Desired) -> Result<Plan, PlanError> {
+        if desired.vips.len() > MAX_VIPS as usize {
+            return Err(PlanError::TooManyVips(desired.vips.len()));
+        }
+        let mut next = Reconciler {
+            config: Some(desired.config),
+            vips: HashMap::new(),
+            free_vip_ids: self.free_vip_ids.clone(),
+            free_backend_ids: self.free_backend_ids.clone(),
+        };
+        let mut set_backends = Vec::new();
+        let mut publish = Vec::new();
+        let mut removals = Vec::new();
+        let mut freed_backends = Vec::new();
+
+        if self.config != Some(desired.config) {
+            set_backends.push(MapOp::SetConfig(desired.config));
+        }
+
+        // VIPs that go away free their ids (at the back of the queues) after the new ones were
+        // taken, so an id is never reused within one plan.
+        let wanted: HashMap<VipKey, &DesiredVip> =
+            desired.vips.iter().map(|v| (v.key, v)).collect();
+        if wanted.len() != desired.vips.len() {
+            let mut seen = std::collections::HashSet::new();
+            let dup = desired
+                .vips
+                .iter()
+                .find(|v| !seen.insert(v.key))
+                .map(|v| v.key)
+                .unwrap_or_default();
+            return Err(PlanError::DuplicateVip(dup));
+        }
+
+        for vip in &desired.vips {
+            let old = self.vips.get(&vip.key);
+            let vip_id = match old {
+                Some(o) => o.vip_id,
+                None => next
+                    .free_vip_ids
+                    .pop_front()
+                    .ok_or(PlanError::TooManyVips(desired.vips.len()))?,
+            };
+            let panic = in_panic(vip);
+            let mut backends = BTreeMap::new();
+            let mut maglev_input = Vec::new();
+            for b in &vip.backends {
+                let id = match old.and_then(|o| o.backends.get(&b.address)) {
+                    Some((id, _)) => *id,
+                    None => next
+                        .free_backend_ids
+                        .pop_front()
+                        .ok_or(PlanError::TooManyBackends)?,
+                };
+                let up = b.healthy || panic;
+                let entry = backend_entry(b, up);
+                if old.and_then(|o| o.backends.get(&b.address)) != Some(&(id, entry)) {
+                    set_backends.push(MapOp::SetBackend(id, entry));
+                }
+                if up {
+                    maglev_input.push(MaglevBackend {
+                        id,
+                        key: key_bytes(&b.address),
+                        weight: b.weight,
+                    });
+                }
+                backends.insert(b.address, (id, entry));
+            }
+            let table = maglev::build(&maglev_input, vip.table_size).map_err(|source| {
+                PlanError::Maglev {
+                    key: vip.key,
+                    source,
+                }
+            })?;
+            let changed = match old {
+                Some(o) => o.flags != vip.flags || o.table != table,
+                None => true,
+            };
+            if changed {
+                publish.push(MapOp::PublishVip {
+                    key: vip.key,
+                    vip_id,
+                    flags: vip.flags,
+                    table: table.clone(),
+                });
+            }
+            // Backends dropped from a VIP that stays: free their entries after the new table.
+            if let Some(o) = old {
+                for (addr, (id, _)) in &o.backends {
+                    if !backends.contains_key(addr) {
+                        freed_backends.push(*id);
+                    }
+                }
+            }
+            next.vips.insert(
+                vip.key,
+                AppliedVip {
+                    vip_id,
+                    flags: vip.flags,
+                    table,
+                    backends,
+                },
+            );
+        }
+        let mut gone: Vec<(&VipKey, &AppliedVip)> = self
+            .vips
+            .iter()
+            .filter(|(k, _)| !wanted.contains_key(k))
+            .collect();
+        gone.sort_by_key(|(_, v)| v.vip_id);
+        for (key, applied) in gone {
+            removals.push(MapOp::RemoveVip(*key));
+            next.free_vip_ids.push_back(applied.vip_id);
+            freed_backends.extend(applied.backends.values().map(|(id, _)| *id));
+        }
+        freed_backends.sort_unstable();
+        let mut ops = set_backends;
+        ops.extend(publish);
+        ops.extend(removals);
+        for id in freed_backends {
+            ops.push(MapOp::SetBackend(id, Backend::default()));
+            next.free_backend_ids.push_back(id);
+        }
+        Ok(Plan { ops, next })
+    }
+
+    /// Adopts the state a plan leads to (call once the plan is applied).
+    pub fn commit(&mut self, plan: Plan) {
+        *self = plan.next;
+    }
+}
+
+/// A backend's Maglev key: its address bytes, so every xlb host builds the same table.
+fn key_bytes(addr: &IpAddr) -> Vec<u8> {
+    match addr {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// Applies a plan through the typed map layer, in order. On an error the maps may hold part
+/// of the plan; the caller keeps its old reconciler state and re-plans, which rewrites whatever
+/// differs.
+pub fn apply(balancer: &mut Balancer, plan: &Plan) -> Result<(), LoaderError> {
+    for op in &plan.ops {
+        match op {
+            MapOp::SetConfig(cfg) => balancer.set_config(cfg)?,
+            MapOp::SetBackend(id, b) => balancer.set_backend(*id, b)?,
+            MapOp::PublishVip {
+                key,
+                vip_id,
+                flags,
+                table,
+            } => {
+                balancer.publish_vip(key, *vip_id, *flags, table)?;
+            }
+            MapOp::RemoveVip(key) => balancer.remove_vip(key)?,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_common::types::proto;
+
+    use super::*;
+
+    fn vip(last: u8, backends: &[(&str, u32, bool)]) -> DesiredVip {
+        let mut key = VipKey {
+            port_be: 80u16.to_be(),
+            proto: proto::TCP,
+            family: FAMILY_V4,
+            ..Default::default()
+        };
+        key.addr[..4].copy_from_slice(&[203, 0, 113, last]);
+        DesiredVip {
+            key,
+            flags: 0,
+            table_size: 251,
+            panic_threshold: 0.5,
+            backends: backends
+                .iter()
+                .map(|(a, w, h)| DesiredBackend {
+                    address: a.parse().unwrap(),
+                    weight: *w,
+                    healthy: *h,
+                    mac: None,
+                })
+                .collect(),
+        }
+    }
+
+    fn desired(vips: Vec<DesiredVip>) -> Desired {
+        Desired {
+            config: LbConfig::default(),
+            vips,
+        }
+    }
+
+    fn applied(r: &mut Reconciler, d: &Desired) -> Vec<MapOp> {
+        let plan = r.plan(d).unwrap();
+        let ops = plan.ops.clone();
+        r.commit(plan);
+        ops
+    }
+
+    fn publishes(ops: &[MapOp]) -> Vec<VipKey> {
+        ops.iter()
+            .filter_map(|o| match o {
+                MapOp::PublishVip { key, .. } => Some(*key),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_plan_writes_everything_and_a_second_writes_nothing() {
+        let mut r = Reconciler::new();
+        let d = desired(vec![
+            vip(10, &[("10.0.0.1", 1, true), ("10.0.0.2", 1, true)]),
+            vip(11, &[("10.0.0.3", 1, true)]),
+        ]);
+        let ops = applied(&mut r, &d);
+        assert_eq!(publishes(&ops).len(), 2);
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, MapOp::SetBackend(..)))
+                .count(),
+            3
+        );
+        assert!(matches!(ops[0], MapOp::SetConfig(_)));
+        assert!(
+            r.plan(&d).unwrap().is_empty(),
+            "reconciling twice must be a no-op"
+        );
+    }
+
+    #[test]
+    fn a_change_to_one_vip_touches_only_that_vip() {
+        let mut r = Reconciler::new();
+        let mut d = desired(vec![
+            vip(10, &[("10.0.0.1", 1, true), ("10.0.0.2", 1, true)]),
+            vip(11, &[("10.0.0.3", 1, true), ("10.0.0.4", 1, true)]),
+        ]);
+        applied(&mut r, &d);
+        d.vips[1].backends[1].weight = 3;
+        let ops = applied(&mut r, &d);
+        assert_eq!(publishes(&ops), vec![d.vips[1].key]);
+        assert!(
+            !ops.iter().any(|o| matches!(o, MapOp::SetBackend(..))),
+            "a weight change rewrites the table only: {ops:?}"
+        );
+    }
+
+    #[test]
+    fn backends_are_written_before_the_table_that_names_them() {
+        let mut r = Reconciler::new();
+        let mut d = desired(vec![vip(10, &[("10.0.0.1", 1, true)])]);
+        applied(&mut r, &d);
+        d.vips[0].backends.push(DesiredBackend {
+            address: "10.0.0.9".parse().unwrap(),
+            weight: 1,
+            healthy: true,
+            mac: None,
+        });
+        let ops = applied(&mut r, &d);
+        let set = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::SetBackend(..)))
+            .unwrap();
+        let publish = ops
+            .iter()
+            .position(|o| matches!(o, MapOp::PublishVip { .. }))
+            .unwrap();
+        assert!(set < publish, "{ops:?}");
+    }
+
+    #[test]
+    fn an_unhealthy_backend_is_marked_down_and_leaves_the_table() {
+        let mut r = Reconciler::new();
+        let mut d = desired(vec![vip(
+            10,
+            &[
+                ("10.0.0.1", 1, true),
+                ("10.0.0.2", 1, true),
+                ("10.0.0.3", 1, true),
+            ],
+        )]);
+        applied(&mut r, &d);
+        let down_addr: IpAddr = "10.0.0.2".parse().unwrap();
+        let down_id = r.backend_id(&d.vips[0].key, &down_addr).unwrap();
+        d.vips[0].backends[1].healthy = false;
+        let ops = applied(&mut r, &d);
+        let entry = ops
+            .iter()
+            .find_map(|o| match o {
+                MapOp::SetBackend(id, b) if *id == down_id => Some(*b),
+                _ => None,
+            })
+            .expect("the backend entry is rewritten");
+        assert_eq!(entry.flags & BACKEND_F_UP, 0);
+        let table = ops
+            .iter()
+            .find_map(|o| match o {
+                MapOp::PublishVip { table, .. } => Some(table.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert!(!table.contains(&down_id));
+    }
+
+    #[test]
+    fn a_drained_backend_stays_up_but_leaves_the_table() {
+        let mut r = Reconciler::new();
+        let mut d = desired(vec![vip(
+            10,
+            &[("10.0.0.1", 1, true), ("10.0.0.2", 1, true)],
+        )]);
+        applied(&mut r, &d);
+        let addr: IpAddr = "10.0.0.2".parse().unwrap();
+        let id = r.backend_id(&d.vips[0].key, &addr).unwrap();
+        d.vips[0].backends[1].weight = 0;
+        let ops = applied(&mut r, &d);
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, MapOp::SetBackend(i, _) if *i == id)),
+            "draining must not touch the backend entry (its flows stay): {ops:?}"
+        );
+        match &ops[0] {
+            MapOp::PublishVip { table, .. } => assert!(!table.contains(&id)),
+            other => panic!("expected a publish, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn below_the_panic_threshold_every_weighted_backend_takes_traffic() {
+        let mut r = Reconciler::new();
+        let d = desired(vec![vip(
+            10,
+            &[
+                ("10.0.0.1", 1, true),
+                ("10.0.0.2", 1, false),
+                ("10.0.0.3", 1, false),
+                ("10.0.0.4", 0, false),
+            ],
+        )]);
+        assert!(in_panic(&d.vips[0]));
+        let ops = applied(&mut r, &d);
+        let table = ops
+            .iter()
+            .find_map(|o| match o {
+                MapOp::PublishVip { table, .. } => Some(table.clone()),
+                _ => None,
+            })
+            .unwrap();
+        for a in ["10.0.0.1", "10.0.0.2", "10.0.0.3"] {
+            let id = r.backend_id(&d.vips[0].key, &a.parse().unwrap()).unwrap();
+            assert!(table.contains(&id), "{a} must serve in panic");
+        }
+        let drained = r
+            .backend_id(&d.vips[0].key, &"10.0.0.4".parse().unwrap())
+            .unwrap();
+        assert!(!table.contains(&drained), "drained stays drained in panic");
+    }
+
+    #[test]
+    fn removed_vips_and_backends_free_their_ids_without_immediate_reuse() {
+        let mut r = Reconciler::new();
+        let mut d = desired(vec![
+            vip(10, &[("10.0.0.1", 1, true)]),
+            vip(11, &[("10.0.0.2", 1, true)]),
+        ]);
+        applied(&mut r, &d);
+        let gone_vip = r.vip_id(&d.vips[1].key).unwrap();
+        let gone_backend = r
+            .backend_id(&d.vips[1].key, &"10.0.0.2".parse().unwrap())
+            .unwrap();
+        let removed = d.vips.pop().unwrap();
+        let ops = applied(&mut r, &d);
+        assert!(ops.contains(&MapOp::RemoveVip(removed.key)));
+        assert!(ops.contains(&MapOp::SetBackend(gone_backend, Backend::default())));
+        // A new VIP and backend right after get fresh ids, not the ones just freed.
+        d.vips.push(vip(12, &[("10.0.0.5", 1, true)]));
+        applied(&mut r, &d);
+        assert_ne!(r.vip_id(&d.vips[1].key), Some(gone_vip));
+        assert_ne!(
+            r.backend_id(&d.vips[1].key, &"10.0.0.5".parse().unwrap()),
+            Some(gone_backend)
+        );
+    }
+
+    #[test]
+    fn invalid_desired_states_are_refused_whole() {
+        let r = Reconciler::new();
+        let dup = desired(vec![vip(10, &[]), vip(10, &[])]);
+        assert!(matches!(r.plan(&dup), Err(PlanError::DuplicateVip(_))));
+        let mut bad = desired(vec![vip(10, &[("10.0.0.1", 1, true)])]);
+        bad.vips[0].table_size = 250;
+        assert!(matches!(r.plan(&bad), Err(PlanError::Maglev { .. })));
+    }
+}
