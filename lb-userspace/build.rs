@@ -12,8 +12,7 @@ use std::{env, path::PathBuf};
 
 use anyhow::{Context as _, anyhow};
 
-const SETUP_HINT: &str =
-    "run `cargo xtask setup` (installs rust-src and bpf-linker into ~/.cache/xlb)";
+const SETUP_HINT: &str = "run `cargo xtask setup` (adds rust-src to the nightly and builds bpf-linker into the xlb tool cache)";
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=XLB_CACHE_DIR");
@@ -27,7 +26,7 @@ fn main() -> anyhow::Result<()> {
     let linker = nightly.bpf_linker();
     if !linker.is_file() {
         return Err(anyhow!(
-            "bpf-linker for {} not found at {}; {SETUP_HINT}",
+            "bpf-linker for {} not found at {}; run `cargo xtask setup` (it builds it there)",
             nightly.key,
             linker.display()
         ));

@@ -38,6 +38,15 @@ pub enum HostError {
     },
 }
 
+/// Whether a network interface of that name exists in this network namespace.
+pub fn interface_exists(interface: &str) -> bool {
+    !interface.is_empty()
+        && !interface.contains('/')
+        && std::path::Path::new("/sys/class/net")
+            .join(interface)
+            .exists()
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];

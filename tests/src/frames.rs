@@ -23,54 +23,27 @@ pub const L3: usize = 14;
 
 /// IPv4 TCP segment from the client to the VIP.
 pub fn tcp_v4(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
-        .ipv4(CLIENT_V4, VIP_V4, 64)
-        .tcp(sport, dport, 1000, 65535)
-        .syn();
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, payload).expect("building tcp_v4");
-    out
+    tcp4(VIP_V4, sport, dport, true, payload)
 }
 
 /// IPv4 UDP datagram from the client to the VIP.
 pub fn udp_v4(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
-        .ipv4(CLIENT_V4, VIP_V4, 64)
-        .udp(sport, dport);
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, payload).expect("building udp_v4");
-    out
+    udp4(VIP_V4, sport, dport, payload)
 }
 
 /// IPv6 TCP segment from the client to the VIP.
 pub fn tcp_v6(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
-        .ipv6(CLIENT_V6, VIP_V6, 64)
-        .tcp(sport, dport, 1000, 65535)
-        .syn();
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, payload).expect("building tcp_v6");
-    out
+    tcp6(VIP_V6, sport, dport, true, payload)
 }
 
 /// IPv6 UDP datagram from the client to the VIP.
 pub fn udp_v6(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
-        .ipv6(CLIENT_V6, VIP_V6, 64)
-        .udp(sport, dport);
-    let mut out = Vec::with_capacity(b.size(payload.len()));
-    b.write(&mut out, payload).expect("building udp_v6");
-    out
+    udp6(VIP_V6, sport, dport, payload)
 }
 
 /// IPv4 ICMP echo request from the client to the VIP.
 pub fn icmp_echo_v4() -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(ROUTER_MAC, LB_MAC)
-        .ipv4(CLIENT_V4, VIP_V4, 64)
-        .icmpv4_echo_request(7, 1);
-    let mut out = Vec::new();
-    b.write(&mut out, b"ping").expect("building icmp_echo_v4");
-    out
+    icmp4_echo(VIP_V4)
 }
 
 /// IPv4 TCP segment whose header carries `options_words` 32-bit words of options

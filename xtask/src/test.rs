@@ -121,7 +121,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "fixtures",
-        what: "fixture packets through BPF_PROG_TEST_RUN on the real object",
+        what: "fixtures, differential test and reconciler plans through BPF_PROG_TEST_RUN",
         needs_root: true,
         command: || {
             let mut c = cargo();

@@ -152,6 +152,20 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         (None, None) => bail!("give --config FILE (or --interface IF to attach with no VIPs)"),
     };
 
+    anyhow::ensure!(
+        host::interface_exists(&interface),
+        "no network interface {interface:?} here (see `ip link`)"
+    );
+    if cfg.as_ref().is_some_and(|c| {
+        c.vips.iter().any(|v| {
+            v.health_check.is_some() || v.backends.iter().any(|b| b.health_check.is_some())
+        })
+    }) {
+        tracing::warn!(
+            "health_check blocks are validated but not run yet: every backend counts as healthy \
+             (weight 0 still drains)"
+        );
+    }
     let balancer = Balancer::load_with(LoadOptions { flow_entries })
         .context("loading the XDP balancer (are you root?)")?;
     let mut running = Running {

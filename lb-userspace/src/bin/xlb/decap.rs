@@ -17,7 +17,8 @@ pub struct DecapArgs {
     /// Network interface to attach the decapsulator to.
     #[arg(long, short = 'i')]
     interface: String,
-    /// Tunnel address to accept (repeatable). Default: every address of the interface.
+    /// Tunnel address to accept (repeatable). Default: every address of the interface except
+    /// IPv6 link-local ones.
     #[arg(long = "address", value_name = "ADDR")]
     addresses: Vec<IpAddr>,
     /// XDP attach mode: native (driver), generic (skb), or auto (native, else generic).
@@ -35,6 +36,11 @@ pub fn run(args: DecapArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: DecapArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        lb_userspace::host::interface_exists(&args.interface),
+        "no network interface {:?} here (see `ip link`)",
+        args.interface
+    );
     let addresses = if args.addresses.is_empty() {
         interface_addresses(&args.interface)?
     } else {
