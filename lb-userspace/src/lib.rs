@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod counters;
 pub mod desired;
+pub mod health;
 pub mod host;
 pub mod loader;
 pub mod logging;

@@ -304,31 +304,77 @@ impl Drop for TempFile {
     }
 }
 
-/// Real TCP through the real data path: client -> router -> xlb host (XDP encapsulates and
-/// sends back to the router) -> router -> backend (xlb decap strips the tunnel, the VIP on
-/// loopback answers) -> reply straight to the client. The agent is configured from a file.
-#[test]
-fn tcp_through_the_balancer_and_decap_reaches_the_backend_and_replies_directly() {
+/// The single-arm deployment in namespaces: a client, a router, the xlb host (VIP traffic is
+/// routed to it; it sends encapsulated frames back through the router) and `n` backends running
+/// `xlb decap` with the VIP on loopback. Backend `i` is 10.99.(3+i).2.
+struct Lab {
+    client: Netns,
+    lb: Netns,
+    backends: Vec<Netns>,
+    // Kept for their Drop: the pass program on the router's side of the xlb host's link and
+    // the backends' decapsulators run as long as the lab does.
+    _router: Netns,
+    _router_xdp: Agent,
+    decaps: Vec<Agent>,
+}
+
+const LAB_VIP: &str = "203.0.113.10";
+
+fn lab(n: usize) -> Lab {
     sweep_stale();
     let client = Netns::create("client");
     let router = Netns::create("router");
     let lb = Netns::create("lb");
-    let backend = Netns::create("backend");
     veth_pair(&client, "eth0", &router, "c0");
     veth_pair(&lb, "eth0", &router, "l0");
-    veth_pair(&backend, "eth0", &router, "b0");
     client.run(&["ip", "addr", "add", "10.99.1.2/24", "dev", "eth0"]);
     client.run(&["ip", "route", "add", "default", "via", "10.99.1.1"]);
     router.run(&["ip", "addr", "add", "10.99.1.1/24", "dev", "c0"]);
     router.run(&["ip", "addr", "add", "10.99.2.1/24", "dev", "l0"]);
-    router.run(&["ip", "addr", "add", "10.99.3.1/24", "dev", "b0"]);
-    router.run(&["ip", "route", "add", "203.0.113.10/32", "via", "10.99.2.2"]);
+    router.run(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{LAB_VIP}/32"),
+        "via",
+        "10.99.2.2",
+    ]);
     lb.run(&["ip", "addr", "add", "10.99.2.2/24", "dev", "eth0"]);
     lb.run(&["ip", "route", "add", "default", "via", "10.99.2.1"]);
-    backend.run(&["ip", "addr", "add", "10.99.3.2/24", "dev", "eth0"]);
-    backend.run(&["ip", "route", "add", "default", "via", "10.99.3.1"]);
-    backend.run(&["ip", "addr", "add", "203.0.113.10/32", "dev", "lo"]);
-    for ns in [&router, &backend] {
+    let mut backends = Vec::new();
+    for i in 0..n {
+        let b = Netns::create(&format!("backend{i}"));
+        let rif = format!("b{i}");
+        veth_pair(&b, "eth0", &router, &rif);
+        let net = 3 + i;
+        router.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.99.{net}.1/24"),
+            "dev",
+            &rif,
+        ]);
+        b.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("10.99.{net}.2/24"),
+            "dev",
+            "eth0",
+        ]);
+        b.run(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.99.{net}.1"),
+        ]);
+        b.run(&["ip", "addr", "add", &format!("{LAB_VIP}/32"), "dev", "lo"]);
+        backends.push(b);
+    }
+    for ns in std::iter::once(&router).chain(backends.iter()) {
         ns.run(&[
             "sh",
             "-c",
@@ -338,7 +384,6 @@ fn tcp_through_the_balancer_and_decap_reaches_the_backend_and_replies_directly()
     }
     // The lb host learns its router's MAC (next_hop_mac = "auto" reads the neighbour table).
     lb.run(&["ping", "-c", "1", "-W", "2", "10.99.2.1"]);
-
     // Frames sent with XDP_TX into a veth are delivered only if the peer has an XDP program:
     // the router's side gets the balancer with no VIPs, which passes everything.
     let mut router_xdp = Agent::start(
@@ -346,22 +391,110 @@ fn tcp_through_the_balancer_and_decap_reaches_the_backend_and_replies_directly()
         &["agent", "--interface", "l0", "--xdp-mode", "native"],
     );
     router_xdp.wait_for("xlb_balancer attached", Duration::from_secs(20));
-    let mut decap = Agent::start(
-        &backend,
-        &[
-            "decap",
-            "--interface",
-            "eth0",
-            "--address",
-            "10.99.3.2",
-            "--xdp-mode",
-            "native",
-        ],
-    );
-    decap.wait_for("xlb_decap attached", Duration::from_secs(20));
+    let decaps = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let addr = format!("10.99.{}.2", 3 + i);
+            let mut d = Agent::start(
+                b,
+                &[
+                    "decap",
+                    "--interface",
+                    "eth0",
+                    "--address",
+                    &addr,
+                    "--xdp-mode",
+                    "native",
+                ],
+            );
+            d.wait_for("xlb_decap attached", Duration::from_secs(20));
+            d
+        })
+        .collect();
+    Lab {
+        client,
+        lb,
+        backends,
+        _router: router,
+        _router_xdp: router_xdp,
+        decaps,
+    }
+}
 
-    let config = TempFile::new(
-        "xlb.toml",
+/// A TCP server in a backend host on port 80 of every address (the VIP and its own, so health
+/// checks reach it too) answering each request with its name; stops (its port then refuses
+/// connections) when dropped.
+struct Server {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(ns: &Netns, name: &str) -> Server {
+        let listener = in_netns(ns, || TcpListener::bind("0.0.0.0:80").expect("bind :80"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = name.to_string();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 256];
+                        let n = s.read(&mut buf).unwrap_or(0);
+                        let _ = s.write_all(
+                            format!("{name}: {}", String::from_utf8_lossy(&buf[..n])).as_bytes(),
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Server {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `count` connections from the client host to the VIP; each returns the answering backend's
+/// reply, or the error.
+fn connect_many(client: &Netns, count: usize, tag: &str) -> Vec<Result<String, String>> {
+    let tag = tag.to_string();
+    spawn_in_netns(client, move || {
+        let vip: SocketAddr = format!("{LAB_VIP}:80").parse().unwrap();
+        (0..count)
+            .map(|i| {
+                let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+                    .map_err(|e| format!("connect {i}: {e}"))?;
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s.write_all(format!("{tag} {i}").as_bytes())
+                    .map_err(|e| format!("write {i}: {e}"))?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)
+                    .map_err(|e| format!("read {i}: {e}"))?;
+                Ok(out)
+            })
+            .collect()
+    })
+    .join()
+    .expect("client thread")
+}
+
+fn lab_config(backends: usize, health: &str) -> String {
+    let mut text = format!(
         r#"
 [agent]
 interface = "eth0"
@@ -372,58 +505,47 @@ egress_mtu = 1500
 
 [[vip]]
 name = "web"
-address = "203.0.113.10"
+address = "{LAB_VIP}"
 port = 80
 protocol = "tcp"
-
-[[vip.backend]]
-address = "10.99.3.2"
-"#,
+{health}
+"#
     );
-    let mut agent = Agent::start(&lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    for i in 0..backends {
+        text.push_str(&format!(
+            "\n[[vip.backend]]\naddress = \"10.99.{}.2\"\n",
+            3 + i
+        ));
+    }
+    text
+}
+
+/// Real TCP through the real data path: client -> router -> xlb host (XDP encapsulates and
+/// sends back to the router) -> router -> backend (xlb decap strips the tunnel, the VIP on
+/// loopback answers) -> reply straight to the client. The agent is configured from a file.
+#[test]
+fn tcp_through_the_balancer_and_decap_reaches_the_backend_and_replies_directly() {
+    let lab = lab(2);
+    let _servers: Vec<Server> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Server::start(b, &format!("backend{i}")))
+        .collect();
+    let config = TempFile::new("xlb.toml", &lab_config(2, ""));
+    let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
     agent.wait_for("configuration applied", Duration::from_secs(20));
     agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
 
-    // A real TCP server on the VIP in the backend host, a real client in the client host.
-    const CONNECTIONS: usize = 20;
-    let listener = in_netns(&backend, || {
-        TcpListener::bind("203.0.113.10:80").expect("bind the VIP on the backend")
-    });
-    let server = std::thread::spawn(move || {
-        for _ in 0..CONNECTIONS {
-            let (mut s, peer) = listener.accept().expect("accept");
-            let mut buf = [0u8; 64];
-            let n = s.read(&mut buf).expect("read request");
-            let reply = format!(
-                "backend saw {peer} say {}",
-                String::from_utf8_lossy(&buf[..n])
-            );
-            s.write_all(reply.as_bytes()).expect("reply");
-        }
-    });
-    let replies = spawn_in_netns(&client, || {
-        let vip: SocketAddr = "203.0.113.10:80".parse().unwrap();
-        (0..CONNECTIONS)
-            .map(|i| {
-                let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(5))
-                    .unwrap_or_else(|e| panic!("connection {i} to the VIP failed: {e}"));
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                s.write_all(format!("hello {i}").as_bytes()).unwrap();
-                let mut out = String::new();
-                s.read_to_string(&mut out).unwrap();
-                out
-            })
-            .collect::<Vec<String>>()
-    })
-    .join()
-    .expect("client");
-    server.join().expect("server");
+    const CONNECTIONS: usize = 40;
+    let replies = connect_many(&lab.client, CONNECTIONS, "hello");
+    let mut per_backend = [0usize; 2];
     for (i, r) in replies.iter().enumerate() {
-        assert!(
-            r.starts_with("backend saw 10.99.1.2:") && r.ends_with(&format!("hello {i}")),
-            "reply {i}: {r:?}"
-        );
+        let r = r.as_ref().unwrap_or_else(|e| panic!("{e}"));
+        assert!(r.ends_with(&format!("hello {i}")), "reply {i}: {r:?}");
+        per_backend[if r.starts_with("backend0") { 0 } else { 1 }] += 1;
     }
+    assert!(per_backend[0] > 0 && per_backend[1] > 0, "{per_backend:?}");
 
     assert!(agent.terminate().success());
     let totals = agent.wait_for("stopping; detaching", Duration::from_secs(5));
@@ -436,13 +558,63 @@ address = "10.99.3.2"
         "{totals}"
     );
     assert!(counter(&totals, "ct_hit") >= CONNECTIONS as u64, "{totals}");
-    assert!(decap.terminate().success());
-    let dtotals = decap.wait_for("stopping; detaching", Duration::from_secs(5));
+    let mut decapped = 0;
+    for mut d in lab.decaps {
+        assert!(d.terminate().success());
+        decapped += counter(
+            &d.wait_for("stopping; detaching", Duration::from_secs(5)),
+            "decap_v4",
+        );
+    }
     assert!(
-        counter(&dtotals, "decap_v4") >= 3 * CONNECTIONS as u64,
-        "{dtotals}"
+        decapped >= 3 * CONNECTIONS as u64,
+        "decap_v4 total {decapped}"
     );
-    assert!(router_xdp.terminate().success());
+}
+
+/// Health checks steer traffic: a backend whose server stops is taken out of the table within
+/// fall x interval (+ one interval), after which no new connection fails; when it comes back it
+/// rejoins after `rise` good checks.
+#[test]
+fn a_failed_backend_is_taken_out_and_rejoins_after_rise_checks() {
+    let lab = lab(2);
+    let mut server0 = Some(Server::start(&lab.backends[0], "backend0"));
+    let _server1 = Server::start(&lab.backends[1], "backend1");
+    let health = "[vip.health_check]\ntype = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
+    let config = TempFile::new("xlb-health.toml", &lab_config(2, health));
+    let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+
+    let seen = |replies: &[Result<String, String>]| {
+        let mut per = [0usize; 2];
+        for r in replies {
+            let r = r.as_ref().unwrap_or_else(|e| panic!("{e}"));
+            per[if r.starts_with("backend0") { 0 } else { 1 }] += 1;
+        }
+        per
+    };
+    let before = seen(&connect_many(&lab.client, 30, "before"));
+    assert!(before[0] > 0 && before[1] > 0, "{before:?}");
+
+    drop(server0.take());
+    let stopped = Instant::now();
+    agent.wait_for("backend down", Duration::from_secs(10));
+    let detected = stopped.elapsed();
+    eprintln!("backend0 marked down {detected:?} after its server stopped");
+    // fall (2) x interval (200 ms) + one interval, with room for a loaded machine.
+    assert!(detected < Duration::from_secs(3), "took {detected:?}");
+    let during = seen(&connect_many(&lab.client, 30, "during"));
+    assert_eq!(
+        during,
+        [0, 30],
+        "every new connection goes to the healthy backend"
+    );
+
+    let _server0 = Server::start(&lab.backends[0], "backend0");
+    agent.wait_for("backend up", Duration::from_secs(10));
+    let after = seen(&connect_many(&lab.client, 40, "after"));
+    assert!(after[0] > 0, "backend0 rejoined: {after:?}");
+    assert!(agent.terminate().success());
 }
 
 /// A configuration with errors is refused at start, naming file, line and key.

@@ -8,14 +8,21 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
+use std::collections::{HashMap, HashSet};
+
 use lb_userspace::{
     config::{self, Config, NextHopMac, XdpMode},
-    desired, host,
+    desired,
+    health::{Checker, CheckerHandle, HealthEvent, HealthState, Target, TargetId},
+    host,
     loader::{AttachMode, Balancer, LoadOptions},
     logging,
     reconcile::{self, Reconciler},
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 
 /// Arguments of `xlb agent`.
 #[derive(Debug, Args)]
@@ -95,16 +102,60 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
     }
 }
 
-/// The agent's live state: the balancer and what the reconciler applied to it.
+/// The agent's live state: the balancer, what the reconciler applied to it, the configuration
+/// it runs, and the health of the checked backends.
 struct Running {
     balancer: Balancer,
     reconciler: Reconciler,
+    config: Option<Config>,
+    /// Backends whose checks failed `fall` times in a row (all others count as healthy).
+    down: HashSet<TargetId>,
+    checker: Option<CheckerHandle>,
+}
+
+/// The backends of `cfg` that have a health check (the VIP's, with the backend's overrides).
+fn targets(cfg: &Config) -> Vec<Target> {
+    let mut out = Vec::new();
+    for (vi, v) in cfg.vips.iter().enumerate() {
+        for (bi, b) in v.backends.iter().enumerate() {
+            if let Some(check) = &b.health_check {
+                out.push(Target {
+                    id: TargetId {
+                        vip: vi,
+                        backend: bi,
+                    },
+                    address: b.address,
+                    check: check.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A backend's identity across reloads: (VIP name, backend address), since indices move when
+/// the file changes.
+fn stable_ids(cfg: &Config) -> HashMap<(String, std::net::IpAddr), TargetId> {
+    let mut out = HashMap::new();
+    for (vi, v) in cfg.vips.iter().enumerate() {
+        for (bi, b) in v.backends.iter().enumerate() {
+            out.insert(
+                (v.name.clone(), b.address),
+                TargetId {
+                    vip: vi,
+                    backend: bi,
+                },
+            );
+        }
+    }
+    out
 }
 
 impl Running {
     /// Brings the maps to what `cfg` describes. On any error the previous state stays in
     /// place (a failed plan writes nothing; a failed apply is re-planned next time).
     fn reconcile(&mut self, cfg: &Config) -> anyhow::Result<usize> {
+        let down = self.down.clone();
         let interface = &cfg.agent.interface;
         let lb_mac = host::interface_mac(interface)?;
         let nexthop = match cfg.agent.next_hop_mac {
@@ -112,12 +163,10 @@ impl Running {
             NextHopMac::Auto => host::gateway_mac(interface)?,
         };
         let lb = desired::lb_config(cfg, lb_mac, nexthop);
-        // Health checks arrive with their own module; until then every backend counts as
-        // healthy, and weight 0 drains.
         let want = desired::desired(
             cfg,
             lb,
-            |_, _| true,
+            |vip, backend| !down.contains(&TargetId { vip, backend }),
             |addr| host::neighbour_mac(addr, interface).ok(),
         );
         let plan = self
@@ -128,6 +177,66 @@ impl Running {
         reconcile::apply(&mut self.balancer, &plan).context("writing the maps")?;
         self.reconciler.commit(plan);
         Ok(writes)
+    }
+
+    /// (Re)starts the health checks for `cfg`, keeping the state of backends that were
+    /// checked before (matched by VIP name and address).
+    fn restart_checks(&mut self, cfg: &Config, tx: &mpsc::Sender<HealthEvent>) {
+        let previous: HashMap<TargetId, HealthState> = match (self.checker.take(), &self.config) {
+            (Some(handle), Some(old)) => {
+                let old_ids: HashMap<TargetId, (String, std::net::IpAddr)> =
+                    stable_ids(old).into_iter().map(|(k, id)| (id, k)).collect();
+                let new_ids = stable_ids(cfg);
+                handle
+                    .stop()
+                    .into_iter()
+                    .filter_map(|(id, state)| Some((*new_ids.get(old_ids.get(&id)?)?, state)))
+                    .collect()
+            }
+            _ => HashMap::new(),
+        };
+        self.down = previous
+            .iter()
+            .filter(|(_, s)| !s.is_up())
+            .map(|(id, _)| *id)
+            .collect();
+        let targets = targets(cfg);
+        if !targets.is_empty() {
+            tracing::info!(checks = targets.len(), "health checks running");
+            self.checker = Some(Checker::spawn_with_states(targets, previous, tx.clone()));
+        }
+    }
+
+    /// A backend changed state: log it once and reconcile.
+    fn on_health(&mut self, ev: HealthEvent) {
+        let Some(cfg) = self.config.clone() else {
+            return;
+        };
+        let Some(vip) = cfg.vips.get(ev.id.vip) else {
+            return;
+        };
+        let Some(backend) = vip.backends.get(ev.id.backend) else {
+            return;
+        };
+        if ev.up {
+            self.down.remove(&ev.id);
+        } else {
+            self.down.insert(ev.id);
+        }
+        // The line is written once the maps reflect the change, so "backend down" means no new
+        // flow goes there any more.
+        let applied = self.reconcile(&cfg);
+        let (name, addr, detail) = (&vip.name, backend.address, &ev.detail);
+        match (ev.up, applied) {
+            (true, Ok(_)) => tracing::info!(vip = %name, backend = %addr, %detail, "backend up"),
+            (false, Ok(_)) => tracing::warn!(vip = %name, backend = %addr, %detail, "backend down"),
+            (up, Err(e)) => tracing::error!(
+                vip = %name,
+                backend = %addr,
+                up,
+                "health change could not be applied: {e:#}"
+            ),
+        }
     }
 }
 
@@ -156,22 +265,16 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         host::interface_exists(&interface),
         "no network interface {interface:?} here (see `ip link`)"
     );
-    if cfg.as_ref().is_some_and(|c| {
-        c.vips.iter().any(|v| {
-            v.health_check.is_some() || v.backends.iter().any(|b| b.health_check.is_some())
-        })
-    }) {
-        tracing::warn!(
-            "health_check blocks are validated but not run yet: every backend counts as healthy \
-             (weight 0 still drains)"
-        );
-    }
     let balancer = Balancer::load_with(LoadOptions { flow_entries })
         .context("loading the XDP balancer (are you root?)")?;
     let mut running = Running {
         balancer,
         reconciler: Reconciler::new(),
+        config: None,
+        down: HashSet::new(),
+        checker: None,
     };
+    let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(256);
     let logger = running
         .balancer
         .take_logger(log::logger())
@@ -181,6 +284,9 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     // The maps are filled before the program is attached, so its first packet already sees
     // every VIP.
     if let Some(c) = &cfg {
+        // Backends start healthy (no check has failed yet), so a restart never empties a pool.
+        running.restart_checks(c, &health_tx);
+        running.config = Some(c.clone());
         let writes = running.reconcile(c)?;
         tracing::info!(
             vips = c.vips.len(),
@@ -202,7 +308,8 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&mut running, args.config.as_ref(), &interface),
+            _ = hup.recv() => reload(&mut running, args.config.as_ref(), &interface, &health_tx),
+            Some(ev) = health_rx.recv() => running.on_health(ev),
             _ = ticker.tick(), if args.stats_interval_secs > 0 => {
                 let now = running.balancer.counters()?;
                 tracing::info!(counters = %now.since(&last), "counters since last report");
@@ -217,7 +324,12 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
 
 /// SIGHUP: re-read the configuration and apply it; an invalid one is refused and the running
 /// state stays.
-fn reload(running: &mut Running, path: Option<&PathBuf>, interface: &str) {
+fn reload(
+    running: &mut Running,
+    path: Option<&PathBuf>,
+    interface: &str,
+    health_tx: &mpsc::Sender<HealthEvent>,
+) {
     let Some(path) = path else {
         tracing::warn!("SIGHUP ignored: the agent runs without a configuration file");
         return;
@@ -237,6 +349,9 @@ fn reload(running: &mut Running, path: Option<&PathBuf>, interface: &str) {
         );
         return;
     }
+    let previous = (running.down.clone(), running.config.clone());
+    running.restart_checks(&cfg, health_tx);
+    running.config = Some(cfg.clone());
     match running.reconcile(&cfg) {
         Ok(writes) => tracing::info!(
             vips = cfg.vips.len(),
@@ -244,6 +359,15 @@ fn reload(running: &mut Running, path: Option<&PathBuf>, interface: &str) {
             writes,
             "configuration reloaded"
         ),
-        Err(e) => tracing::error!("reload failed: {e:#}; the previous state stays in place"),
+        Err(e) => {
+            // The maps keep the previous state; so does the agent (checks restart for it).
+            tracing::error!("reload failed: {e:#}; the previous state stays in place");
+            let (down, old) = previous;
+            if let Some(old) = old {
+                running.restart_checks(&old, health_tx);
+                running.config = Some(old);
+                running.down = down;
+            }
+        }
     }
 }
