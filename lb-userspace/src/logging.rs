@@ -6,16 +6,30 @@ use aya_log::EbpfLogger;
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global tracing subscriber (level from `RUST_LOG`, default `info`). It also
-/// captures `log` records, which is how aya-log's records from the kernel arrive.
-pub fn init_tracing() {
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Installs the global tracing subscriber on stderr (level from `RUST_LOG`, default `info`).
+/// It also captures `log` records, which is how aya-log's records from the kernel arrive.
+pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal, never in files, pipes or journals.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            // Colour only for a person at a terminal, never in files, pipes or journals.
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 /// Forwards the programs' log records to `log` (and so to tracing) as they arrive. The ring

@@ -639,3 +639,20 @@ fn the_agent_refuses_an_invalid_configuration() {
     let link = hosts.lb.run(&["ip", "link", "show", "dev", "eth0"]);
     assert!(!link.contains("xdp"), "nothing may be attached: {link}");
 }
+
+/// `--log-format json` writes one JSON object per line, with the event's fields.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let hosts = two_hosts();
+    let mut agent = Agent::start(
+        &hosts.lb,
+        &["--log-format", "json", "agent", "--interface", "eth0"],
+    );
+    let line = agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["fields"]["message"], "xlb_balancer attached", "{line}");
+    assert_eq!(v["fields"]["interface"], "eth0", "{line}");
+    assert_eq!(v["level"], "INFO", "{line}");
+    assert!(agent.terminate().success());
+}

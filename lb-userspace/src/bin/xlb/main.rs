@@ -12,8 +12,17 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "xlb", version, about, propagate_version = true)]
 struct Cli {
+    /// Log format on stderr: text (one line per event) or json (one object per line).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
+    log_format: LogFormatArg,
     #[command(subcommand)]
     command: Commands,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormatArg {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -30,7 +39,10 @@ enum Commands {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    lb_userspace::logging::init_tracing();
+    lb_userspace::logging::init_tracing(match cli.log_format {
+        LogFormatArg::Text => lb_userspace::logging::LogFormat::Text,
+        LogFormatArg::Json => lb_userspace::logging::LogFormat::Json,
+    });
     let result = match cli.command {
         Commands::Agent(args) => agent::run(args),
         Commands::Decap(args) => decap::run(args),
