@@ -13,5 +13,6 @@ pub mod loader;
 pub mod logging;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod reconcile;
 pub mod sim;

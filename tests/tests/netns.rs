@@ -469,6 +469,29 @@ impl Drop for Server {
     }
 }
 
+/// Scrapes the agent's metrics endpoint (default 127.0.0.1:9641 in the xlb host's namespace).
+fn scrape(lb: &Netns) -> String {
+    in_netns(lb, || {
+        let mut s =
+            TcpStream::connect_timeout(&"127.0.0.1:9641".parse().unwrap(), Duration::from_secs(3))
+                .expect("connect to the metrics endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        out
+    })
+}
+
+/// The value of one sample line (`name{labels}`) of a scrape.
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
 /// `count` connections from the client host to the VIP; each returns the answering backend's
 /// reply, or the error.
 fn connect_many(client: &Netns, count: usize, tag: &str) -> Vec<Result<String, String>> {
@@ -547,6 +570,40 @@ fn tcp_through_the_balancer_and_decap_reaches_the_backend_and_replies_directly()
     }
     assert!(per_backend[0] > 0 && per_backend[1] > 0, "{per_backend:?}");
 
+    // The metrics endpoint shows the same traffic.
+    let m = scrape(&lab.lb);
+    assert!(
+        sample(&m, "xlb_vip_new_flows_total{vip=\"web\"}") >= CONNECTIONS as f64,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "xlb_vip_packets_total{vip=\"web\"}") >= 3.0 * CONNECTIONS as f64,
+        "{m}"
+    );
+    let per: f64 = (0..2)
+        .map(|i| {
+            sample(
+                &m,
+                &format!(
+                    "xlb_backend_new_flows_total{{vip=\"web\",backend=\"10.99.{}.2\"}}",
+                    3 + i
+                ),
+            )
+        })
+        .sum();
+    assert_eq!(
+        per,
+        sample(&m, "xlb_vip_new_flows_total{vip=\"web\"}"),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "xlb_backend_up{vip=\"web\",backend=\"10.99.3.2\"}"),
+        1.0
+    );
+    assert!(
+        sample(&m, "xlb_datapath_events_total{event=\"fwd_encap_v4\"}") >= 3.0 * CONNECTIONS as f64
+    );
+
     assert!(agent.terminate().success());
     let totals = agent.wait_for("stopping; detaching", Duration::from_secs(5));
     assert!(
@@ -608,6 +665,17 @@ fn a_failed_backend_is_taken_out_and_rejoins_after_rise_checks() {
         during,
         [0, 30],
         "every new connection goes to the healthy backend"
+    );
+    let m = scrape(&lab.lb);
+    assert_eq!(
+        sample(&m, "xlb_backend_up{vip=\"web\",backend=\"10.99.3.2\"}"),
+        0.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "xlb_backend_up{vip=\"web\",backend=\"10.99.4.2\"}"),
+        1.0,
+        "{m}"
     );
 
     let _server0 = Server::start(&lab.backends[0], "backend0");

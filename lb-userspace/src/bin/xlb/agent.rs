@@ -16,7 +16,7 @@ use lb_userspace::{
     health::{Checker, CheckerHandle, HealthEvent, HealthState, Target, TargetId},
     host,
     loader::{AttachMode, Balancer, LoadOptions},
-    logging,
+    logging, metrics,
     reconcile::{self, Reconciler},
 };
 use tokio::{
@@ -111,6 +111,9 @@ struct Running {
     /// Backends whose checks failed `fall` times in a row (all others count as healthy).
     down: HashSet<TargetId>,
     checker: Option<CheckerHandle>,
+    last_reconcile: Option<Duration>,
+    reconciles: u64,
+    reloads_refused: u64,
 }
 
 /// The backends of `cfg` that have a health check (the VIP's, with the backend's overrides).
@@ -155,6 +158,7 @@ impl Running {
     /// Brings the maps to what `cfg` describes. On any error the previous state stays in
     /// place (a failed plan writes nothing; a failed apply is re-planned next time).
     fn reconcile(&mut self, cfg: &Config) -> anyhow::Result<usize> {
+        let started = std::time::Instant::now();
         let down = self.down.clone();
         let interface = &cfg.agent.interface;
         let lb_mac = host::interface_mac(interface)?;
@@ -176,7 +180,70 @@ impl Running {
         let writes = plan.ops.len();
         reconcile::apply(&mut self.balancer, &plan).context("writing the maps")?;
         self.reconciler.commit(plan);
+        self.last_reconcile = Some(started.elapsed());
+        self.reconciles += 1;
         Ok(writes)
+    }
+
+    /// What a metrics scrape shows, read from the maps now.
+    fn snapshot(&self) -> metrics::Snapshot {
+        let latencies = self
+            .checker
+            .as_ref()
+            .map(|c| c.latencies())
+            .unwrap_or_default();
+        let traffic = |s: Result<lb_common::types::Stats, _>| {
+            s.map(|s| metrics::Traffic {
+                packets: s.packets,
+                bytes: s.bytes,
+                new_flows: s.new_flows,
+            })
+            .unwrap_or_default()
+        };
+        let vips = self
+            .config
+            .iter()
+            .flat_map(|c| c.vips.iter().enumerate())
+            .map(|(vi, v)| {
+                let key = desired::vip_key(v.address, v.port, v.protocol.number());
+                metrics::VipMetrics {
+                    name: v.name.clone(),
+                    traffic: self
+                        .reconciler
+                        .vip_id(&key)
+                        .map(|id| traffic(self.balancer.vip_stats(id)))
+                        .unwrap_or_default(),
+                    backends: v
+                        .backends
+                        .iter()
+                        .enumerate()
+                        .map(|(bi, b)| {
+                            let id = TargetId {
+                                vip: vi,
+                                backend: bi,
+                            };
+                            metrics::BackendMetrics {
+                                address: b.address.to_string(),
+                                up: !self.down.contains(&id),
+                                traffic: self
+                                    .reconciler
+                                    .backend_id(&key, &b.address)
+                                    .map(|bid| traffic(self.balancer.backend_stats(bid)))
+                                    .unwrap_or_default(),
+                                check_latency: latencies.get(&id).copied(),
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        metrics::Snapshot {
+            counters: self.balancer.counters().unwrap_or_default(),
+            vips,
+            last_reconcile: self.last_reconcile,
+            reconciles: self.reconciles,
+            reloads_refused: self.reloads_refused,
+        }
     }
 
     /// (Re)starts the health checks for `cfg`, keeping the state of backends that were
@@ -273,7 +340,19 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         config: None,
         down: HashSet::new(),
         checker: None,
+        last_reconcile: None,
+        reconciles: 0,
+        reloads_refused: 0,
     };
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::ScrapeRequest>(16);
+    if let Some(c) = &cfg {
+        let listen = c.agent.metrics_listen;
+        let listener = metrics::bind(listen)
+            .await
+            .with_context(|| format!("listening for metrics on {listen} (agent.metrics_listen)"))?;
+        tracing::info!(%listen, "metrics on http://{listen}/metrics");
+        tokio::spawn(metrics::serve(listener, scrape_tx));
+    }
     let (health_tx, mut health_rx) = mpsc::channel::<HealthEvent>(256);
     let logger = running
         .balancer
@@ -310,6 +389,9 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => reload(&mut running, args.config.as_ref(), &interface, &health_tx),
             Some(ev) = health_rx.recv() => running.on_health(ev),
+            Some(reply) = scrape_rx.recv() => {
+                let _ = reply.send(metrics::render(&running.snapshot()));
+            }
             _ = ticker.tick(), if args.stats_interval_secs > 0 => {
                 let now = running.balancer.counters()?;
                 tracing::info!(counters = %now.since(&last), "counters since last report");
@@ -338,6 +420,7 @@ fn reload(
         Ok(c) => c,
         Err(e) => {
             tracing::error!("reload refused: {e:#}; still running the previous configuration");
+            running.reloads_refused += 1;
             return;
         }
     };
@@ -362,6 +445,7 @@ fn reload(
         Err(e) => {
             // The maps keep the previous state; so does the agent (checks restart for it).
             tracing::error!("reload failed: {e:#}; the previous state stays in place");
+            running.reloads_refused += 1;
             let (down, old) = previous;
             if let Some(old) = old {
                 running.restart_checks(&old, health_tx);
