@@ -110,8 +110,18 @@ pub enum PlanError {
 struct AppliedVip {
     vip_id: u32,
     flags: u32,
-    table: Vec<u32>,
+    /// A digest of the applied table, not the table: 100 VIPs of 65,537 slots would otherwise
+    /// keep 26 MB alive just to notice that nothing changed.
+    table_digest: u64,
     backends: BTreeMap<IpAddr, (u32, Backend)>,
+}
+
+/// A digest of a table (within one process: only compared with digests made here).
+fn digest(table: &[u32]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    table.hash(&mut h);
+    h.finish()
 }
 
 /// The reconciler's memory of the maps, and its id allocators.
@@ -272,8 +282,9 @@ impl Reconciler {
                     source,
                 }
             })?;
+            let table_digest = digest(&table);
             let changed = match old {
-                Some(o) => o.flags != vip.flags || o.table != table,
+                Some(o) => o.flags != vip.flags || o.table_digest != table_digest,
                 None => true,
             };
             if changed {
@@ -281,7 +292,7 @@ impl Reconciler {
                     key: vip.key,
                     vip_id,
                     flags: vip.flags,
-                    table: table.clone(),
+                    table,
                 });
             }
             // Backends dropped from a VIP that stays: free their entries after the new table.
@@ -297,7 +308,7 @@ impl Reconciler {
                 AppliedVip {
                     vip_id,
                     flags: vip.flags,
-                    table,
+                    table_digest,
                     backends,
                 },
             );

@@ -1,5 +1,6 @@
 //! `cargo xtask bench <what>`: benchmarks that need set-up, root and a release build.
 //!
+//! `control` runs `control-bench` (Maglev build time, planning time, agent memory).
 //! `dataplane` runs the `dataplane-bench` binary of the `xlb-tests` crate: the balancer's
 //! per-packet cost per packet class with live-frames `BPF_PROG_TEST_RUN`, next to a trivial XDP
 //! program, printed as a table and written to `target/xlb-bench/dataplane.json`.
@@ -29,6 +30,9 @@ pub struct BenchArgs {
 enum Bench {
     /// Per-packet cost of the XDP balancer per packet class, against a trivial XDP program.
     Dataplane,
+    /// Control-plane costs: Maglev build time, planning time, the agent's memory with 100 VIPs
+    /// x 100 backends.
+    Control,
 }
 
 fn workspace_root() -> PathBuf {
@@ -46,30 +50,34 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the benchmark loads BPF programs and creates a network namespace; run it as root");
     }
-    match args.what {
-        Bench::Dataplane => {
-            let root = workspace_root();
-            let out = root.join("target/xlb-bench/dataplane.json");
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(&root)
-                .args([
-                    "run",
-                    "--release",
-                    "-p",
-                    "xlb-tests",
-                    "--bin",
-                    "dataplane-bench",
-                ])
-                .arg("--")
-                .arg("--out")
-                .arg(&out)
-                .args(&args.extra);
-            let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    let root = workspace_root();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let (bin, out) = match args.what {
+        Bench::Dataplane => ("dataplane-bench", "target/xlb-bench/dataplane.json"),
+        Bench::Control => {
+            // The control bench starts the real agent: build the release binary first.
+            let status = Command::new(&cargo)
+                .current_dir(&root)
+                .args(["build", "--release", "-p", "lb-userspace", "--bin", "xlb"])
+                .status()
+                .context("building the xlb binary")?;
             if !status.success() {
-                bail!("the dataplane benchmark failed ({status})");
+                bail!("building the xlb binary failed ({status})");
             }
+            ("control-bench", "target/xlb-bench/control.json")
         }
+    };
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(&root)
+        .args(["run", "--release", "-p", "xlb-tests", "--bin", bin])
+        .env("XLB_BIN", root.join("target/release/xlb"))
+        .arg("--")
+        .arg("--out")
+        .arg(root.join(out))
+        .args(&args.extra);
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("the {bin} benchmark failed ({status})");
     }
     Ok(())
 }
