@@ -52,7 +52,7 @@ pub fn vip_key(address: IpAddr, port: u16, proto: u8) -> VipKey {
 
 /// The desired state of a configuration. `healthy(vip_index, backend_index)` says whether a
 /// backend currently passes its checks; `mac_of` resolves dsr-l2 backends without a configured
-/// MAC (`None` leaves the MAC zero: such a backend is then never sent traffic by MAC).
+/// MAC (a dsr-l2 backend whose MAC is unknown counts as down).
 pub fn desired(
     cfg: &Config,
     lb: LbConfig,
@@ -76,14 +76,19 @@ pub fn desired(
                 .backends
                 .iter()
                 .enumerate()
-                .map(|(bi, b)| DesiredBackend {
-                    address: b.address,
-                    weight: b.weight as u32,
-                    healthy: healthy(vi, bi),
-                    mac: match v.mode {
+                .map(|(bi, b)| {
+                    let mac = match v.mode {
                         VipMode::DsrL2 => b.mac.map(|m| m.0).or_else(|| mac_of(b.address)),
                         _ => None,
-                    },
+                    };
+                    DesiredBackend {
+                        address: b.address,
+                        weight: b.weight as u32,
+                        // A dsr-l2 backend without a MAC cannot be reached: it counts as down
+                        // rather than being sent frames for 00:00:00:00:00:00.
+                        healthy: healthy(vi, bi) && (v.mode != VipMode::DsrL2 || mac.is_some()),
+                        mac,
+                    }
                 })
                 .collect(),
         })
@@ -110,5 +115,38 @@ mod tests {
         }
         // The plan for it is valid.
         crate::reconcile::Reconciler::new().plan(&d).expect("plan");
+    }
+
+    #[test]
+    fn a_dsr_l2_backend_without_a_mac_counts_as_down() {
+        let text = r#"
+[agent]
+interface = "eth0"
+
+[[vip]]
+name = "l2"
+address = "192.0.2.11"
+port = 80
+protocol = "tcp"
+mode = "dsr-l2"
+
+[[vip.backend]]
+address = "192.0.2.21"
+
+[[vip.backend]]
+address = "192.0.2.22"
+mac = "02:00:00:00:00:22"
+"#;
+        let cfg = crate::config::parse("xlb.toml", text).expect("parses");
+        let lb = lb_config(&cfg, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
+        let d = desired(&cfg, lb, |_, _| true, |_| None);
+        let b = &d.vips[0].backends;
+        assert!(
+            !b[0].healthy && b[0].mac.is_none(),
+            "unresolvable MAC: down"
+        );
+        assert!(b[1].healthy && b[1].mac == Some([2, 0, 0, 0, 0, 0x22]));
+        let resolved = desired(&cfg, lb, |_, _| true, |_| Some([2, 0, 0, 0, 0, 0x21]));
+        assert!(resolved.vips[0].backends[0].healthy);
     }
 }

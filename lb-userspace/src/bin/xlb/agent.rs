@@ -93,10 +93,11 @@ fn load_config(path: &Path) -> anyhow::Result<Config> {
             for e in errors.errors() {
                 tracing::error!("{e}");
             }
+            let n = errors.len();
             bail!(
-                "{}: invalid configuration ({} errors); nothing was changed",
+                "{}: invalid configuration ({n} error{}); nothing was changed",
                 path.display(),
-                errors.len()
+                if n == 1 { "" } else { "s" }
             )
         }
     }
@@ -164,7 +165,8 @@ impl Running {
         let lb_mac = host::interface_mac(interface)?;
         let nexthop = match cfg.agent.next_hop_mac {
             NextHopMac::Fixed(mac) => mac.0,
-            NextHopMac::Auto => host::gateway_mac(interface)?,
+            NextHopMac::Auto => host::gateway_mac(interface)
+                .context("resolving agent.next_hop_mac = \"auto\" (or set the router's MAC)")?,
         };
         let lb = desired::lb_config(cfg, lb_mac, nexthop);
         let want = desired::desired(
@@ -173,6 +175,21 @@ impl Running {
             |vip, backend| !down.contains(&TargetId { vip, backend }),
             |addr| host::neighbour_mac(addr, interface).ok(),
         );
+        for (dv, cv) in want.vips.iter().zip(&cfg.vips) {
+            if cv.mode != config::VipMode::DsrL2 {
+                continue;
+            }
+            for (db, cb) in dv.backends.iter().zip(&cv.backends) {
+                if db.mac.is_none() {
+                    tracing::warn!(
+                        vip = %cv.name,
+                        backend = %cb.address,
+                        "dsr-l2 backend has no MAC (not in the neighbour table): treated as down; \
+                         set its mac in the file"
+                    );
+                }
+            }
+        }
         let plan = self
             .reconciler
             .plan(&want)
@@ -430,6 +447,7 @@ fn reload(
             new = %cfg.agent.interface,
             "reload refused: agent.interface changed; restart the agent to move it"
         );
+        running.reloads_refused += 1;
         return;
     }
     let previous = (running.down.clone(), running.config.clone());

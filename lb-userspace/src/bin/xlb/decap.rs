@@ -41,11 +41,29 @@ async fn serve(args: DecapArgs) -> anyhow::Result<()> {
         "no network interface {:?} here (see `ip link`)",
         args.interface
     );
-    let addresses = if args.addresses.is_empty() {
+    let mut addresses = if args.addresses.is_empty() {
         interface_addresses(&args.interface)?
     } else {
         args.addresses.clone()
     };
+    addresses.sort();
+    addresses.dedup();
+    if let Some(bad) = addresses
+        .iter()
+        .find(|a| a.is_unspecified() || a.is_multicast() || a.is_loopback())
+    {
+        anyhow::bail!(
+            "{bad} cannot be a tunnel destination; give the backend's own unicast address"
+        );
+    }
+    let on_interface = interface_addresses(&args.interface).unwrap_or_default();
+    for a in addresses.iter().filter(|a| !on_interface.contains(a)) {
+        tracing::warn!(
+            address = %a,
+            interface = %args.interface,
+            "address is not on the interface; tunnel packets for it arrive only if routed here"
+        );
+    }
     anyhow::ensure!(
         !addresses.is_empty(),
         "interface {} has no addresses; give the tunnel address with --address",
