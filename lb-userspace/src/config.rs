@@ -10,6 +10,7 @@
 //! them. The schema keeps serde's `default, deny_unknown_fields` discipline by hand: each table
 //! lists its allowed keys once (`*_KEYS`), and every default is a `DEFAULT_*` constant below.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
@@ -1756,12 +1757,14 @@ fn validate_vip(cx: &mut Ctx<'_>, vip: &mut VipDraft) {
         }
     }
 
+    // First backend of each address, so duplicates are found in one pass (a VIP may list tens
+    // of thousands of backends).
+    let mut first_of: HashMap<IpAddr, usize> = HashMap::new();
     for (i, backend) in vip.backends.iter().enumerate() {
         if let Some(address) = backend.address.loc() {
-            if let Some(first) = vip.backends[..i]
-                .iter()
-                .find(|b| b.address.value() == Some(&address.value))
-            {
+            let first_index = *first_of.entry(address.value).or_insert(i);
+            if first_index != i {
+                let first = &vip.backends[first_index];
                 let message = format!(
                     "{} is already a backend of this VIP ({}); list each backend once",
                     address.value, first.path
@@ -2147,11 +2150,16 @@ fn resolve_check(
 
 /// The checks that span VIPs: unique names and keys, tunnel sources, limits.
 fn validate_across_vips(cx: &mut Ctx<'_>, agent: Option<&AgentDraft>, vips: &[VipDraft]) {
+    // The first VIP of each name and of each (address, port, protocol): one pass, not one scan
+    // of the earlier VIPs per VIP (thousands of VIPs made that quadratic).
+    let mut by_name: HashMap<&str, usize> = HashMap::new();
+    let mut by_key: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
     for (i, vip) in vips.iter().enumerate() {
-        let earlier = &vips[..i];
         if let Some(name) = vip.name.loc()
-            && let Some(first) = earlier.iter().find(|v| v.name.value() == Some(&name.value))
+            && let first_index = *by_name.entry(name.value.as_str()).or_insert(i)
+            && first_index != i
         {
+            let first = &vips[first_index];
             let message = format!(
                 "VIP name {:?} is already used by {} (line {}); expected a unique name",
                 name.value,
@@ -2163,12 +2171,9 @@ fn validate_across_vips(cx: &mut Ctx<'_>, agent: Option<&AgentDraft>, vips: &[Vi
         if let (Some(address), Some(port), Some(protocol)) =
             (vip.address.loc(), vip.port.value(), vip.protocol.value())
         {
-            let same = |v: &&VipDraft| {
-                v.address.value() == Some(&address.value)
-                    && v.port.value() == Some(port)
-                    && v.protocol.value() == Some(protocol)
-            };
-            if let Some(first) = earlier.iter().find(same) {
+            let first_index = *by_key.entry((address.value, *port, *protocol)).or_insert(i);
+            if first_index != i {
+                let first = &vips[first_index];
                 let message = format!(
                     "{protocol} {} port {port} is already served by {} ({:?}, line {}); expected \
                      each (address, port, protocol) once",
