@@ -218,13 +218,28 @@ fn attach_xdp(
         AttachMode::Native => program
             .attach(interface, XdpMode::Driver)
             .map(|id| (AttachMode::Native, id))
-            .map_err(|e| attach_err(mode, e, "; try `--xdp-mode generic`")),
+            .map_err(|e| {
+                let hint = if already_attached(&e) {
+                    "; another XDP program is already attached (see `ip link show`)"
+                } else {
+                    "; try `--xdp-mode generic`"
+                };
+                attach_err(mode, e, hint)
+            }),
         AttachMode::Generic => program
             .attach(interface, XdpMode::Skb)
             .map(|id| (AttachMode::Generic, id))
             .map_err(|e| attach_err(mode, e, "")),
         AttachMode::Auto => match program.attach(interface, XdpMode::Driver) {
             Ok(id) => Ok((AttachMode::Native, id)),
+            // Another XDP program holds the interface: generic mode would fail the same way,
+            // and blaming the driver would mislead.
+            Err(native) if already_attached(&native) => Err(attach_err(
+                AttachMode::Native,
+                native,
+                "; another XDP program is already attached (see `ip link show`); detach it or \
+                 stop the other xlb first",
+            )),
             Err(native) => {
                 tracing::warn!(
                     interface,
@@ -239,6 +254,21 @@ fn attach_xdp(
             }
         },
     }
+}
+
+/// True when the kernel refused an attach because the interface already has an XDP program
+/// (EEXIST / EBUSY somewhere in the error's chain).
+fn already_attached(e: &ProgramError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EEXIST | libc::EBUSY))
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Sums every counter of an object's counter map over all CPUs.

@@ -724,3 +724,27 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(v["level"], "INFO", "{line}");
     assert!(agent.terminate().success());
 }
+
+/// A second balancer on an interface that already has one is refused with a message that
+/// names the cause (not a driver problem), and the first keeps running.
+#[test]
+fn a_second_agent_on_a_busy_interface_is_refused_clearly() {
+    let hosts = two_hosts();
+    let mut first = Agent::start(&hosts.lb, &["agent", "--interface", "eth0"]);
+    first.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    let out = hosts
+        .lb
+        .command(xlb_bin().to_str().unwrap())
+        .args(["agent", "--interface", "eth0"])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run xlb");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("already attached"), "{stderr}");
+    assert!(!stderr.contains("refused by the driver"), "{stderr}");
+    hosts
+        .client
+        .run(&["ping", "-c", "1", "-W", "2", "10.99.0.2"]);
+    assert!(first.terminate().success());
+}
