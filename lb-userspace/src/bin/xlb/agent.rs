@@ -349,6 +349,12 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         host::interface_exists(&interface),
         "no network interface {interface:?} here (see `ip link`)"
     );
+    if interface == "lo" {
+        tracing::warn!(
+            "attaching to the loopback interface: locally originated VIP traffic would be \
+             encapsulated back onto lo; the balancer belongs on the NIC that receives VIP traffic"
+        );
+    }
     let balancer = Balancer::load_with(LoadOptions { flow_entries })
         .context("loading the XDP balancer (are you root?)")?;
     let mut running = Running {
@@ -441,6 +447,15 @@ fn reload(
             return;
         }
     };
+    if let Some(old) = &running.config
+        && old.agent.metrics_listen != cfg.agent.metrics_listen
+    {
+        tracing::warn!(
+            old = %old.agent.metrics_listen,
+            new = %cfg.agent.metrics_listen,
+            "agent.metrics_listen changed: the metrics endpoint moves only on restart"
+        );
+    }
     if cfg.agent.interface != interface {
         tracing::error!(
             old = interface,
