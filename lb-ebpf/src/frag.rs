@@ -5,14 +5,10 @@
 
 use lb_common::{
     counters::Counter,
-    types::{FlowKey, FragKey, FragValue, LocalAddr, VIP_ADDR_F_L4, VipMeta},
+    types::{FragKey, FragValue, VIP_ADDR_F_L4, VipMeta},
 };
 
-use crate::{
-    counters,
-    maps::{XLB_FRAGS, XLB_VIP_ADDRS},
-    parse::Packet,
-};
+use crate::{counters, maps::XLB_FRAGS, parse::Packet};
 
 /// The fragment-table key of a packet.
 #[inline(always)]
@@ -58,22 +54,10 @@ pub fn later(pkt: &Packet) -> Later {
     if let Some(v) = unsafe { XLB_FRAGS.get(key(pkt)) } {
         return Later::Follow(*v);
     }
-    if vip_address_flags(&pkt.key) & VIP_ADDR_F_L4 != 0 {
+    if crate::select::vip_address_flags(&pkt.key) & VIP_ADDR_F_L4 != 0 {
         counters::add(Counter::DropFragUnknown, 1);
         return Later::Drop;
     }
     counters::add(Counter::PassNotVip, 1);
     Later::Pass
-}
-
-/// The `VIP_ADDR_F_*` flags of a flow's destination address (0: no VIP there).
-#[inline(always)]
-pub fn vip_address_flags(flow: &FlowKey) -> u32 {
-    let addr = LocalAddr {
-        addr: flow.dst,
-        family: flow.family,
-        _pad: [0; 3],
-    };
-    // SAFETY: the value is copied out immediately.
-    unsafe { XLB_VIP_ADDRS.get(addr) }.copied().unwrap_or(0)
 }

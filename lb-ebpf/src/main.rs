@@ -89,7 +89,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     // The flow a packet belongs to: its own, or for an ICMP error the quoted one.
     let is_icmp = pkt.is_icmp();
     let icmp_error = if is_icmp && !pkt.fragmented {
-        if frag::vip_address_flags(&pkt.key) == 0 {
+        if select::vip_address_flags(&pkt.key) == 0 {
             counters::add(Counter::PassNotVip, 1);
             return xdp_action::XDP_PASS;
         }

@@ -7,16 +7,16 @@ use lb_common::{
     counters::Counter,
     flow::flow_hash,
     types::{
-        BACKEND_F_UP, Backend, FlowKey, FlowValue, Stats, VIP_ADDR_F_ANY_PORT, VIP_BLOOM_BITS,
-        VIP_F_L7, VIP_S_ACTIVE, VipKey, VipMeta, proto,
+        BACKEND_F_UP, Backend, FlowKey, FlowValue, LocalAddr, Stats, VIP_ADDR_F_ANY_PORT,
+        VIP_BLOOM_BITS, VIP_F_L7, VIP_S_ACTIVE, VipKey, VipMeta, proto,
     },
 };
 
 use crate::{
     counters, log,
     maps::{
-        XLB_BACKEND_STATS, XLB_BACKENDS, XLB_FLOWS, XLB_MAGLEV, XLB_VIP_BLOOM, XLB_VIP_STATE,
-        XLB_VIP_STATS, XLB_VIPS,
+        XLB_BACKEND_STATS, XLB_BACKENDS, XLB_FLOWS, XLB_MAGLEV, XLB_VIP_ADDRS, XLB_VIP_BLOOM,
+        XLB_VIP_STATE, XLB_VIP_STATS, XLB_VIPS,
     },
     parse::{Packet, TCP_ACK, TCP_SYN},
 };
@@ -36,7 +36,7 @@ pub fn lookup_vip(flow: &FlowKey) -> Option<VipMeta> {
     if let Some(meta) = unsafe { XLB_VIPS.get(key) } {
         return Some(*meta);
     }
-    if crate::frag::vip_address_flags(flow) & VIP_ADDR_F_ANY_PORT == 0 {
+    if vip_address_flags(flow) & VIP_ADDR_F_ANY_PORT == 0 {
         return None;
     }
     key.port_be = 0;
@@ -221,4 +221,16 @@ pub fn maybe_vip_address(key: &FlowKey) -> bool {
         Some(word) => word & (1u64 << (h % 64)) != 0,
         None => true,
     }
+}
+
+/// The `VIP_ADDR_F_*` flags of a flow's destination address (0: no VIP there).
+#[inline(always)]
+pub fn vip_address_flags(flow: &FlowKey) -> u32 {
+    let addr = LocalAddr {
+        addr: flow.dst,
+        family: flow.family,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is copied out immediately.
+    unsafe { XLB_VIP_ADDRS.get(addr) }.copied().unwrap_or(0)
 }

@@ -9,7 +9,7 @@ use aya::{
     programs::{ProgramFd, Xdp, XdpMode, xdp::XdpLinkId},
 };
 
-use crate::loader::LoaderError;
+use crate::loader::{LoaderError, load_xdp, xdp_mut};
 
 /// The bench object built from `lb-ebpf` by this crate's build script.
 pub static BENCH_TX_OBJECT: &[u8] =
@@ -57,9 +57,7 @@ impl BenchPrograms {
     pub fn load() -> Result<Self, LoaderError> {
         let mut ebpf = aya::EbpfLoader::new().load(BENCH_TX_OBJECT)?;
         for name in [PROG_RESTORE, PROG_TX, PROG_PASS, PROG_DROP] {
-            xdp_mut(&mut ebpf, name)?
-                .load()
-                .map_err(|source| LoaderError::Program { name, source })?;
+            load_xdp(&mut ebpf, name)?;
         }
         Ok(Self { ebpf })
     }
@@ -147,14 +145,4 @@ impl BenchPrograms {
                 hint: "",
             })
     }
-}
-
-fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
-    let program = ebpf.program_mut(name).ok_or(LoaderError::Missing {
-        kind: "program",
-        name,
-    })?;
-    program
-        .try_into()
-        .map_err(|source| LoaderError::Program { name, source })
 }

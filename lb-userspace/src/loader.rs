@@ -138,10 +138,7 @@ impl Balancer {
         let mut ebpf = aya::EbpfLoader::new()
             .map_max_entries(lb_common::maps::FLOWS, options.flow_entries)
             .load(BALANCER_OBJECT)?;
-        let name = lb_common::programs::BALANCER;
-        xdp_mut(&mut ebpf, name)?
-            .load()
-            .map_err(|source| LoaderError::Program { name, source })?;
+        load_xdp(&mut ebpf, lb_common::programs::BALANCER)?;
         Ok(Self { ebpf })
     }
 
@@ -192,7 +189,18 @@ impl Balancer {
     }
 }
 
-fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
+/// Loads (verifies) the XDP program `name` of an object into the kernel.
+pub(crate) fn load_xdp(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoaderError> {
+    xdp_mut(ebpf, name)?
+        .load()
+        .map_err(|source| LoaderError::Program { name, source })
+}
+
+/// The XDP program `name` of an object.
+pub(crate) fn xdp_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut Xdp, LoaderError> {
     let program = ebpf.program_mut(name).ok_or(LoaderError::Missing {
         kind: "program",
         name,
@@ -303,10 +311,7 @@ impl Decapsulator {
     /// Loads the embedded decapsulator into the kernel (not yet attached).
     pub fn load() -> Result<Self, LoaderError> {
         let mut ebpf = Ebpf::load(DECAP_OBJECT)?;
-        let name = lb_common::programs::DECAP;
-        xdp_mut(&mut ebpf, name)?
-            .load()
-            .map_err(|source| LoaderError::Program { name, source })?;
+        load_xdp(&mut ebpf, lb_common::programs::DECAP)?;
         Ok(Self { ebpf })
     }
 
