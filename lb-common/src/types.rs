@@ -76,6 +76,10 @@ pub struct VipMeta {
     pub generation: u32,
     /// Explicit padding (always zero).
     pub _pad: u32,
+    /// A digest of the table's contents, written by the agent and never read by the data
+    /// path: an agent that adopts pinned maps after a restart learns from it whether a VIP's
+    /// table already holds what it would build, without reading the table back.
+    pub table_digest: u64,
 }
 
 /// VIP state flag: the VIP id is in use.
@@ -113,8 +117,11 @@ pub struct Backend {
     pub flags: u8,
     /// MAC address for L2 DSR VIPs (unused for encapsulation).
     pub mac: [u8; 6],
+    /// Id of the VIP this backend belongs to. Never read by the data path: it lets an agent
+    /// that adopts pinned maps after a restart rebuild which backend ids belong to which VIP.
+    pub owner: u32,
     /// Explicit padding (always zero).
-    pub _pad: [u8; 8],
+    pub _pad: [u8; 4],
 }
 
 /// A flow's identity: the 5-tuple as seen on the wire (client -> VIP).
@@ -277,7 +284,7 @@ mod pod {
 
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
-    assert!(core::mem::size_of::<VipMeta>() == 24);
+    assert!(core::mem::size_of::<VipMeta>() == 32);
     assert!(core::mem::size_of::<VipState>() == 8);
     assert!(core::mem::size_of::<Backend>() == 32);
     assert!(core::mem::size_of::<FlowKey>() == 40);

@@ -69,6 +69,16 @@ impl HealthState {
         }
     }
 
+    /// A state that is down, with no results recorded: for a backend a previous agent had
+    /// marked down in the maps it left pinned, so a restart does not bring a dead backend back
+    /// for `fall` checks. It rejoins after `rise` passed checks like any down backend.
+    pub fn down(rise: u8, fall: u8) -> Self {
+        HealthState {
+            up: false,
+            ..Self::new(rise, fall)
+        }
+    }
+
     /// The same state and streaks with new thresholds, for a reload that changed `rise` or
     /// `fall`. A streak already at or past a new threshold takes effect at the next result,
     /// not immediately, so a reload alone never changes a backend's state.

@@ -14,5 +14,6 @@ pub mod logging;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;
+pub mod pins;
 pub mod reconcile;
 pub mod sim;

@@ -6,13 +6,20 @@ use std::fmt;
 use aya::{
     Ebpf, EbpfError,
     maps::{MapData, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    programs::{
+        ProgramError, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        xdp::{XdpLink, XdpLinkId},
+    },
 };
 use aya_log::EbpfLogger;
 use lb_common::{counters::Counter, types::LocalAddr};
 use thiserror::Error;
 
-use crate::counters::CounterSnapshot;
+use crate::{
+    counters::CounterSnapshot,
+    pins::{PinDir, Prepared},
+};
 
 /// The balancer object built from `lb-ebpf` by this crate's build script.
 pub static BALANCER_OBJECT: &[u8] =
@@ -82,6 +89,36 @@ pub enum LoaderError {
     /// The log ring buffer could not be opened.
     #[error("opening the eBPF log buffer: {0}")]
     Log(#[from] aya_log::Error),
+    /// The pin directory cannot be used.
+    #[error(transparent)]
+    Pin(#[from] crate::pins::PinError),
+    /// Pinning or adopting the XDP link failed.
+    #[error("XDP link pinned at {path}: {reason}")]
+    Link {
+        /// The pin path.
+        path: std::path::PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// How the balancer came to be attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// Attached anew, in this mode.
+    New(AttachMode),
+    /// Took over the pinned link of a previous agent: the new program replaced the old one in
+    /// one atomic update, so no packet met an interface without a program.
+    Adopted,
+}
+
+impl fmt::Display for Attached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Attached::New(mode) => write!(f, "{mode}"),
+            Attached::Adopted => f.write_str("adopted (pinned link, mode unchanged)"),
+        }
+    }
 }
 
 /// How the program is attached to an interface, as configured.
@@ -140,6 +177,46 @@ impl Balancer {
             .load(BALANCER_OBJECT)?;
         load_xdp(&mut ebpf, lb_common::programs::BALANCER)?;
         Ok(Self { ebpf })
+    }
+
+    /// Loads the embedded object with its state maps pinned in `pins`: maps a previous agent
+    /// pinned there (same layout) are adopted with their contents, missing ones are created and
+    /// pinned. The program is not attached yet (see [`Balancer::attach_pinned`]).
+    pub fn load_pinned(
+        options: LoadOptions,
+        pins: &PinDir,
+    ) -> Result<(Self, Prepared), LoaderError> {
+        let prepared = pins.prepare(options.flow_entries)?;
+        let paths: Vec<(&'static str, std::path::PathBuf)> = crate::pins::pinned_map_names()
+            .into_iter()
+            .map(|name| (name, pins.map_path(name)))
+            .collect();
+        let mut loader = aya::EbpfLoader::new();
+        loader.map_max_entries(lb_common::maps::FLOWS, options.flow_entries);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(BALANCER_OBJECT)?;
+        load_xdp(&mut ebpf, lb_common::programs::BALANCER)?;
+        Ok((Self { ebpf }, prepared))
+    }
+
+    /// Attaches to `interface` through the link pinned in `pins`: when a previous agent's link
+    /// is pinned there for the same interface, this program replaces its program atomically;
+    /// otherwise the program is attached in `mode` and its link pinned. Either way the program
+    /// stays attached after this process exits, until [`PinDir::remove_all`].
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        pins: &PinDir,
+    ) -> Result<Attached, LoaderError> {
+        attach_pinned(
+            xdp_mut(&mut self.ebpf, lb_common::programs::BALANCER)?,
+            interface,
+            mode,
+            &pins.link_path(),
+        )
     }
 
     pub(crate) fn ebpf(&self) -> &Ebpf {
@@ -264,6 +341,62 @@ fn attach_xdp(
     }
 }
 
+/// Attaches `program` through the link pinned at `path` (see [`Balancer::attach_pinned`]).
+fn attach_pinned(
+    program: &mut Xdp,
+    interface: &str,
+    mode: AttachMode,
+    path: &std::path::Path,
+) -> Result<Attached, LoaderError> {
+    let link_err = |reason: String| LoaderError::Link {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let facts = crate::pins::link_facts(path).map_err(|e| link_err(e.to_string()))?;
+    let want = crate::pins::ifindex(interface);
+    match facts {
+        Some(f) if f.ifindex != 0 && Some(f.ifindex) == want => {
+            let pinned = PinnedLink::from_pin(path).map_err(|e| link_err(e.to_string()))?;
+            let link =
+                XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_err(e.to_string()))?;
+            program
+                .attach_to_link(link)
+                .map_err(|e| link_err(format!("replacing the program: {e}")))?;
+            return Ok(Attached::Adopted);
+        }
+        Some(f) => {
+            // The pinned link is on another interface (the configuration moved) or its
+            // interface is gone: unpinning it detaches the old program once its last
+            // descriptor closes.
+            tracing::warn!(
+                path = %path.display(),
+                pinned_ifindex = f.ifindex,
+                %interface,
+                "the pinned XDP link is not on this interface; replacing it"
+            );
+            std::fs::remove_file(path).map_err(|e| link_err(e.to_string()))?;
+        }
+        None if path.exists() => {
+            return Err(link_err(
+                "something other than an XDP link is pinned there; remove it".into(),
+            ));
+        }
+        None => {}
+    }
+    let (mode, id) = attach_xdp(program, interface, mode)?;
+    let link = program.take_link(id).map_err(|e| link_err(e.to_string()))?;
+    let fd_link = FdLink::try_from(link).map_err(|e| {
+        link_err(format!(
+            "the kernel attached XDP without a BPF link ({e}); pinning needs one"
+        ))
+    })?;
+    // Our descriptor closes when `pinned` drops: the pin keeps the link (and the program).
+    let _pinned = fd_link
+        .pin(path)
+        .map_err(|e| link_err(format!("pinning: {e}")))?;
+    Ok(Attached::New(mode))
+}
+
 /// True when the kernel refused an attach because the interface already has an XDP program
 /// (EEXIST / EBUSY somewhere in the error's chain).
 fn already_attached(e: &ProgramError) -> bool {
@@ -334,6 +467,23 @@ impl Decapsulator {
             xdp_mut(&mut self.ebpf, lb_common::programs::DECAP)?,
             interface,
             mode,
+        )
+    }
+
+    /// Attaches to `interface` through a link pinned at `link_path` (see
+    /// [`Balancer::attach_pinned`]): the program stays attached after this process exits, and
+    /// a later attach replaces it atomically; removing the pin detaches it.
+    pub fn attach_pinned(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        link_path: &std::path::Path,
+    ) -> Result<Attached, LoaderError> {
+        attach_pinned(
+            xdp_mut(&mut self.ebpf, lb_common::programs::DECAP)?,
+            interface,
+            mode,
+            link_path,
         )
     }
 

@@ -318,6 +318,20 @@ fn advance(pos: u32, skip: u32, size: u32) -> u32 {
     if pos >= room { pos - room } else { pos + skip }
 }
 
+/// A digest of a table's contents (64-bit FNV-1a over the slots, little-endian). Stable across
+/// builds and processes: it is stored beside each published table, and an agent adopting pinned
+/// maps compares it with the table it would build to decide whether to republish.
+pub fn table_digest(table: &[u32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for slot in table {
+        for b in slot.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h ^ table.len() as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,6 +135,7 @@ impl Balancer {
             table_size: size,
             generation,
             _pad: 0,
+            table_digest: crate::maglev::table_digest(table),
         };
         let name = names::VIPS;
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
@@ -366,5 +367,49 @@ impl Balancer {
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(map_err(name)(e)),
         }
+    }
+}
+
+/// What an agent finds in adopted (pinned) maps: the reconciler rebuilds its memory from this.
+#[derive(Debug, Clone, Default)]
+pub struct MapContents {
+    /// The balancer-wide settings (all zero when never written).
+    pub config: LbConfig,
+    /// Every VIP entry.
+    pub vips: Vec<(VipKey, VipMeta)>,
+    /// Every backend id in use (family set), with its entry.
+    pub backends: Vec<(u32, Backend)>,
+}
+
+impl Balancer {
+    /// Reads the VIPs, backends and settings back from the maps (for adopting pinned maps after
+    /// a restart; one pass, tables are not read: their digests are in the VIP entries).
+    pub fn read_contents(&self) -> Result<MapContents, LoaderError> {
+        let name = names::CONFIG;
+        let config: Array<&MapData, LbConfig> =
+            Array::try_from(self.map_checked(name)?).map_err(map_err(name))?;
+        let config = config.get(&0, 0).map_err(map_err(name))?;
+        let name = names::VIPS;
+        let map: HashMap<&MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
+        let mut vips = Vec::new();
+        for entry in map.iter() {
+            vips.push(entry.map_err(map_err(name))?);
+        }
+        let name = names::BACKENDS;
+        let map: Array<&MapData, Backend> =
+            Array::try_from(self.map_checked(name)?).map_err(map_err(name))?;
+        let mut backends = Vec::new();
+        for id in 0..MAX_BACKENDS {
+            let b = map.get(&id, 0).map_err(map_err(name))?;
+            if b.family != 0 {
+                backends.push((id, b));
+            }
+        }
+        Ok(MapContents {
+            config,
+            vips,
+            backends,
+        })
     }
 }

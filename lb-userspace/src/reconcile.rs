@@ -20,6 +20,7 @@ use thiserror::Error;
 use crate::{
     loader::{Balancer, LoaderError},
     maglev::{self, MaglevBackend, MaglevError},
+    maps::MapContents,
 };
 
 /// One backend of a desired VIP.
@@ -116,12 +117,10 @@ struct AppliedVip {
     backends: BTreeMap<IpAddr, (u32, Backend)>,
 }
 
-/// A digest of a table (within one process: only compared with digests made here).
+/// A digest of a table: the same function the map layer stores beside each table, so digests
+/// adopted from pinned maps compare with fresh ones.
 fn digest(table: &[u32]) -> u64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    table.hash(&mut h);
-    h.finish()
+    maglev::table_digest(table)
 }
 
 /// The reconciler's memory of the maps, and its id allocators.
@@ -131,6 +130,9 @@ pub struct Reconciler {
     vips: HashMap<VipKey, AppliedVip>,
     free_vip_ids: VecDeque<u32>,
     free_backend_ids: VecDeque<u32>,
+    /// Backend ids found in adopted maps that no VIP owns (an agent killed between writing a
+    /// backend and publishing its table): the next plan frees them.
+    orphans: Vec<u32>,
 }
 
 impl Default for Reconciler {
@@ -156,8 +158,11 @@ impl Plan {
     }
 }
 
-fn backend_entry(b: &DesiredBackend, up: bool) -> Backend {
-    let mut entry = Backend::default();
+fn backend_entry(b: &DesiredBackend, up: bool, owner: u32) -> Backend {
+    let mut entry = Backend {
+        owner,
+        ..Backend::default()
+    };
     match b.address {
         IpAddr::V4(a) => {
             entry.addr[..4].copy_from_slice(&a.octets());
@@ -194,7 +199,84 @@ impl Reconciler {
             free_vip_ids: (0..MAX_VIPS).collect(),
             // Id 0 is never used: a zeroed entry must not look like a real backend.
             free_backend_ids: (1..MAX_BACKENDS).collect(),
+            orphans: Vec::new(),
         }
+    }
+
+    /// A reconciler for maps a previous agent filled (pinned maps adopted after a restart): its
+    /// memory is rebuilt from what the maps hold, so the first plan writes only what differs
+    /// from the desired state and keeps every id (established flows refer to them).
+    ///
+    /// Free ids are queued starting after the highest id in use, so ids freed shortly before
+    /// the restart (the highest in use are the most recent) come round last, as they would have.
+    pub fn adopt(contents: &MapContents) -> Self {
+        // An all-zero entry (never written) compares unequal to any real setting, so the
+        // first plan writes it.
+        let config = Some(contents.config);
+        let mut vips: HashMap<VipKey, AppliedVip> = HashMap::new();
+        let mut key_of: HashMap<u32, VipKey> = HashMap::new();
+        for (key, meta) in &contents.vips {
+            if meta.vip_id >= MAX_VIPS || key_of.contains_key(&meta.vip_id) {
+                continue;
+            }
+            key_of.insert(meta.vip_id, *key);
+            vips.insert(
+                *key,
+                AppliedVip {
+                    vip_id: meta.vip_id,
+                    flags: meta.flags,
+                    table_digest: meta.table_digest,
+                    backends: BTreeMap::new(),
+                },
+            );
+        }
+        let mut orphans = Vec::new();
+        let mut used_backends = std::collections::HashSet::new();
+        for (id, b) in &contents.backends {
+            if *id == 0 || *id >= MAX_BACKENDS {
+                continue;
+            }
+            used_backends.insert(*id);
+            let address = match b.family {
+                FAMILY_V4 => IpAddr::from(<[u8; 4]>::try_from(&b.addr[..4]).expect("4 bytes")),
+                FAMILY_V6 => IpAddr::from(b.addr),
+                _ => {
+                    orphans.push(*id);
+                    continue;
+                }
+            };
+            let owner = key_of.get(&b.owner).and_then(|k| vips.get_mut(k));
+            match owner {
+                Some(v) if !v.backends.contains_key(&address) => {
+                    v.backends.insert(address, (*id, *b));
+                }
+                _ => orphans.push(*id),
+            }
+        }
+        let rotate = |all: std::ops::Range<u32>, used: &dyn Fn(u32) -> bool| {
+            let highest = all.clone().filter(|&i| used(i)).max();
+            let mut free: Vec<u32> = all.filter(|&i| !used(i)).collect();
+            if let Some(h) = highest {
+                let split = free.partition_point(|&i| i < h);
+                free.rotate_left(split);
+            }
+            free.into_iter().collect::<VecDeque<u32>>()
+        };
+        let free_vip_ids = rotate(0..MAX_VIPS, &|i| key_of.contains_key(&i));
+        let free_backend_ids = rotate(1..MAX_BACKENDS, &|i| used_backends.contains(&i));
+        orphans.sort_unstable();
+        Self {
+            config,
+            vips,
+            free_vip_ids,
+            free_backend_ids,
+            orphans,
+        }
+    }
+
+    /// Number of VIPs this reconciler believes are in the maps.
+    pub fn vip_count(&self) -> usize {
+        self.vips.len()
     }
 
     /// The id of an applied VIP.
@@ -217,11 +299,12 @@ impl Reconciler {
             vips: HashMap::new(),
             free_vip_ids: self.free_vip_ids.clone(),
             free_backend_ids: self.free_backend_ids.clone(),
+            orphans: Vec::new(),
         };
         let mut set_backends = Vec::new();
         let mut publish = Vec::new();
         let mut removals = Vec::new();
-        let mut freed_backends = Vec::new();
+        let mut freed_backends = self.orphans.clone();
 
         if self.config != Some(desired.config) {
             set_backends.push(MapOp::SetConfig(desired.config));
@@ -263,7 +346,7 @@ impl Reconciler {
                         .ok_or(PlanError::TooManyBackends)?,
                 };
                 let up = b.healthy || panic;
-                let entry = backend_entry(b, up);
+                let entry = backend_entry(b, up, vip_id);
                 if old.and_then(|o| o.backends.get(&b.address)) != Some(&(id, entry)) {
                     set_backends.push(MapOp::SetBackend(id, entry));
                 }
@@ -609,5 +692,148 @@ mod tests {
         let mut bad = desired(vec![vip(10, &[("10.0.0.1", 1, true)])]);
         bad.vips[0].table_size = 250;
         assert!(matches!(r.plan(&bad), Err(PlanError::Maglev { .. })));
+    }
+
+    /// The maps as a model: what a sequence of applied plans leaves in them.
+    fn written(ops_seq: &[Vec<MapOp>]) -> MapContents {
+        let mut vips: HashMap<VipKey, lb_common::types::VipMeta> = HashMap::new();
+        let mut backends: BTreeMap<u32, Backend> = BTreeMap::new();
+        let mut config = LbConfig::default();
+        for ops in ops_seq {
+            for op in ops {
+                match op {
+                    MapOp::SetConfig(c) => config = *c,
+                    MapOp::SetBackend(id, b) if b.family == 0 => {
+                        backends.remove(id);
+                    }
+                    MapOp::SetBackend(id, b) => {
+                        backends.insert(*id, *b);
+                    }
+                    MapOp::PublishVip {
+                        key,
+                        vip_id,
+                        flags,
+                        table,
+                    } => {
+                        vips.insert(
+                            *key,
+                            lb_common::types::VipMeta {
+                                vip_id: *vip_id,
+                                flags: *flags,
+                                table_size: table.len() as u32,
+                                table_digest: maglev::table_digest(table),
+                                ..Default::default()
+                            },
+                        );
+                    }
+                    MapOp::RemoveVip(key) => {
+                        vips.remove(key);
+                    }
+                }
+            }
+        }
+        MapContents {
+            config,
+            vips: vips.into_iter().collect(),
+            backends: backends.into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn an_adopting_reconciler_writes_nothing_when_the_maps_already_hold_the_desired_state() {
+        let mut r = Reconciler::new();
+        let d = desired(vec![
+            vip(10, &[("10.0.0.1", 1, true), ("10.0.0.2", 2, false)]),
+            vip(11, &[("10.0.1.1", 1, true), ("2001:db8::1", 1, true)]),
+        ]);
+        let first = applied(&mut r, &d);
+        let mut adopted = Reconciler::adopt(&written(&[first]));
+        assert_eq!(adopted.vip_count(), 2);
+        let plan = adopted.plan(&d).unwrap();
+        assert!(plan.is_empty(), "{:?}", plan.ops);
+        // Ids are kept: the same backend keeps the id flows refer to.
+        for v in &d.vips {
+            assert_eq!(adopted.vip_id(&v.key), r.vip_id(&v.key));
+            for b in &v.backends {
+                assert_eq!(
+                    adopted.backend_id(&v.key, &b.address),
+                    r.backend_id(&v.key, &b.address)
+                );
+            }
+        }
+        adopted.commit(plan);
+    }
+
+    #[test]
+    fn an_adopting_reconciler_rewrites_only_what_changed_while_it_was_away() {
+        let mut r = Reconciler::new();
+        let d = desired(vec![
+            vip(10, &[("10.0.0.1", 1, true), ("10.0.0.2", 1, true)]),
+            vip(11, &[("10.0.1.1", 1, true)]),
+        ]);
+        let first = applied(&mut r, &d);
+        let adopted = Reconciler::adopt(&written(&[first]));
+        let mut changed = d.clone();
+        changed.vips[0].backends[1].healthy = false;
+        let ops = adopted.plan(&changed).unwrap().ops;
+        assert_eq!(publishes(&ops), vec![d.vips[0].key]);
+        // The down backend keeps its id and is rewritten with the flag cleared.
+        let id = r.backend_id(&d.vips[0].key, &"10.0.0.2".parse().unwrap());
+        assert!(ops.iter().any(|op| matches!(op,
+            MapOp::SetBackend(i, b) if Some(*i) == id && b.flags & BACKEND_F_UP == 0)));
+    }
+
+    #[test]
+    fn backends_no_vip_owns_are_freed_by_the_first_plan_after_adoption() {
+        let mut r = Reconciler::new();
+        let d = desired(vec![vip(10, &[("10.0.0.1", 1, true)])]);
+        let first = applied(&mut r, &d);
+        let mut contents = written(&[first]);
+        // An agent killed after writing a backend of a VIP it never published.
+        contents.backends.push((
+            4000,
+            Backend {
+                family: FAMILY_V4,
+                owner: 77,
+                ..Backend::default()
+            },
+        ));
+        let adopted = Reconciler::adopt(&contents);
+        let ops = adopted.plan(&d).unwrap().ops;
+        assert_eq!(ops, vec![MapOp::SetBackend(4000, Backend::default())]);
+    }
+
+    #[test]
+    fn ids_freed_before_a_restart_are_not_the_first_handed_out_after_it() {
+        let mut r = Reconciler::new();
+        let three = desired(vec![vip(
+            10,
+            &[
+                ("10.0.0.1", 1, true),
+                ("10.0.0.2", 1, true),
+                ("10.0.0.3", 1, true),
+            ],
+        )]);
+        let a = applied(&mut r, &three);
+        let freed = r.backend_id(&three.vips[0].key, &"10.0.0.2".parse().unwrap());
+        let two = desired(vec![vip(
+            10,
+            &[("10.0.0.1", 1, true), ("10.0.0.3", 1, true)],
+        )]);
+        let b = applied(&mut r, &two);
+        let adopted = Reconciler::adopt(&written(&[a, b]));
+        let mut more = two.clone();
+        more.vips[0].backends.push(DesiredBackend {
+            address: "10.0.0.9".parse().unwrap(),
+            weight: 1,
+            healthy: true,
+            mac: None,
+        });
+        let plan = adopted.plan(&more).unwrap();
+        let new_id = plan
+            .next
+            .backend_id(&more.vips[0].key, &"10.0.0.9".parse().unwrap());
+        assert_ne!(new_id, freed);
+        assert!(new_id > r.backend_id(&two.vips[0].key, &"10.0.0.3".parse().unwrap()));
     }
 }

@@ -836,7 +836,7 @@ mod tests {
             family,
             flags: if up { BACKEND_F_UP } else { 0 },
             mac: [2, 0, 0, 0, 1, addr[15] | addr[3]],
-            _pad: [0; 8],
+            ..Default::default()
         }
     }
 

@@ -165,6 +165,83 @@ pub fn sweep_stale() {
             let _ = Command::new("ip").args(["netns", "delete", name]).output();
         }
     }
+    // Pin and temporary directories of dead runs (their pins keep maps alive).
+    for dir in [std::path::PathBuf::from(TEST_BPFFS), std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(PREFIX) else {
+                continue;
+            };
+            let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
+            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = lb_userspace::pins::PinDir::new(entry.path()).remove_all();
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Per-test directories for an agent: a temporary directory (admin socket, state) and a pin
+/// directory on bpffs, both named `xlbt-<pid>-<n>-<tag>` and removed when dropped (pins
+/// included, which detaches a program the test left attached and frees its maps).
+#[derive(Debug)]
+pub struct AgentDirs {
+    /// For `agent.admin_socket` and `agent.state_dir`.
+    pub tmp: std::path::PathBuf,
+    /// For `agent.bpffs_dir`.
+    pub bpffs: std::path::PathBuf,
+}
+
+/// Where tests pin: a bpffs of the tests' own, mounted in the root mount namespace. Not below
+/// /sys: `ip netns exec` gives each command a private mount namespace with a fresh /sys, so a
+/// bpffs at /sys/fs/bpf mounted there would vanish (with the pins) when the agent exits.
+pub const TEST_BPFFS: &str = "/run/xlbt-bpffs";
+
+/// Mounts the tests' bpffs at [`TEST_BPFFS`] unless it is mounted already.
+pub fn ensure_test_bpffs() {
+    let mounted = std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(TEST_BPFFS) && l.contains(" bpf "));
+    if !mounted {
+        std::fs::create_dir_all(TEST_BPFFS).expect("creating the tests' bpffs mount point");
+        run_ok(Command::new("mount").args(["-t", "bpf", "bpf", TEST_BPFFS]));
+    }
+}
+
+impl AgentDirs {
+    /// Fresh, unique directories (the pin directory is created by the agent).
+    pub fn create(tag: &str) -> AgentDirs {
+        ensure_test_bpffs();
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{PREFIX}{}-{n}-{tag}", std::process::id());
+        let tmp = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&tmp).expect("creating the test's temporary directory");
+        AgentDirs {
+            tmp,
+            bpffs: std::path::Path::new(TEST_BPFFS).join(name),
+        }
+    }
+
+    /// The `[agent]` keys that point the agent at these directories.
+    pub fn agent_keys(&self) -> String {
+        format!(
+            "admin_socket = \"{}\"\nstate_dir = \"{}\"\nbpffs_dir = \"{}\"\n",
+            self.tmp.join("admin.sock").display(),
+            self.tmp.join("state").display(),
+            self.bpffs.display()
+        )
+    }
+}
+
+impl Drop for AgentDirs {
+    fn drop(&mut self) {
+        let _ = lb_userspace::pins::PinDir::new(&self.bpffs).remove_all();
+        let _ = std::fs::remove_dir_all(&self.tmp);
+    }
 }
 
 fn run_ok(cmd: &mut Command) {

@@ -179,7 +179,7 @@ pub fn backend_entry(b: &WorldBackend) -> Backend {
         family: b.family,
         flags: BACKEND_F_UP,
         mac: b.mac,
-        _pad: [0; 8],
+        ..Default::default()
     }
 }
 

@@ -16,7 +16,7 @@ use std::{
 
 use xlb_tests::{
     frames,
-    netns::{Netns, in_netns, spawn_in_netns, sweep_stale, veth_pair},
+    netns::{AgentDirs, Netns, in_netns, spawn_in_netns, sweep_stale, veth_pair},
 };
 
 /// The `xlb` binary under test: `$XLB_BIN`, else the workspace's debug build.
@@ -316,6 +316,8 @@ struct Lab {
     _router: Netns,
     _router_xdp: Agent,
     decaps: Vec<Agent>,
+    /// The xlb host agent's socket, state and pin directories (removed last).
+    dirs: AgentDirs,
 }
 
 const LAB_VIP: &str = "203.0.113.10";
@@ -400,6 +402,7 @@ fn lab(n: usize) -> Lab {
                 b,
                 &[
                     "decap",
+                    "run",
                     "--interface",
                     "eth0",
                     "--address",
@@ -419,6 +422,7 @@ fn lab(n: usize) -> Lab {
         _router: router,
         _router_xdp: router_xdp,
         decaps,
+        dirs: AgentDirs::create("lb"),
     }
 }
 
@@ -516,7 +520,8 @@ fn connect_many(client: &Netns, count: usize, tag: &str) -> Vec<Result<String, S
     .expect("client thread")
 }
 
-fn lab_config(backends: usize, health: &str) -> String {
+fn lab_config(dirs: &AgentDirs, backends: usize, health: &str) -> String {
+    let paths = dirs.agent_keys();
     let mut text = format!(
         r#"
 [agent]
@@ -525,6 +530,8 @@ xdp_mode = "native"
 next_hop_mac = "auto"
 encap_source_v4 = "10.99.2.2/32"
 egress_mtu = 1500
+flow_table_entries = 65536
+{paths}
 
 [[vip]]
 name = "web"
@@ -555,7 +562,7 @@ fn tcp_through_the_balancer_and_decap_reaches_the_backend_and_replies_directly()
         .enumerate()
         .map(|(i, b)| Server::start(b, &format!("backend{i}")))
         .collect();
-    let config = TempFile::new("xlb.toml", &lab_config(2, ""));
+    let config = TempFile::new("xlb.toml", &lab_config(&lab.dirs, 2, ""));
     let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
     agent.wait_for("configuration applied", Duration::from_secs(20));
     agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
@@ -605,7 +612,7 @@ fn tcp_through_the_balancer_and_decap_reaches_the_backend_and_replies_directly()
     );
 
     assert!(agent.terminate().success());
-    let totals = agent.wait_for("stopping; detaching", Duration::from_secs(5));
+    let totals = agent.wait_for("stopping;", Duration::from_secs(5));
     assert!(
         counter(&totals, "fwd_encap_v4") >= 3 * CONNECTIONS as u64,
         "{totals}"
@@ -638,7 +645,7 @@ fn a_failed_backend_is_taken_out_and_rejoins_after_rise_checks() {
     let mut server0 = Some(Server::start(&lab.backends[0], "backend0"));
     let _server1 = Server::start(&lab.backends[1], "backend1");
     let health = "[vip.health_check]\ntype = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
-    let config = TempFile::new("xlb-health.toml", &lab_config(2, health));
+    let config = TempFile::new("xlb-health.toml", &lab_config(&lab.dirs, 2, health));
     let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
     agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
 
@@ -747,4 +754,258 @@ fn a_second_agent_on_a_busy_interface_is_refused_clearly() {
         .client
         .run(&["ping", "-c", "1", "-W", "2", "10.99.0.2"]);
     assert!(first.terminate().success());
+}
+
+/// A TCP server on port 80 of a backend host that keeps each connection open and answers
+/// every message with its name, for connections that must live across agent restarts.
+struct EchoServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EchoServer {
+    fn start(ns: &Netns, name: &str) -> EchoServer {
+        let listener = in_netns(ns, || TcpListener::bind("0.0.0.0:80").expect("bind :80"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let name = name.to_string();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let name = name.clone();
+                        let flag = flag.clone();
+                        std::thread::spawn(move || {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                            let mut buf = [0u8; 256];
+                            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                                match s.read(&mut buf) {
+                                    Ok(0) => break,
+                                    Ok(n) => {
+                                        let reply = format!(
+                                            "{name}: {}",
+                                            String::from_utf8_lossy(&buf[..n])
+                                        );
+                                        if s.write_all(reply.as_bytes()).is_err() {
+                                            break;
+                                        }
+                                    }
+                                    Err(e)
+                                        if matches!(
+                                            e.kind(),
+                                            std::io::ErrorKind::WouldBlock
+                                                | std::io::ErrorKind::TimedOut
+                                        ) => {}
+                                    Err(_) => break,
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        EchoServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Opens `count` long-lived connections from the client to the VIP.
+fn open_connections(client: &Netns, count: usize) -> Vec<TcpStream> {
+    in_netns(client, move || {
+        let vip: SocketAddr = format!("{LAB_VIP}:80").parse().unwrap();
+        (0..count)
+            .map(|i| {
+                let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3))
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                s
+            })
+            .collect()
+    })
+}
+
+/// One message on each connection; returns the name of the backend that answered each.
+fn ask_each(conns: &mut [TcpStream], what: &str) -> Vec<String> {
+    conns
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| {
+            let msg = format!("{what} {i}");
+            s.write_all(msg.as_bytes())
+                .unwrap_or_else(|e| panic!("{what}: write on connection {i}: {e}"));
+            let mut buf = [0u8; 256];
+            let n = s
+                .read(&mut buf)
+                .unwrap_or_else(|e| panic!("{what}: read on connection {i}: {e}"));
+            let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let (name, echoed) = reply
+                .split_once(": ")
+                .unwrap_or_else(|| panic!("{what}: odd reply on connection {i}: {reply:?}"));
+            assert_eq!(echoed, msg, "{what}: connection {i}");
+            name.to_string()
+        })
+        .collect()
+}
+
+/// Hitless restart: SIGTERM and kill -9 leave the program attached with its pinned maps; the
+/// next agent adopts them. Established connections keep their backend even when the restarted
+/// agent's configuration changes the Maglev table (which would move about a third of them if
+/// the connection table were lost), and keep working while no agent runs at all.
+#[test]
+fn established_connections_survive_sigterm_and_kill_9_restarts_of_the_agent() {
+    let lab = lab(3);
+    let _servers: Vec<EchoServer> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| EchoServer::start(b, &format!("backend{i}")))
+        .collect();
+    let two = TempFile::new("xlb-restart-2.toml", &lab_config(&lab.dirs, 2, ""));
+    let three = TempFile::new("xlb-restart-3.toml", &lab_config(&lab.dirs, 3, ""));
+    let start = |file: &TempFile, extra: &[&str]| {
+        let mut args = vec!["agent", "--config", file.0.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut a = Agent::start(&lab.lb, &args);
+        a.wait_for("xlb_balancer attached", Duration::from_secs(20));
+        a
+    };
+    let xdp_attached = || {
+        lab.lb
+            .run(&["ip", "link", "show", "dev", "eth0"])
+            .contains("xdp")
+    };
+
+    let mut agent = start(&two, &[]);
+    let mut conns = open_connections(&lab.client, 30);
+    let placed = ask_each(&mut conns, "first");
+    assert!(
+        placed.iter().all(|b| b == "backend0" || b == "backend1"),
+        "{placed:?}"
+    );
+
+    // SIGTERM: the agent exits, the program and its state stay.
+    assert!(agent.terminate().success());
+    agent.wait_for(
+        "stays attached with its pinned state",
+        Duration::from_secs(5),
+    );
+    assert!(xdp_attached(), "SIGTERM must leave the balancer attached");
+    assert!(lab.dirs.bpffs.join("link").exists());
+    assert_eq!(ask_each(&mut conns, "no agent"), placed);
+
+    // A new agent with a third backend adopts the maps: the table changes, the flows do not.
+    let mut agent = start(&three, &[]);
+    agent.wait_for("adopted the pinned maps", Duration::from_secs(5));
+    agent.wait_for("took over the pinned XDP link", Duration::from_secs(5));
+    assert_eq!(ask_each(&mut conns, "after SIGTERM restart"), placed);
+    let mut fresh = open_connections(&lab.client, 30);
+    let fresh = ask_each(&mut fresh, "new");
+    assert!(
+        fresh.iter().any(|b| b == "backend2"),
+        "new connections use the new table: {fresh:?}"
+    );
+
+    // kill -9: nothing runs on exit; the next agent adopts all the same.
+    agent.child.kill().expect("kill -9");
+    agent.child.wait().expect("reap");
+    assert!(xdp_attached(), "kill -9 leaves the balancer attached");
+    assert_eq!(ask_each(&mut conns, "killed"), placed);
+    let mut agent = start(&three, &["--detach-on-exit"]);
+    agent.wait_for("adopted the pinned maps", Duration::from_secs(5));
+    assert_eq!(ask_each(&mut conns, "after kill -9 restart"), placed);
+
+    // The explicit way out: detach and remove every pin.
+    assert!(agent.terminate().success());
+    assert!(!xdp_attached(), "--detach-on-exit detaches");
+    assert!(
+        !lab.dirs.bpffs.exists(),
+        "--detach-on-exit removes the pins"
+    );
+}
+
+/// `xlb decap attach` leaves the decapsulator attached (pinned) after it exits, a second attach
+/// replaces it in place, `xlb decap detach` removes it, and a detach with nothing attached says
+/// so. Ordinary traffic passes throughout.
+#[test]
+fn decap_attach_stays_after_the_command_exits_and_detach_removes_it() {
+    let hosts = two_hosts();
+    let dirs = AgentDirs::create("decap");
+    let bpffs = dirs.bpffs.to_str().unwrap().to_string();
+    let xlb = |args: &[&str]| {
+        let out = hosts
+            .lb
+            .command(xlb_bin().to_str().unwrap())
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run xlb");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let xdp_prog = || {
+        let link = hosts.lb.run(&["ip", "link", "show", "dev", "eth0"]);
+        link.split_whitespace()
+            .skip_while(|w| *w != "id")
+            .nth(1)
+            .map(str::to_string)
+    };
+    let attach = [
+        "decap",
+        "attach",
+        "--interface",
+        "eth0",
+        "--address",
+        "10.99.0.2",
+        "--xdp-mode",
+        "native",
+        "--bpffs-dir",
+        &bpffs,
+    ];
+    let (code, err) = xlb(&attach);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("attached in native mode"), "{err}");
+    let first = xdp_prog().expect("a program is attached after the command exited");
+    hosts
+        .client
+        .run(&["ping", "-c", "1", "-W", "2", "10.99.0.2"]);
+
+    let (code, err) = xlb(&attach);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("replaced the attached decapsulator"), "{err}");
+    let second = xdp_prog().expect("still attached");
+    assert_ne!(first, second, "the program was replaced");
+    hosts
+        .client
+        .run(&["ping", "-c", "1", "-W", "2", "10.99.0.2"]);
+
+    let detach = [
+        "decap",
+        "detach",
+        "--interface",
+        "eth0",
+        "--bpffs-dir",
+        &bpffs,
+    ];
+    let (code, err) = xlb(&detach);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(xdp_prog(), None, "detached");
+    let (code, err) = xlb(&detach);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no decapsulator attached"), "{err}");
 }

@@ -15,8 +15,9 @@ use lb_userspace::{
     desired,
     health::{Checker, CheckerHandle, HealthEvent, HealthState, Target, TargetId},
     host,
-    loader::{AttachMode, Balancer, LoadOptions},
+    loader::{AttachMode, Attached, Balancer, LoadOptions},
     logging, metrics,
+    pins::PinDir,
     reconcile::{self, Reconciler},
 };
 use tokio::{
@@ -47,6 +48,11 @@ pub struct AgentArgs {
     /// Log the counters that moved every this many seconds (0: only at exit).
     #[arg(long, default_value_t = 0)]
     stats_interval_secs: u64,
+    /// On SIGTERM/SIGINT, detach the balancer and remove its pinned maps and link (the
+    /// connection table is lost). Without it the program stays attached with its pinned state,
+    /// so the next agent adopts it without dropping a flow.
+    #[arg(long)]
+    detach_on_exit: bool,
 }
 
 /// The `--xdp-mode` values.
@@ -115,6 +121,9 @@ struct Running {
     last_reconcile: Option<Duration>,
     reconciles: u64,
     reloads_refused: u64,
+    /// Health to start the first checks from: backends a previous agent left marked down in
+    /// the adopted maps start down.
+    seed: HashMap<TargetId, HealthState>,
 }
 
 /// The backends of `cfg` that have a health check (the VIP's, with the backend's overrides).
@@ -277,7 +286,7 @@ impl Running {
                     .filter_map(|(id, state)| Some((*new_ids.get(old_ids.get(&id)?)?, state)))
                     .collect()
             }
-            _ => HashMap::new(),
+            _ => std::mem::take(&mut self.seed),
         };
         self.down = previous
             .iter()
@@ -355,17 +364,56 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
              encapsulated back onto lo; the balancer belongs on the NIC that receives VIP traffic"
         );
     }
-    let balancer = Balancer::load_with(LoadOptions { flow_entries })
-        .context("loading the XDP balancer (are you root?)")?;
+    // With a configuration the state maps and the link are pinned, so a restart (or kill -9)
+    // loses nothing; the bare `--interface` mode is a throw-away attachment.
+    let pins = cfg.as_ref().map(|c| PinDir::new(&c.agent.bpffs_dir));
+    let options = LoadOptions { flow_entries };
+    let (balancer, reconciler, seed) = match (&pins, &cfg) {
+        (Some(pins), Some(c)) => {
+            let (balancer, prepared) = Balancer::load_pinned(options, pins)
+                .context("loading the XDP balancer (are you root?)")?;
+            if let Some(reason) = &prepared.reset_reason {
+                tracing::warn!(
+                    pins = %pins.root().display(),
+                    %reason,
+                    "pinned maps do not fit this build: starting with empty maps (established \
+                     flows are re-hashed; Maglev keeps most on their backend)"
+                );
+            }
+            if prepared.maps_adopted {
+                let contents = balancer
+                    .read_contents()
+                    .context("reading the adopted maps")?;
+                let reconciler = Reconciler::adopt(&contents);
+                let seed = adopted_health(c, &contents);
+                tracing::info!(
+                    pins = %pins.root().display(),
+                    vips = contents.vips.len(),
+                    backends = contents.backends.len(),
+                    down = seed.len(),
+                    "adopted the pinned maps; the connection table is kept"
+                );
+                (balancer, reconciler, seed)
+            } else {
+                (balancer, Reconciler::new(), HashMap::new())
+            }
+        }
+        _ => (
+            Balancer::load_with(options).context("loading the XDP balancer (are you root?)")?,
+            Reconciler::new(),
+            HashMap::new(),
+        ),
+    };
     let mut running = Running {
         balancer,
-        reconciler: Reconciler::new(),
+        reconciler,
         config: None,
         down: HashSet::new(),
         checker: None,
         last_reconcile: None,
         reconciles: 0,
         reloads_refused: 0,
+        seed,
     };
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::ScrapeRequest>(16);
     if let Some(c) = &cfg {
@@ -397,8 +445,26 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             "configuration applied"
         );
     }
-    let (mode, _link) = running.balancer.attach(&interface, mode)?;
-    tracing::info!(%interface, %mode, "xlb_balancer attached");
+    let _link = match &pins {
+        Some(pins) => {
+            let attached = running.balancer.attach_pinned(&interface, mode, pins)?;
+            for old in pins.remove_other_layouts()? {
+                tracing::info!(path = %old.display(), "removed maps of an older layout");
+            }
+            tracing::info!(%interface, mode = %attached, pins = %pins.root().display(), "xlb_balancer attached");
+            if attached == Attached::Adopted {
+                tracing::info!(
+                    "took over the pinned XDP link: the new program replaced the old one atomically"
+                );
+            }
+            None
+        }
+        None => {
+            let (mode, link) = running.balancer.attach(&interface, mode)?;
+            tracing::info!(%interface, %mode, "xlb_balancer attached");
+            Some(link)
+        }
+    };
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -423,8 +489,58 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     let totals = running.balancer.counters()?;
-    tracing::info!(counters = %totals, "stopping; detaching xlb_balancer");
+    match &pins {
+        Some(pins) if args.detach_on_exit => {
+            pins.remove_all()
+                .context("removing the pinned maps and link")?;
+            tracing::info!(counters = %totals, "stopping; detaching xlb_balancer and removing its pins");
+        }
+        Some(pins) => tracing::info!(
+            counters = %totals,
+            pins = %pins.root().display(),
+            "stopping; xlb_balancer stays attached with its pinned state (the next agent adopts \
+             it; --detach-on-exit removes it)"
+        ),
+        None => tracing::info!(counters = %totals, "stopping; detaching xlb_balancer"),
+    }
     Ok(())
+}
+
+/// The backends of `cfg` a previous agent left marked down in the adopted maps (matched by VIP
+/// and address); their checks start from down.
+fn adopted_health(
+    cfg: &Config,
+    contents: &lb_userspace::maps::MapContents,
+) -> HashMap<TargetId, HealthState> {
+    let mut out = HashMap::new();
+    for (vi, v) in cfg.vips.iter().enumerate() {
+        let key = desired::vip_key(v.address, v.port, v.protocol.number());
+        let Some((_, meta)) = contents.vips.iter().find(|(k, _)| *k == key) else {
+            continue;
+        };
+        for (bi, b) in v.backends.iter().enumerate() {
+            let Some(check) = &b.health_check else {
+                continue;
+            };
+            let entry = desired::vip_key(b.address, 0, 0);
+            let down = contents.backends.iter().any(|(_, e)| {
+                e.owner == meta.vip_id
+                    && e.family == entry.family
+                    && e.addr == entry.addr
+                    && e.flags & lb_common::types::BACKEND_F_UP == 0
+            });
+            if down {
+                out.insert(
+                    TargetId {
+                        vip: vi,
+                        backend: bi,
+                    },
+                    HealthState::down(check.rise, check.fall),
+                );
+            }
+        }
+    }
+    out
 }
 
 /// SIGHUP: re-read the configuration and apply it; an invalid one is refused and the running

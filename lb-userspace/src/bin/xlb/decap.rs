@@ -2,11 +2,14 @@
 //! from the balancer addressed to this host are stripped and handed to the stack, where the VIP
 //! (configured on loopback) takes them and the reply goes straight to the client.
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context as _;
-use clap::Args;
-use lb_userspace::loader::Decapsulator;
+use clap::{Args, Subcommand};
+use lb_userspace::loader::{Attached, Decapsulator};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::agent::ModeArg;
@@ -14,6 +17,29 @@ use crate::agent::ModeArg;
 /// Arguments of `xlb decap`.
 #[derive(Debug, Args)]
 pub struct DecapArgs {
+    #[command(subcommand)]
+    command: DecapCommand,
+}
+
+/// The `xlb decap` subcommands.
+#[derive(Debug, Subcommand)]
+enum DecapCommand {
+    /// Attach the decapsulator and leave it attached (pinned under bpffs) after this command
+    /// exits; attaching again replaces it atomically (e.g. with new addresses).
+    Attach(AttachArgs),
+    /// Detach the decapsulator `xlb decap attach` left on an interface.
+    Detach(DetachArgs),
+    /// Attach the decapsulator for as long as this command runs (until SIGTERM or SIGINT),
+    /// logging its counters at exit.
+    Run(AttachArgs),
+}
+
+/// Where `attach` pins by default.
+const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/xlb-decap";
+
+/// Arguments of `xlb decap attach` and `xlb decap run`.
+#[derive(Debug, Args)]
+struct AttachArgs {
     /// Network interface to attach the decapsulator to.
     #[arg(long, short = 'i')]
     interface: String,
@@ -24,18 +50,82 @@ pub struct DecapArgs {
     /// XDP attach mode: native (driver), generic (skb), or auto (native, else generic).
     #[arg(long, value_enum, default_value_t = ModeArg::Auto)]
     xdp_mode: ModeArg,
+    /// bpffs directory of the pinned links (attach only): one `<interface>/link` per interface.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
 }
 
-/// Runs the decapsulator until SIGTERM or SIGINT.
+/// Arguments of `xlb decap detach`.
+#[derive(Debug, Args)]
+struct DetachArgs {
+    /// Network interface to detach from.
+    #[arg(long, short = 'i')]
+    interface: String,
+    /// bpffs directory given to `xlb decap attach`.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS_DIR)]
+    bpffs_dir: PathBuf,
+}
+
+/// Runs `xlb decap attach|detach|run`.
 pub fn run(args: DecapArgs) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(serve(args))
+    match args.command {
+        DecapCommand::Attach(a) => attach(&a),
+        DecapCommand::Detach(d) => detach(&d),
+        DecapCommand::Run(a) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(serve(a))
+        }
+    }
 }
 
-async fn serve(args: DecapArgs) -> anyhow::Result<()> {
+/// The pin directory of one interface.
+fn pin_dir(bpffs_dir: &Path, interface: &str) -> PathBuf {
+    bpffs_dir.join(interface)
+}
+
+/// `xlb decap attach`: load, fill the addresses, attach through a pinned link, exit.
+fn attach(args: &AttachArgs) -> anyhow::Result<()> {
+    let (mut decap, addresses) = load(args)?;
+    let dir = pin_dir(&args.bpffs_dir, &args.interface);
+    lb_userspace::pins::ensure_bpffs(&dir)?;
+    let attached = decap.attach_pinned(&args.interface, args.xdp_mode.into(), &dir.join("link"))?;
+    let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
+    let how = match attached {
+        Attached::Adopted => "replaced the attached decapsulator".to_string(),
+        Attached::New(mode) => format!("attached in {mode} mode"),
+    };
+    tracing::info!(
+        interface = %args.interface,
+        addresses = %list.join(","),
+        pin = %dir.join("link").display(),
+        "xlb_decap {how}; it stays attached until `xlb decap detach --interface {}`",
+        args.interface
+    );
+    Ok(())
+}
+
+/// `xlb decap detach`: remove the pinned link, which detaches the program.
+fn detach(args: &DetachArgs) -> anyhow::Result<()> {
+    let dir = pin_dir(&args.bpffs_dir, &args.interface);
+    let link = dir.join("link");
+    anyhow::ensure!(
+        link.exists(),
+        "no decapsulator attached by `xlb decap attach` on {} (nothing pinned at {})",
+        args.interface,
+        link.display()
+    );
+    lb_userspace::pins::PinDir::new(&dir)
+        .remove_all()
+        .with_context(|| format!("removing {}", dir.display()))?;
+    tracing::info!(interface = %args.interface, "xlb_decap detached");
+    Ok(())
+}
+
+/// Checks the interface and addresses and loads the decapsulator with them.
+fn load(args: &AttachArgs) -> anyhow::Result<(Decapsulator, Vec<IpAddr>)> {
     anyhow::ensure!(
         lb_userspace::host::interface_exists(&args.interface),
         "no network interface {:?} here (see `ip link`)",
@@ -73,6 +163,12 @@ async fn serve(args: DecapArgs) -> anyhow::Result<()> {
     for addr in &addresses {
         decap.add_local_addr(*addr)?;
     }
+    Ok((decap, addresses))
+}
+
+/// `xlb decap run`: attached while this process runs.
+async fn serve(args: AttachArgs) -> anyhow::Result<()> {
+    let (mut decap, addresses) = load(&args)?;
     let (mode, _link) = decap.attach(&args.interface, args.xdp_mode.into())?;
     let list: Vec<String> = addresses.iter().map(ToString::to_string).collect();
     tracing::info!(interface = %args.interface, %mode, addresses = %list.join(","), "xlb_decap attached");

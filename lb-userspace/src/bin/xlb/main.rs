@@ -29,8 +29,9 @@ enum LogFormatArg {
 enum Commands {
     /// Load the XDP balancer, attach it to an interface and run until SIGTERM or SIGINT.
     Agent(agent::AgentArgs),
-    /// Attach the backend-side decapsulator: strips the balancer's IPIP / IPv6-in-IP headers
-    /// addressed to this host and hands the inner packet to the stack. Runs until SIGTERM.
+    /// The backend-side decapsulator: strips the balancer's IPIP / IPv6-in-IP headers addressed
+    /// to this host and hands the inner packet to the stack (`attach`, `detach`, or `run` in the
+    /// foreground).
     Decap(decap::DecapArgs),
     /// Validate a configuration file without touching the system: prints every error (exit 2)
     /// or a one-line summary (exit 0); exit 1 if the file cannot be read.
