@@ -1,10 +1,7 @@
-//! Facts about the host the agent reads from the kernel: an interface's MAC, the default
-//! gateway's MAC, a neighbour's MAC. Read from /sys and /proc of the agent's network namespace.
+//! Facts about the host the agent reads from /sys of its network namespace: whether an
+//! interface exists and its MAC. Routes and neighbours come over netlink (`crate::netlink`).
 
-use std::{
-    fs,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::fs;
 
 use thiserror::Error;
 
@@ -18,23 +15,6 @@ pub enum HostError {
         interface: String,
         /// Why.
         reason: String,
-    },
-    /// No IPv4 default route leaves through the interface.
-    #[error("no IPv4 default route via {interface}; set agent.next_hop_mac to the router's MAC")]
-    NoDefaultRoute {
-        /// The interface.
-        interface: String,
-    },
-    /// The neighbour table has no complete entry for the address.
-    #[error(
-        "no neighbour entry for {address} on {interface} (the host has not talked to it yet); \
-         set the MAC explicitly"
-    )]
-    NoNeighbour {
-        /// The address.
-        address: IpAddr,
-        /// The interface.
-        interface: String,
     },
 }
 
@@ -70,60 +50,6 @@ pub fn interface_mac(interface: &str) -> Result<[u8; 6], HostError> {
     })
 }
 
-/// The IPv4 default gateway through `interface`, from the kernel's route table text
-/// (`/proc/net/route`: hex, little-endian addresses).
-pub fn default_gateway_v4(route_table: &str, interface: &str) -> Option<Ipv4Addr> {
-    route_table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 8 || f[0] != interface || f[1] != "00000000" || f[7] != "00000000" {
-            return None;
-        }
-        let gw = u32::from_str_radix(f[2], 16).ok()?;
-        (gw != 0).then(|| Ipv4Addr::from(gw.to_le_bytes()))
-    })
-}
-
-/// The MAC of `address` on `interface` from the kernel's ARP table text (`/proc/net/arp`),
-/// if the entry is complete.
-pub fn arp_mac(arp_table: &str, address: Ipv4Addr, interface: &str) -> Option<[u8; 6]> {
-    arp_table.lines().skip(1).find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // IP, HW type, flags (0x2 = complete), HW address, mask, device
-        if f.len() < 6 || f[5] != interface || f[0].parse::<Ipv4Addr>().ok()? != address {
-            return None;
-        }
-        let flags = u32::from_str_radix(f[2].trim_start_matches("0x"), 16).ok()?;
-        if flags & 0x2 == 0 {
-            return None;
-        }
-        parse_mac(f[3])
-    })
-}
-
-/// The MAC of the IPv4 default gateway through `interface`.
-pub fn gateway_mac(interface: &str) -> Result<[u8; 6], HostError> {
-    let routes = fs::read_to_string("/proc/net/route").unwrap_or_default();
-    let gw = default_gateway_v4(&routes, interface).ok_or_else(|| HostError::NoDefaultRoute {
-        interface: interface.to_string(),
-    })?;
-    neighbour_mac(IpAddr::V4(gw), interface)
-}
-
-/// The MAC of a neighbour (IPv4) on `interface`.
-pub fn neighbour_mac(address: IpAddr, interface: &str) -> Result<[u8; 6], HostError> {
-    let IpAddr::V4(v4) = address else {
-        return Err(HostError::NoNeighbour {
-            address,
-            interface: interface.to_string(),
-        });
-    };
-    let arp = fs::read_to_string("/proc/net/arp").unwrap_or_default();
-    arp_mac(&arp, v4, interface).ok_or_else(|| HostError::NoNeighbour {
-        address,
-        interface: interface.to_string(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,30 +63,5 @@ mod tests {
         assert_eq!(parse_mac("02:00:0a:ff:00"), None);
         assert_eq!(parse_mac("02:00:0a:ff:00:01:02"), None);
         assert_eq!(parse_mac("zz:00:0a:ff:00:01"), None);
-    }
-
-    #[test]
-    fn the_default_gateway_is_read_from_the_route_table() {
-        let table = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                     eth0\t0002630A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n\
-                     eth0\t00000000\t0102630A\t0003\t0\t0\t0\t00000000\t0\t0\t0\n";
-        assert_eq!(
-            default_gateway_v4(table, "eth0"),
-            Some(Ipv4Addr::new(10, 99, 2, 1))
-        );
-        assert_eq!(default_gateway_v4(table, "eth1"), None);
-    }
-
-    #[test]
-    fn only_complete_arp_entries_count() {
-        let arp = "IP address       HW type     Flags       HW address            Mask     Device\n\
-                   10.99.2.1        0x1         0x2         02:aa:bb:cc:dd:01     *        eth0\n\
-                   10.99.2.9        0x1         0x0         00:00:00:00:00:00     *        eth0\n";
-        assert_eq!(
-            arp_mac(arp, Ipv4Addr::new(10, 99, 2, 1), "eth0"),
-            Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 1])
-        );
-        assert_eq!(arp_mac(arp, Ipv4Addr::new(10, 99, 2, 9), "eth0"), None);
-        assert_eq!(arp_mac(arp, Ipv4Addr::new(10, 99, 2, 1), "eth1"), None);
     }
 }

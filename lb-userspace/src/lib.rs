@@ -14,6 +14,7 @@ pub mod logging;
 pub mod maglev;
 pub mod maps;
 pub mod metrics;
+pub mod netlink;
 pub mod pins;
 pub mod reconcile;
 pub mod sim;

@@ -1009,3 +1009,44 @@ fn decap_attach_stays_after_the_command_exits_and_detach_removes_it() {
     assert_eq!(code, Some(1));
     assert!(err.contains("no decapsulator attached"), "{err}");
 }
+
+/// The next hop is resolved over netlink and followed: with the lb host's neighbour table
+/// flushed the agent gets the router's MAC resolved by itself; when the router's MAC changes
+/// and the neighbour table learns it, the agent rewrites the maps within the change
+/// notification's burst, and new connections go through again.
+#[test]
+fn the_next_hop_mac_is_resolved_and_followed_when_it_changes() {
+    let lab = lab(1);
+    let _server = Server::start(&lab.backends[0], "backend0");
+    lab.lb.run(&["ip", "neigh", "flush", "dev", "eth0"]);
+    let config = TempFile::new("xlb-nexthop.toml", &lab_config(&lab.dirs, 1, ""));
+    let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    agent.wait_for("configuration applied", Duration::from_secs(20));
+    let ok = |tag: &str| {
+        connect_many(&lab.client, 5, tag)
+            .iter()
+            .filter(|r| r.is_ok())
+            .count()
+    };
+    assert_eq!(ok("first"), 5, "the next hop was resolved at start");
+
+    let new_mac = "02:00:00:aa:bb:cc";
+    lab._router
+        .run(&["ip", "link", "set", "dev", "l0", "address", new_mac]);
+    lab.lb.run(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.99.2.1",
+        "lladdr",
+        new_mac,
+        "dev",
+        "eth0",
+        "nud",
+        "reachable",
+    ]);
+    let line = agent.wait_for("next hop MAC changed", Duration::from_secs(5));
+    assert!(line.contains(new_mac), "{line}");
+    assert_eq!(ok("after"), 5, "frames go to the router's new MAC");
+    assert!(agent.terminate().success());
+}

@@ -10,13 +10,14 @@ use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 use std::collections::{HashMap, HashSet};
 
+use crate::facts::{HostFacts, Resolver};
 use lb_userspace::{
     config::{self, Config, NextHopMac, XdpMode},
     desired,
     health::{Checker, CheckerHandle, HealthEvent, HealthState, Target, TargetId},
     host,
     loader::{AttachMode, Attached, Balancer, LoadOptions},
-    logging, metrics,
+    logging, metrics, netlink,
     pins::PinDir,
     reconcile::{self, Reconciler},
 };
@@ -124,6 +125,11 @@ struct Running {
     /// Health to start the first checks from: backends a previous agent left marked down in
     /// the adopted maps start down.
     seed: HashMap<TargetId, HealthState>,
+    /// The host facts the maps were last built from (MACs of the interface, the next hop and
+    /// dsr-l2 backends).
+    facts: HostFacts,
+    /// Reads the route and neighbour tables (with a configuration only).
+    resolver: Option<Resolver>,
 }
 
 /// The backends of `cfg` that have a health check (the VIP's, with the backend's overrides).
@@ -170,19 +176,13 @@ impl Running {
     fn reconcile(&mut self, cfg: &Config) -> anyhow::Result<usize> {
         let started = std::time::Instant::now();
         let down = self.down.clone();
-        let interface = &cfg.agent.interface;
-        let lb_mac = host::interface_mac(interface)?;
-        let nexthop = match cfg.agent.next_hop_mac {
-            NextHopMac::Fixed(mac) => mac.0,
-            NextHopMac::Auto => host::gateway_mac(interface)
-                .context("resolving agent.next_hop_mac = \"auto\" (or set the router's MAC)")?,
-        };
-        let lb = desired::lb_config(cfg, lb_mac, nexthop);
+        let lb = desired::lb_config(cfg, self.facts.lb_mac, self.facts.nexthop(cfg)?);
+        let neighbours = &self.facts.neighbours;
         let want = desired::desired(
             cfg,
             lb,
             |vip, backend| !down.contains(&TargetId { vip, backend }),
-            |addr| host::neighbour_mac(addr, interface).ok(),
+            |addr| neighbours.get(&addr).copied(),
         );
         for (dv, cv) in want.vips.iter().zip(&cfg.vips) {
             if cv.mode != config::VipMode::DsrL2 {
@@ -190,6 +190,9 @@ impl Running {
             }
             for (db, cb) in dv.backends.iter().zip(&cv.backends) {
                 if db.mac.is_none() {
+                    if let Some(r) = self.resolver.as_mut() {
+                        r.prompt(cb.address);
+                    }
                     tracing::warn!(
                         vip = %cv.name,
                         backend = %cb.address,
@@ -209,6 +212,52 @@ impl Running {
         self.last_reconcile = Some(started.elapsed());
         self.reconciles += 1;
         Ok(writes)
+    }
+
+    /// Re-reads the route and neighbour tables; when something the maps depend on changed (the
+    /// next hop's MAC, a dsr-l2 backend's), logs it once and reconciles.
+    async fn refresh_facts(&mut self) {
+        let (Some(cfg), Some(resolver)) = (self.config.clone(), self.resolver.as_mut()) else {
+            return;
+        };
+        let mut new = match resolver.resolve().await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("re-reading the route and neighbour tables: {e:#}");
+                return;
+            }
+        };
+        if new.gateway_mac.is_none() && self.facts.gateway_mac.is_some() {
+            // Forwarding to the last confirmed router beats forwarding to nobody; the kernel
+            // is re-resolving it meanwhile.
+            if cfg.agent.next_hop_mac == NextHopMac::Auto {
+                tracing::warn!(
+                    gateways = ?new.gateways,
+                    "the next hop has no neighbour entry right now; keeping its last known MAC"
+                );
+            }
+            new.gateway_mac = self.facts.gateway_mac;
+        }
+        let old = self.facts.relevant(&cfg);
+        let now = new.relevant(&cfg);
+        self.facts = new;
+        if old == now {
+            return;
+        }
+        if old.nexthop != now.nexthop {
+            tracing::info!(old = %mac_text(old.nexthop), new = %mac_text(now.nexthop), "next hop MAC changed");
+        }
+        if old.lb_mac != now.lb_mac {
+            tracing::info!(old = %mac_text(Some(old.lb_mac)), new = %mac_text(Some(now.lb_mac)), "interface MAC changed");
+        }
+        for ((addr, old), (_, new)) in old.dsr_l2.iter().zip(&now.dsr_l2) {
+            if old != new {
+                tracing::info!(backend = %addr, old = %mac_text(*old), new = %mac_text(*new), "dsr-l2 backend MAC changed");
+            }
+        }
+        if let Err(e) = self.reconcile(&cfg) {
+            tracing::error!("applying the changed host facts: {e:#}");
+        }
     }
 
     /// What a metrics scrape shows, read from the maps now.
@@ -414,6 +463,8 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         reconciles: 0,
         reloads_refused: 0,
         seed,
+        facts: HostFacts::default(),
+        resolver: None,
     };
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::ScrapeRequest>(16);
     if let Some(c) = &cfg {
@@ -434,6 +485,12 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     // The maps are filled before the program is attached, so its first packet already sees
     // every VIP.
     if let Some(c) = &cfg {
+        let mut resolver = Resolver::new(&interface)?;
+        running.facts = resolver
+            .resolve_for_start(c, Duration::from_secs(3))
+            .await
+            .context("reading the route and neighbour tables")?;
+        running.resolver = Some(resolver);
         // Backends start healthy (no check has failed yet), so a restart never empties a pool.
         running.restart_checks(c, &health_tx);
         running.config = Some(c.clone());
@@ -469,6 +526,13 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    // Route, neighbour and link changes re-resolve the next hop and dsr-l2 MACs; a slow timer
+    // catches anything a lost notification missed.
+    let mut changes = match &cfg {
+        Some(_) => Some(netlink::Changes::subscribe().context("subscribing to route changes")?),
+        None => None,
+    };
+    let mut facts_timer = tokio::time::interval(Duration::from_secs(30));
     let period = Duration::from_secs(args.stats_interval_secs.max(1));
     let mut ticker = tokio::time::interval(period);
     let mut last = running.balancer.counters()?;
@@ -478,6 +542,8 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => reload(&mut running, args.config.as_ref(), &interface, &health_tx),
             Some(ev) = health_rx.recv() => running.on_health(ev),
+            Some(()) = next_change(&mut changes) => running.refresh_facts().await,
+            _ = facts_timer.tick(), if cfg.is_some() => running.refresh_facts().await,
             Some(reply) = scrape_rx.recv() => {
                 let _ = reply.send(metrics::render(&running.snapshot()));
             }
@@ -504,6 +570,26 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         None => tracing::info!(counters = %totals, "stopping; detaching xlb_balancer"),
     }
     Ok(())
+}
+
+/// The next burst of route/neighbour changes; never, without a subscription.
+async fn next_change(changes: &mut Option<netlink::Changes>) -> Option<()> {
+    match changes {
+        Some(c) => c.next_burst(Duration::from_millis(100)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff`, or `none`.
+fn mac_text(mac: Option<[u8; 6]>) -> String {
+    match mac {
+        Some(m) => m
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+        None => "none".into(),
+    }
 }
 
 /// The backends of `cfg` a previous agent left marked down in the adopted maps (matched by VIP

@@ -3,6 +3,7 @@
 mod agent;
 mod check;
 mod decap;
+mod facts;
 
 use std::process::ExitCode;
 
