@@ -39,6 +39,12 @@ pub const DEFAULT_FLOW_ENTRIES: u32 = 1 << 20;
 pub const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 /// `BPF_F_INNER_MAP`: lets inner maps of one map-of-maps have different `max_entries`.
 pub const BPF_F_INNER_MAP: u32 = 1 << 12;
+/// `BPF_F_MMAPABLE`: the array can be mapped into the agent's memory.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// Flags of every Maglev table (and of the outer map's template, which must match): tables of
+/// different sizes in one outer map, filled by the agent through `mmap` (one memory copy instead
+/// of one syscall per slot).
+pub const TABLE_FLAGS: u32 = BPF_F_INNER_MAP | BPF_F_MMAPABLE;
 
 /// Identifies a VIP: destination address, destination port (0 = every port) and protocol.
 #[repr(C)]

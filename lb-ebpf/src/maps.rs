@@ -7,9 +7,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::types::{
-    BPF_F_INNER_MAP, BPF_F_NO_COMMON_LRU, Backend, DEFAULT_FLOW_ENTRIES, FRAG_ENTRIES, FlowKey,
-    FlowValue, FragKey, FragValue, LbConfig, LocalAddr, MAX_BACKENDS, MAX_TABLES, MAX_VIP_ADDRS,
-    MAX_VIPS, Stats, TABLE_TEMPLATE_SIZE, VIP_BLOOM_WORDS, VipKey, VipMeta, VipState,
+    BPF_F_NO_COMMON_LRU, Backend, DEFAULT_FLOW_ENTRIES, FRAG_ENTRIES, FlowKey, FlowValue, FragKey,
+    FragValue, LbConfig, LocalAddr, MAX_BACKENDS, MAX_TABLES, MAX_VIP_ADDRS, MAX_VIPS, Stats,
+    TABLE_FLAGS, TABLE_TEMPLATE_SIZE, VIP_BLOOM_WORDS, VipKey, VipMeta, VipState,
 };
 
 /// VIPs. A hash map, so the agent's update of a VIP (new table index and size together) is seen
@@ -24,7 +24,7 @@ pub static XLB_BACKENDS: Array<Backend, { MAX_BACKENDS as usize }> = Array::new(
 /// The Maglev tables: each entry is one table (an array of backend ids of its own prime size).
 #[btf_map]
 pub static XLB_MAGLEV: ArrayOfMaps<
-    Array<u32, { TABLE_TEMPLATE_SIZE as usize }, { BPF_F_INNER_MAP as usize }>,
+    Array<u32, { TABLE_TEMPLATE_SIZE as usize }, { TABLE_FLAGS as usize }>,
     { MAX_TABLES as usize },
 > = ArrayOfMaps::new();
 

@@ -38,8 +38,10 @@ use lb_common::{
 use thiserror::Error;
 
 /// Version of the pinned maps' layout. Bump it whenever a map's key or value changes meaning
-/// (even at the same size): an agent never adopts maps of another layout version.
-pub const LAYOUT_VERSION: u32 = 1;
+/// (even at the same size) or the Maglev tables' flags change (the outer map only accepts
+/// tables like its template): an agent never adopts maps of another layout version.
+/// 2: mmapable Maglev tables.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// `statfs` magic number of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
