@@ -1050,3 +1050,61 @@ fn the_next_hop_mac_is_resolved_and_followed_when_it_changes() {
     assert_eq!(ok("after"), 5, "frames go to the router's new MAC");
     assert!(agent.terminate().success());
 }
+
+/// Maps that do not fit the new agent (another layout version after an upgrade, or a changed
+/// connection-table size) are not adopted: the new agent starts with fresh maps, still takes
+/// over the pinned link without detaching, and removes the old maps. With the backend set
+/// unchanged, Maglev sends every established connection to the backend it had anyway.
+#[test]
+fn maps_of_another_layout_are_replaced_without_detaching() {
+    let lab = lab(2);
+    let _servers: Vec<EchoServer> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| EchoServer::start(b, &format!("backend{i}")))
+        .collect();
+    let config = TempFile::new("xlb-layout.toml", &lab_config(&lab.dirs, 2, ""));
+    let smaller = TempFile::new(
+        "xlb-layout-small.toml",
+        &lab_config(&lab.dirs, 2, "")
+            .replace("flow_table_entries = 65536", "flow_table_entries = 32768"),
+    );
+    let start = |file: &TempFile| {
+        let mut a = Agent::start(&lab.lb, &["agent", "--config", file.0.to_str().unwrap()]);
+        a.wait_for("xlb_balancer attached", Duration::from_secs(20));
+        a
+    };
+    let mut agent = start(&config);
+    let mut conns = open_connections(&lab.client, 20);
+    let placed = ask_each(&mut conns, "first");
+    assert!(agent.terminate().success());
+
+    // An older agent's maps: the same pins under another layout directory.
+    let current = std::fs::read_dir(&lab.dirs.bpffs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("maps-v")
+        })
+        .expect("a maps directory");
+    let older = lab.dirs.bpffs.join("maps-v0");
+    std::fs::rename(&current, &older).expect("rename on bpffs");
+    let mut agent = start(&config);
+    agent.wait_for("took over the pinned XDP link", Duration::from_secs(5));
+    agent.wait_for("removed maps of an older layout", Duration::from_secs(5));
+    assert!(!older.exists());
+    assert_eq!(ask_each(&mut conns, "after layout change"), placed);
+    assert!(agent.terminate().success());
+
+    // A different connection-table size cannot be adopted either.
+    let mut agent = start(&smaller);
+    agent.wait_for("pinned maps do not fit this build", Duration::from_secs(5));
+    agent.wait_for("took over the pinned XDP link", Duration::from_secs(5));
+    assert_eq!(ask_each(&mut conns, "after resize"), placed);
+    assert!(agent.terminate().success());
+}
