@@ -130,6 +130,8 @@ struct Running {
     facts: HostFacts,
     /// Reads the route and neighbour tables (with a configuration only).
     resolver: Option<Resolver>,
+    /// Names of the VIPs in panic (see [`reconcile::in_panic`]).
+    panicking: HashSet<String>,
 }
 
 /// The backends of `cfg` that have a health check (the VIP's, with the backend's overrides).
@@ -209,9 +211,42 @@ impl Running {
         let writes = plan.ops.len();
         reconcile::apply(&mut self.balancer, &plan).context("writing the maps")?;
         self.reconciler.commit(plan);
+        self.log_panic_changes(cfg, &want);
         self.last_reconcile = Some(started.elapsed());
         self.reconciles += 1;
         Ok(writes)
+    }
+
+    /// Logs VIPs entering or leaving panic (fewer healthy backends than their
+    /// `panic_threshold`, so every weighted backend takes traffic), once per transition.
+    fn log_panic_changes(&mut self, cfg: &Config, want: &reconcile::Desired) {
+        let mut now = HashSet::new();
+        for (dv, cv) in want.vips.iter().zip(&cfg.vips) {
+            if !reconcile::in_panic(dv) {
+                continue;
+            }
+            now.insert(cv.name.clone());
+            if !self.panicking.contains(&cv.name) {
+                let weighted = dv.backends.iter().filter(|b| b.weight > 0).count();
+                let healthy = dv
+                    .backends
+                    .iter()
+                    .filter(|b| b.weight > 0 && b.healthy)
+                    .count();
+                tracing::error!(
+                    vip = %cv.name,
+                    healthy,
+                    weighted,
+                    panic_threshold = cv.panic_threshold,
+                    "VIP in PANIC: too few healthy backends; sending new flows to all of its \
+                     weighted backends, healthy or not, rather than overloading the survivors"
+                );
+            }
+        }
+        for name in self.panicking.difference(&now) {
+            tracing::warn!(vip = %name, "VIP out of panic: only healthy backends take traffic again");
+        }
+        self.panicking = now;
     }
 
     /// Re-reads the route and neighbour tables; when something the maps depend on changed (the
@@ -465,6 +500,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         seed,
         facts: HostFacts::default(),
         resolver: None,
+        panicking: HashSet::new(),
     };
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::ScrapeRequest>(16);
     if let Some(c) = &cfg {
