@@ -15,4 +15,5 @@ pub mod maglev;
 pub mod maps;
 pub mod metrics;
 pub mod reconcile;
+pub mod runtime;
 pub mod sim;
