@@ -3,6 +3,7 @@
 //!
 //! The `xlb` binary is a thin shell over this crate; tests use the same loader the agent uses.
 
+pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod counters;
