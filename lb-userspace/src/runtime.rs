@@ -138,7 +138,7 @@ pub struct BackendSpec {
     /// Region.
     pub region: String,
     /// MAC, for dsr-l2 VIPs.
-    #[serde(default, with = "mac_text")]
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "mac_text")]
     pub mac: Option<MacAddr>,
 }
 
