@@ -155,7 +155,8 @@ impl BackendSpec {
 /// One run-time change, as the admin API asks for it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    /// Add a VIP.
+    /// Add a VIP. Adding a hidden file VIP again at the same address, port and protocol brings
+    /// the file's definition back.
     AddVip(VipSpec),
     /// Remove a VIP by name (a file VIP is hidden until re-added).
     RemoveVip(String),
@@ -480,7 +481,22 @@ pub fn apply(file: &Config, overlay: &Overlay, change: &Change) -> Result<Overla
                     spec.name
                 )));
             }
-            next.vips_added.push(spec.clone());
+            // Re-adding a hidden file VIP at the same address, port and protocol brings the
+            // file's definition back (with its backends and check): the way back from a remove.
+            let hidden = next
+                .vips_removed
+                .contains(&spec.name)
+                .then(|| file.vips.iter().find(|v| v.name == spec.name))
+                .flatten();
+            match hidden {
+                Some(v)
+                    if (v.address, v.port, v.protocol)
+                        == (spec.address, spec.port, spec.protocol) =>
+                {
+                    next.vips_removed.remove(&spec.name);
+                }
+                _ => next.vips_added.push(spec.clone()),
+            }
         }
         Change::RemoveVip(name) => {
             find_vip(&current, name)?;
@@ -1003,7 +1019,18 @@ address = "10.0.1.1"
         );
         assert!(o.drained.is_empty(), "entries about the VIP went with it");
         assert_eq!(o.vips_removed, BTreeSet::from(["web".to_owned()]));
-        // Re-added at run time under the same name: the run-time definition replaces it.
+        // Re-added at the same address, port and protocol: the file's VIP is back, backends and
+        // all (the other values are the file's).
+        let (o, eff) = after(&[
+            Change::RemoveVip("web".into()),
+            Change::AddVip(VipSpec {
+                table_size: 65537,
+                ..vip_spec("web", "192.0.2.10", 80)
+            }),
+        ]);
+        assert_eq!(eff, file());
+        assert!(o.is_empty(), "{o:?}");
+        // Re-added elsewhere under the same name: the run-time definition replaces it.
         let (_, eff) = after(&[
             Change::RemoveVip("web".into()),
             Change::AddVip(vip_spec("web", "192.0.2.11", 80)),

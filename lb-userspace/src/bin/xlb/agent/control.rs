@@ -18,7 +18,7 @@ use lb_userspace::{
     config::Config,
     desired,
     health::{HealthEvent, TargetId},
-    runtime::{self, BackendRef, Change, Overlay},
+    runtime::{self, BackendRef, Change, Origin, Overlay},
 };
 use tokio::sync::mpsc;
 
@@ -461,6 +461,11 @@ impl Running {
 /// What a change did, in one line for the CLI.
 fn describe(change: &Change, file: &Config, overlay: &Overlay) -> String {
     match change {
+        Change::AddVip(v) if overlay.vip_origin(&v.name) == Origin::File => format!(
+            "VIP {:?} restored as the configuration file defines it (its backends, mode and \
+             table size are the file's)",
+            v.name
+        ),
         Change::AddVip(v) => format!(
             "VIP {:?} added: {} {} port {} ({})",
             v.name, v.protocol, v.address, v.port, v.mode
