@@ -423,13 +423,13 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     }
     let (mode, _link) = running.balancer.attach(&interface, mode)?;
     tracing::info!(%interface, %mode, "xlb_balancer attached");
-    running.control.attach_mode = mode.to_string();
-    running.sample_traffic();
-    let mut samples = tokio::time::interval(control::SAMPLE_PERIOD);
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    running.control.attach_mode = mode.to_string();
+    running.sample_traffic();
+    let mut samples = tokio::time::interval(control::SAMPLE_PERIOD);
     let period = Duration::from_secs(args.stats_interval_secs.max(1));
     let mut ticker = tokio::time::interval(period);
     let mut last = running.balancer.counters()?;
