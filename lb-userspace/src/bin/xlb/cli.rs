@@ -83,7 +83,9 @@ pub struct VipAddArgs {
 /// `--protocol` values.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum ProtocolArg {
+    /// TCP.
     Tcp,
+    /// UDP.
     Udp,
 }
 
