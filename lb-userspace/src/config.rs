@@ -10,7 +10,6 @@
 //! them. The schema keeps serde's `default, deny_unknown_fields` discipline by hand: each table
 //! lists its allowed keys once (`*_KEYS`), and every default is a `DEFAULT_*` constant below.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::{Range, RangeInclusive};
@@ -21,6 +20,10 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::maglev;
+
+pub mod rules;
+
+use rules::Violation;
 
 // ---------------------------------------------------------------------------------------------
 // Defaults and limits
@@ -776,6 +779,11 @@ impl<'a> Ctx<'a> {
         self.errors.push(error);
     }
 
+    /// Reports a broken rule at `span`, under `key`.
+    fn violation(&mut self, v: Violation, span: &Range<usize>, key: &str) {
+        self.report(v.kind, span, key, v.message);
+    }
+
     /// The errors sorted by position (stable, so one line's errors keep their order).
     fn finish(mut self) -> ConfigErrors {
         self.errors.sort_by_key(|e| (e.line, e.column));
@@ -951,7 +959,7 @@ impl<'a> Ctx<'a> {
                 return Field::Invalid;
             }
         };
-        match number.filter(|n| (0.0..=1.0).contains(n)) {
+        match number.filter(|n| rules::SHARE_RANGE.contains(n)) {
             Some(value) => Field::Valid(Loc { value, span, key }),
             None => {
                 let shown = &self.text[span.clone()];
@@ -990,6 +998,11 @@ impl<'a> Ctx<'a> {
             .map(|(i, item)| self.table(item, format!("{key}[{i}]"), allowed, &expected))
             .collect()
     }
+}
+
+/// A `u32` range as the integer walker takes it.
+fn range_of(range: RangeInclusive<u32>) -> RangeInclusive<i128> {
+    i128::from(*range.start())..=i128::from(*range.end())
 }
 
 /// A value's type and, for scalars, the value itself, for "found ..." messages.
@@ -1555,7 +1568,7 @@ fn read_vip(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> VipDraft {
     use Presence::{Optional, Required};
     let name = cx.parsed(t, "name", Required, NAME_EXPECTED, parse_name);
     let address = cx.parsed(t, "address", Required, IP_EXPECTED, parse_ip);
-    let port = cx.int(t, "port", Required, 0..=65535);
+    let port = cx.int(t, "port", Required, range_of(rules::PORT_RANGE));
     let protocol = cx.parsed(
         t,
         "protocol",
@@ -1570,7 +1583,7 @@ fn read_vip(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> VipDraft {
         "\"dsr-ipip\", \"dsr-l2\" or \"l7\"",
         parse_mode,
     );
-    let table_size = cx.int(t, "table_size", Optional, 2..=i128::from(MAX_TABLE_SIZE));
+    let table_size = cx.int(t, "table_size", Optional, range_of(rules::TABLE_SIZE_RANGE));
     let check = t
         .get("health_check")
         .and_then(|value| read_check(cx, value, t.key("health_check")));
@@ -1667,7 +1680,7 @@ fn read_regions(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> Field<Vec<Loc<String>
 fn read_backend(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> BackendDraft {
     use Presence::{Optional, Required};
     let address = cx.parsed(t, "address", Required, IP_EXPECTED, parse_ip);
-    let weight = cx.int(t, "weight", Optional, 0..=65535);
+    let weight = cx.int(t, "weight", Optional, range_of(rules::WEIGHT_RANGE));
     let region = cx.parsed(t, "region", Optional, NAME_EXPECTED, parse_name);
     let mac = cx.parsed(t, "mac", Optional, MAC_EXPECTED, parse_mac);
     let check = t
@@ -1734,91 +1747,44 @@ fn read_check(
 /// The checks within one VIP: its backends, table size, regions and health checks.
 fn validate_vip(cx: &mut Ctx<'_>, vip: &mut VipDraft) {
     let mode = vip.mode.or(VipMode::default());
-    let vip_family_v6 = vip.address.value().map(IpAddr::is_ipv6);
+    let vip_address = vip.address.value().copied();
 
-    if mode == Some(VipMode::L7) {
-        if let Some(protocol) = vip.protocol.loc().filter(|p| p.value == Protocol::Udp) {
-            cx.report(
-                ConfigErrorKind::Conflict,
-                &protocol.span,
-                &protocol.key,
-                "an l7 VIP is served by the HTTP gateway, which speaks TCP; expected \
-                 protocol = \"tcp\", or an L4 mode (\"dsr-ipip\", \"dsr-l2\") for UDP",
-            );
+    if let Some(mode) = mode {
+        if let Some(protocol) = vip.protocol.loc()
+            && let Some(v) = rules::l7_protocol(mode, protocol.value)
+        {
+            cx.violation(v, &protocol.span, &protocol.key);
         }
-        if let Some(port) = vip.port.loc().filter(|p| p.value == 0) {
-            cx.report(
-                ConfigErrorKind::Conflict,
-                &port.span,
-                &port.key,
-                "an l7 VIP needs a specific port for the gateway to listen on; expected \
-                 1..=65535 (port 0, every port, is for L4 modes)",
-            );
+        if let Some(port) = vip.port.loc()
+            && let Some(v) = rules::l7_port(mode, port.value)
+        {
+            cx.violation(v, &port.span, &port.key);
         }
     }
 
-    // First backend of each address, so duplicates are found in one pass (a VIP may list tens
-    // of thousands of backends).
-    let mut first_of: HashMap<IpAddr, usize> = HashMap::new();
-    for (i, backend) in vip.backends.iter().enumerate() {
-        if let Some(address) = backend.address.loc() {
-            let first_index = *first_of.entry(address.value).or_insert(i);
-            if first_index != i {
-                let first = &vip.backends[first_index];
-                let message = format!(
-                    "{} is already a backend of this VIP ({}); list each backend once",
-                    address.value, first.path
-                );
-                cx.report(
-                    ConfigErrorKind::Duplicate,
-                    &address.span,
-                    &address.key,
-                    message,
-                );
+    let addresses = vip.backends.iter().map(|b| b.address.value().copied());
+    for (i, first_index) in rules::first_duplicates(addresses) {
+        if let Some(address) = vip.backends[i].address.loc() {
+            let first = &vip.backends[first_index].path;
+            let v = rules::duplicate_backend(address.value, first);
+            cx.violation(v, &address.span, &address.key);
+        }
+    }
+    for backend in &vip.backends {
+        if let (Some(address), Some(mode)) = (backend.address.loc(), mode) {
+            if let Some(v) = rules::backend_loopback(mode, address.value) {
+                cx.violation(v, &address.span, &address.key);
             }
-            let is_l4 = matches!(mode, Some(VipMode::DsrIpip | VipMode::DsrL2));
-            if is_l4 && address.value.is_loopback() {
-                let message = format!(
-                    "{} is a loopback address, which the balancer cannot forward to; expected \
-                     the backend's address on the network",
-                    address.value
-                );
-                cx.report(
-                    ConfigErrorKind::InvalidValue,
-                    &address.span,
-                    &address.key,
-                    message,
-                );
-            }
-            if let (Some(VipMode::DsrL2), Some(vip_v6)) = (mode, vip_family_v6)
-                && address.value.is_ipv6() != vip_v6
+            if let Some(vip_address) = vip_address
+                && let Some(v) = rules::backend_family(mode, vip_address, address.value)
             {
-                let (have, want) = if vip_v6 {
-                    ("IPv4", "IPv6")
-                } else {
-                    ("IPv6", "IPv4")
-                };
-                let message = format!(
-                    "an {have} backend on an {want} dsr-l2 VIP; dsr-l2 rewrites only the \
-                         MAC, so backends must be {want} on the balancer's L2 segment; expected \
-                         an {want} address, or mode = \"dsr-ipip\" to reach {have} backends"
-                );
-                cx.report(
-                    ConfigErrorKind::Conflict,
-                    &address.span,
-                    &address.key,
-                    message,
-                );
+                cx.violation(v, &address.span, &address.key);
             }
         }
         if let (Some(mac), Some(mode)) = (backend.mac.loc(), mode)
-            && mode != VipMode::DsrL2
+            && let Some(v) = rules::backend_mac(mode)
         {
-            let message = format!(
-                "a backend MAC only applies to dsr-l2 VIPs, and this VIP's mode is \
-                     \"{mode}\"; remove `mac`, or set mode = \"dsr-l2\" on the VIP"
-            );
-            cx.report(ConfigErrorKind::Conflict, &mac.span, &mac.key, message);
+            cx.violation(v, &mac.span, &mac.key);
         }
     }
 
@@ -1835,35 +1801,14 @@ fn validate_table_size(cx: &mut Ctx<'_>, vip: &VipDraft) {
         Some(loc) => (loc.span.clone(), loc.key.clone()),
         None => (vip.span.clone(), format!("{}.table_size", vip.path)),
     };
-    if !maglev::is_prime(size) {
-        let below = (2..size).rev().find(|&n| maglev::is_prime(n));
-        let above = (size + 1..=MAX_TABLE_SIZE).find(|&n| maglev::is_prime(n));
-        let hint = match (below, above) {
-            (Some(b), Some(a)) => format!("the nearest primes are {b} and {a}"),
-            (Some(b), None) => format!("the nearest prime is {b}"),
-            (None, Some(a)) => format!("the nearest prime is {a}"),
-            (None, None) => "no prime fits".to_owned(),
-        };
-        let message = format!(
-            "{size} is not prime (Maglev needs a prime size so every backend's permutation \
-             visits every slot); {hint}"
-        );
-        cx.report(ConfigErrorKind::InvalidValue, &span, &key, message);
-        return;
-    }
     // Invalid weights are already reported; count them as weighted so this check stays quiet.
     let weighted = vip
         .backends
         .iter()
         .filter(|b| b.weight.or(DEFAULT_WEIGHT) != Some(0))
         .count();
-    if (size as usize) < weighted {
-        let message = format!(
-            "{size} slots are too few for {weighted} backends with weight > 0; expected a prime \
-             of at least {weighted} (about 100 times that for even shares; the default is \
-             {DEFAULT_TABLE_SIZE})"
-        );
-        cx.report(ConfigErrorKind::OutOfRange, &span, &key, message);
+    if let Some(v) = rules::table_size(size, weighted) {
+        cx.violation(v, &span, &key);
     }
 }
 
@@ -1873,38 +1818,23 @@ fn validate_regions(cx: &mut Ctx<'_>, vip: &VipDraft) {
     };
     let names: Vec<&str> = regions.value.iter().map(|r| r.value.as_str()).collect();
     for backend in &vip.backends {
-        let listed = |name: &str| names.contains(&name);
         match &backend.region {
-            Field::Valid(region) if !listed(&region.value) => {
-                let message = format!(
-                    "region {:?} is not in {}; expected one of {}, or add it to the VIP's \
-                     regions",
-                    region.value,
-                    regions.key,
-                    quoted_list(&names)
-                );
-                cx.report(
-                    ConfigErrorKind::Conflict,
-                    &region.span,
-                    &region.key,
-                    message,
-                );
+            Field::Valid(region) => {
+                if let Some(v) = rules::region(&names, &regions.key, Some(&region.value)) {
+                    cx.violation(v, &region.span, &region.key);
+                }
             }
-            Field::Absent if !listed(DEFAULT_REGION) => {
-                let message = format!(
-                    "the backend has no region, so it is in {DEFAULT_REGION:?}, which is not in \
-                     {}; expected `region = ` one of {}",
-                    regions.key,
-                    quoted_list(&names)
-                );
-                let key = format!("{}.region", backend.path);
-                let span = backend
-                    .address
-                    .loc()
-                    .map_or(regions.span.clone(), |a| a.span.clone());
-                cx.report(ConfigErrorKind::MissingKey, &span, &key, message);
+            Field::Absent => {
+                if let Some(v) = rules::region(&names, &regions.key, None) {
+                    let key = format!("{}.region", backend.path);
+                    let span = backend
+                        .address
+                        .loc()
+                        .map_or(regions.span.clone(), |a| a.span.clone());
+                    cx.violation(v, &span, &key);
+                }
             }
-            _ => {}
+            Field::Invalid => {}
         }
     }
 }
@@ -2150,79 +2080,63 @@ fn resolve_check(
 
 /// The checks that span VIPs: unique names and keys, tunnel sources, limits.
 fn validate_across_vips(cx: &mut Ctx<'_>, agent: Option<&AgentDraft>, vips: &[VipDraft]) {
-    // The first VIP of each name and of each (address, port, protocol): one pass, not one scan
-    // of the earlier VIPs per VIP (thousands of VIPs made that quadratic).
-    let mut by_name: HashMap<&str, usize> = HashMap::new();
-    let mut by_key: HashMap<(IpAddr, u16, Protocol), usize> = HashMap::new();
-    for (i, vip) in vips.iter().enumerate() {
-        if let Some(name) = vip.name.loc()
-            && let first_index = *by_name.entry(name.value.as_str()).or_insert(i)
-            && first_index != i
-        {
-            let first = &vips[first_index];
-            let message = format!(
-                "VIP name {:?} is already used by {} (line {}); expected a unique name",
-                name.value,
-                first.path,
-                cx.line_of(first.span.start)
-            );
-            cx.report(ConfigErrorKind::Duplicate, &name.span, &name.key, message);
-        }
-        if let (Some(address), Some(port), Some(protocol)) =
+    let names = vips.iter().map(|v| v.name.value().map(String::as_str));
+    for (i, first_index) in rules::first_duplicates(names) {
+        let Some(name) = vips[i].name.loc() else {
+            continue;
+        };
+        let first = &vips[first_index];
+        let first = format!("{} (line {})", first.path, cx.line_of(first.span.start));
+        let v = rules::duplicate_vip_name(&name.value, &first);
+        cx.violation(v, &name.span, &name.key);
+    }
+    let keys = vips
+        .iter()
+        .map(|v| Some((*v.address.value()?, *v.port.value()?, *v.protocol.value()?)));
+    for (i, first_index) in rules::first_duplicates(keys) {
+        let vip = &vips[i];
+        let (Some(address), Some(port), Some(protocol)) =
             (vip.address.loc(), vip.port.value(), vip.protocol.value())
-        {
-            let first_index = *by_key.entry((address.value, *port, *protocol)).or_insert(i);
-            if first_index != i {
-                let first = &vips[first_index];
-                let message = format!(
-                    "{protocol} {} port {port} is already served by {} ({:?}, line {}); expected \
-                     each (address, port, protocol) once",
-                    address.value,
-                    first.path,
-                    first.name.value().map_or("", String::as_str),
-                    cx.line_of(first.span.start)
-                );
-                cx.report(
-                    ConfigErrorKind::Duplicate,
-                    &address.span,
-                    &address.key,
-                    message,
-                );
-            }
-        }
+        else {
+            continue;
+        };
+        let first = &vips[first_index];
+        let first = format!(
+            "{} ({:?}, line {})",
+            first.path,
+            first.name.value().map_or("", String::as_str),
+            cx.line_of(first.span.start)
+        );
+        let v = rules::duplicate_vip_key(address.value, *port, *protocol, &first);
+        cx.violation(v, &address.span, &address.key);
     }
 
-    let vip_limit = lb_common::types::MAX_VIPS as usize;
-    if let Some(vip) = vips.get(vip_limit) {
-        let message = format!("too many VIPs; expected at most {vip_limit}");
-        cx.report(ConfigErrorKind::OutOfRange, &vip.span, &vip.path, message);
+    if let Some(v) = rules::vip_limit(vips.len()) {
+        let vip = &vips[lb_common::types::MAX_VIPS as usize];
+        cx.violation(v, &vip.span, &vip.path);
     }
-    let backend_limit = lb_common::types::MAX_BACKENDS as usize;
     let total: usize = vips.iter().map(|v| v.backends.len()).sum();
-    if total > backend_limit {
+    if let Some(v) = rules::backend_limit(total) {
         let (span, key) = vips
             .iter()
             .flat_map(|v| v.backends.iter().map(move |b| (v, b)))
-            .nth(backend_limit)
+            .nth(lb_common::types::MAX_BACKENDS as usize)
             .map_or((0..0, String::new()), |(v, b)| {
                 (v.span.clone(), b.path.clone())
             });
-        let message =
-            format!("{total} backends in all; expected at most {backend_limit} over all VIPs");
-        cx.report(ConfigErrorKind::OutOfRange, &span, &key, message);
+        cx.violation(v, &span, &key);
     }
 
-    // Which tunnel sources the encapsulating VIPs need: the outer header has the backend's
-    // family, whatever the VIP's.
     let Some(agent) = agent else { return };
     let needs = |v6: bool| {
         vips.iter().find_map(|vip| {
-            let encapsulates = vip.mode.or(VipMode::default())?.encapsulates();
+            let mode = vip.mode.or(VipMode::default())?;
             let backend = vip
                 .backends
                 .iter()
                 .find(|b| b.address.value().is_some_and(|a| a.is_ipv6() == v6))?;
-            encapsulates.then_some((vip, backend))
+            let address = *backend.address.value()?;
+            rules::needs_encap_source(mode, address, v6).then_some((vip, backend))
         })
     };
     for (v6, absent) in [
@@ -2232,25 +2146,13 @@ fn validate_across_vips(cx: &mut Ctx<'_>, agent: Option<&AgentDraft>, vips: &[Vi
         let Some((vip, backend)) = needs(v6).filter(|_| absent) else {
             continue;
         };
-        let (family, key, example, how) = if v6 {
-            ("IPv6", "encap_source_v6", "\"fd00:ff::/96\"", "IPv6-in-IP")
-        } else {
-            ("IPv4", "encap_source_v4", "\"10.255.0.0/16\"", "IPIP")
-        };
-        let message = format!(
-            "required key is missing: {} ({:?}) forwards to {family} backends such as {} by \
-             {how} (dsr-ipip), which needs an outer {family} source; expected an {family} \
-             address or prefix such as {example}",
+        let vip_name = format!(
+            "{} ({:?})",
             vip.path,
-            vip.name.value().map_or("", String::as_str),
-            backend.path
+            vip.name.value().map_or("", String::as_str)
         );
-        cx.report(
-            ConfigErrorKind::MissingKey,
-            &agent.span,
-            &format!("{}.{key}", agent.path),
-            message,
-        );
+        let (key, v) = rules::encap_source_missing(v6, &vip_name, &backend.path);
+        cx.violation(v, &agent.span, &format!("{}.{key}", agent.path));
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //! The `xlb` binary is a thin shell over this crate; tests use the same loader the agent uses.
 
+pub mod admin;
 pub mod bench;
 pub mod config;
 pub mod counters;
@@ -17,4 +18,5 @@ pub mod metrics;
 pub mod netlink;
 pub mod pins;
 pub mod reconcile;
+pub mod runtime;
 pub mod sim;

@@ -430,6 +430,25 @@ impl Balancer {
             Err(e) => Err(map_err(name)(e)),
         }
     }
+
+    /// Connection-table entries per backend id, in one pass over the table (for `xlb status`:
+    /// a full table of a million flows takes about a second). Entries that expire while the
+    /// walk runs are skipped, not counted.
+    pub fn flows_per_backend(&self) -> Result<std::collections::HashMap<u32, u64>, LoaderError> {
+        let name = names::FLOWS;
+        let map: HashMap<&MapData, FlowKey, FlowValue> =
+            HashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
+        let mut counts = std::collections::HashMap::new();
+        for entry in map.iter() {
+            match entry {
+                Ok((_, value)) => *counts.entry(value.backend_id).or_insert(0) += 1,
+                // The LRU evicted the key between listing and reading it.
+                Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        Ok(counts)
+    }
 }
 
 /// What an agent finds in adopted (pinned) maps: the reconciler rebuilds its memory from this.

@@ -1108,3 +1108,223 @@ fn maps_of_another_layout_are_replaced_without_detaching() {
     assert_eq!(ask_each(&mut conns, "after resize"), placed);
     assert!(agent.terminate().success());
 }
+
+/// The run-time CLI against the real agent: `xlb` run in the xlb host's namespace with
+/// `--socket`, its exit code, stdout and stderr.
+fn xlb_cli(ns: &Netns, socket: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let out = ns
+        .command(xlb_bin().to_str().unwrap())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run the xlb CLI");
+    let code = out.status.code().expect("the CLI exited");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("    $ xlb {} -> {code}\n{stdout}{stderr}", args.join(" "));
+    (code, stdout, stderr)
+}
+
+/// Runs the CLI, expects exit 0, and parses its stdout as JSON.
+fn xlb_json(ns: &Netns, socket: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let (code, stdout, stderr) = xlb_cli(ns, socket, args);
+    assert_eq!(code, 0, "xlb {args:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// Which backend (index into `lab.backends`) answered each connection; panics on a failure.
+fn answered_by(replies: &[Result<String, String>], n: usize) -> Vec<usize> {
+    let mut per = vec![0; n];
+    for r in replies {
+        let r = r.as_ref().unwrap_or_else(|e| panic!("{e}"));
+        let i = (0..n)
+            .find(|i| r.starts_with(&format!("backend{i}:")))
+            .unwrap_or_else(|| panic!("unexpected reply {r:?}"));
+        per[i] += 1;
+    }
+    per
+}
+
+/// The admin API end to end: the real agent with its socket and state in a temp dir, driven by
+/// the real `xlb` CLI. Drains, additions and weights steer new connections; refused changes and
+/// a broken reload change nothing; run-time changes survive a restart; a missing agent is one
+/// line and exit 3.
+#[test]
+fn the_cli_changes_the_running_agent_and_the_changes_survive_a_restart() {
+    let lab = lab(3);
+    let _servers: Vec<Server> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Server::start(b, &format!("backend{i}")))
+        .collect();
+    let socket = lab.dirs.tmp.join("admin.sock");
+    let health = "[vip.health_check]\ntype = \"tcp\"\ninterval_ms = 300\ntimeout_ms = 200\n";
+    let good = lab_config(&lab.dirs, 2, health);
+    let config = TempFile::new("xlb-admin.toml", &good);
+    let config_path = config.0.to_str().unwrap().to_string();
+    let mut agent = Agent::start(&lab.lb, &["agent", "--config", &config_path]);
+    agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    let cli = |args: &[&str]| xlb_cli(&lab.lb, &socket, args);
+    let json = |args: &[&str]| xlb_json(&lab.lb, &socket, args);
+
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&socket)
+        .expect("the socket exists")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+
+    // Status: the VIP and both backends, checked and up.
+    let status = json(&["status", "--json"]);
+    let web = &status["vips"][0];
+    assert_eq!(web["name"], "web", "{status}");
+    assert_eq!(web["address"], LAB_VIP, "{status}");
+    assert_eq!(web["protocol"], "tcp");
+    assert_eq!(web["mode"], "dsr-ipip");
+    let addresses: Vec<&str> = web["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["address"].as_str().unwrap())
+        .collect();
+    assert_eq!(addresses, ["10.99.3.2", "10.99.4.2"]);
+    for b in web["backends"].as_array().unwrap() {
+        assert_eq!(b["health"], "up", "{status}");
+    }
+    assert_eq!(status["agent"]["interface"], "eth0");
+    assert_eq!(status["agent"]["attach_mode"], "native");
+    let (code, table, _) = cli(&["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("web backends:") && table.contains("10.99.4.2"),
+        "{table}"
+    );
+
+    // Drain backend0: new connections all go elsewhere.
+    let (code, out, _) = cli(&["backend", "drain", "web", "10.99.3.2"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("drained"), "{out}");
+    agent.wait_for("backend drained", Duration::from_secs(5));
+    let per = answered_by(&connect_many(&lab.client, 30, "drained"), 3);
+    assert_eq!(per, [0, 30, 0], "a drained backend gets no new connections");
+    let status = json(&["status", "--json"]);
+    let b1 = &status["vips"][0]["backends"][1];
+    assert!(b1["active_flows"].as_u64().unwrap() >= 30, "{status}");
+    assert_eq!(status["vips"][0]["backends"][0]["drained"], true);
+    assert_eq!(status["vips"][0]["backends"][0]["weight"], 0);
+
+    // A third backend added at run time takes connections.
+    let (code, _, _) = cli(&["backend", "add", "web", "10.99.5.2"]);
+    assert_eq!(code, 0);
+    let per = answered_by(&connect_many(&lab.client, 40, "added"), 3);
+    assert!(per[0] == 0 && per[1] > 0 && per[2] > 0, "{per:?}");
+
+    // Weight 0 on backend1 leaves backend2 alone; back to 100 afterwards.
+    let (code, _, _) = cli(&["backend", "set-weight", "web", "10.99.4.2", "0"]);
+    assert_eq!(code, 0);
+    let per = answered_by(&connect_many(&lab.client, 20, "weighted"), 3);
+    assert_eq!(per, [0, 0, 20], "{per:?}");
+    let (code, _, _) = cli(&["backend", "set-weight", "web", "10.99.4.2", "100"]);
+    assert_eq!(code, 0);
+
+    let vips = json(&["vip", "list", "--json"]);
+    assert_eq!(vips[0]["name"], "web", "{vips}");
+    assert_eq!(vips[0]["backends"], 3, "{vips}");
+    let (code, table, _) = cli(&["vip", "list"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.starts_with("NAME") && table.contains(LAB_VIP),
+        "{table}"
+    );
+
+    // Refused changes: exit 1 with the reason, and nothing changes.
+    let before = json(&["backend", "list", "web", "--json"]);
+    let (code, _, err) = cli(&["backend", "add", "web", "fd00:99::5"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("agent.encap_source_v6: required key is missing"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&["backend", "drain", "nope", "10.99.3.2"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("there is no VIP \"nope\""), "{err}");
+    assert_eq!(json(&["backend", "list", "web", "--json"]), before);
+    // A usage error is exit 2.
+    let (code, _, _) = cli(&["backend", "set-weight", "web", "10.99.3.2", "70000"]);
+    assert_eq!(code, 2);
+
+    // A broken file: reload exits 2 naming file and line; the running state stays.
+    let broken = format!("{good}\n[[vip.backend]]\naddress = \"10.99.6.2\"\nweight = 70000\n");
+    let line = broken.lines().position(|l| l == "weight = 70000").unwrap() + 1;
+    std::fs::write(&config.0, &broken).unwrap();
+    let (code, _, err) = cli(&["reload"]);
+    assert_eq!(code, 2, "{err}");
+    let want = format!("{config_path}:{line}: vip[0].backend[2].weight: 70000 is out of range");
+    assert!(err.contains(&want), "{want}\nnot in\n{err}");
+    assert_eq!(json(&["backend", "list", "web", "--json"]), before);
+    std::fs::write(&config.0, &good).unwrap();
+    let (code, out, _) = cli(&["reload"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("configuration reloaded: 1 VIPs, 3 backends"),
+        "{out}"
+    );
+
+    // A second agent on the same socket is refused before it touches anything.
+    let out = lab
+        .lb
+        .command(xlb_bin().to_str().unwrap())
+        .args(["agent", "--config", &config_path])
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run a second agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "another xlb agent is serving {}",
+            socket.display()
+        )),
+        "{err}"
+    );
+
+    // Restart with the same state_dir: the drain and the added backend are still in force.
+    assert!(agent.terminate().success());
+    assert!(!socket.exists(), "the agent removes its socket on exit");
+    assert!(lab.dirs.tmp.join("state/runtime.json").is_file());
+    drop(agent);
+    let mut agent = Agent::start(&lab.lb, &["agent", "--config", &config_path]);
+    agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    let backends = json(&["backend", "list", "web", "--json"]);
+    assert_eq!(backends, before, "run-time changes survived the restart");
+    assert_eq!(backends[0]["drained"], true);
+    assert_eq!(backends[2]["origin"], "runtime");
+    let per = answered_by(&connect_many(&lab.client, 30, "restarted"), 3);
+    assert!(per[0] == 0 && per[1] > 0 && per[2] > 0, "{per:?}");
+    let (code, _, _) = cli(&["backend", "undrain", "web", "10.99.3.2"]);
+    assert_eq!(code, 0);
+    let per = answered_by(&connect_many(&lab.client, 40, "undrained"), 3);
+    assert!(
+        per[0] > 0,
+        "undrained backend0 takes connections again: {per:?}"
+    );
+    assert!(agent.terminate().success());
+
+    // No agent: one line, exit 3.
+    let missing = lab.dirs.tmp.join("none.sock");
+    let (code, out, err) = xlb_cli(&lab.lb, &missing, &["status"]);
+    assert_eq!(code, 3);
+    assert!(out.is_empty());
+    assert_eq!(
+        err,
+        format!(
+            "xlb agent is not running (no admin socket at {})\n",
+            missing.display()
+        )
+    );
+}

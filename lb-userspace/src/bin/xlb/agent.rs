@@ -1,5 +1,7 @@
 //! `xlb agent`: load and attach the balancer, reconcile the configuration into its maps, reload
-//! on SIGHUP, report counters, detach on exit.
+//! on SIGHUP, serve the admin API, report counters, detach on exit.
+
+mod control;
 
 use std::{
     path::{Path, PathBuf},
@@ -12,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::facts::{HostFacts, Resolver};
 use lb_userspace::{
+    admin,
     config::{self, Config, NextHopMac, XdpMode},
     desired,
     health::{Checker, CheckerHandle, HealthEvent, HealthState, Target, TargetId},
@@ -20,6 +23,7 @@ use lb_userspace::{
     logging, metrics, netlink,
     pins::PinDir,
     reconcile::{self, Reconciler},
+    runtime,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -132,6 +136,8 @@ struct Running {
     resolver: Option<Resolver>,
     /// Names of the VIPs in panic (see [`reconcile::in_panic`]).
     panicking: HashSet<String>,
+    /// The admin API's state: the file as loaded, the run-time overlay, facts for `status`.
+    control: control::Control,
 }
 
 /// The backends of `cfg` that have a health check (the VIP's, with the backend's overrides).
@@ -418,10 +424,26 @@ impl Running {
 }
 
 async fn serve(args: AgentArgs) -> anyhow::Result<()> {
-    let cfg = match &args.config {
+    let file = match &args.config {
         Some(path) => Some(load_config(path)?),
         None => None,
     };
+    // Bound before anything else is touched (the run-time state file, the maps), so a second
+    // agent is refused first; removed again when `_admin_socket` drops at exit.
+    let (admin_tx, mut admin_rx) = mpsc::channel::<admin::Pending>(16);
+    let _admin_socket = match &file {
+        Some(c) => {
+            let path = &c.agent.admin_socket;
+            let bound = admin::bind(path).context("serving the admin API (agent.admin_socket)")?;
+            tracing::info!(socket = %path.display(), "admin API listening");
+            tokio::spawn(admin::serve(bound.listener, admin_tx));
+            Some(bound.file)
+        }
+        None => None,
+    };
+    // From here on `cfg` is the effective configuration: the file with the run-time changes
+    // kept in state_dir that still apply to it.
+    let (mut control, cfg) = control::Control::load(args.config.as_deref(), file)?;
     let (interface, mode, flow_entries) = match (&cfg, &args.interface) {
         (Some(c), _) => (
             c.agent.interface.clone(),
@@ -442,6 +464,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         host::interface_exists(&interface),
         "no network interface {interface:?} here (see `ip link`)"
     );
+    control.interface = interface.clone();
     if interface == "lo" {
         tracing::warn!(
             "attaching to the loopback interface: locally originated VIP traffic would be \
@@ -501,6 +524,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         facts: HostFacts::default(),
         resolver: None,
         panicking: HashSet::new(),
+        control,
     };
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::ScrapeRequest>(16);
     if let Some(c) = &cfg {
@@ -538,7 +562,11 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             "configuration applied"
         );
     }
-    let _link = match &pins {
+    // Handlers first: a SIGTERM right after the "attached" line must stop the agent cleanly.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (_link, attached_mode) = match &pins {
         Some(pins) => {
             let attached = running.balancer.attach_pinned(&interface, mode, pins)?;
             for old in pins.remove_other_layouts()? {
@@ -550,18 +578,15 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
                     "took over the pinned XDP link: the new program replaced the old one atomically"
                 );
             }
-            None
+            (None, attached.to_string())
         }
         None => {
             let (mode, link) = running.balancer.attach(&interface, mode)?;
             tracing::info!(%interface, %mode, "xlb_balancer attached");
-            Some(link)
+            (Some(link), mode.to_string())
         }
     };
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Route, neighbour and link changes re-resolve the next hop and dsr-l2 MACs; a slow timer
     // catches anything a lost notification missed.
     let mut changes = match &cfg {
@@ -569,6 +594,9 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         None => None,
     };
     let mut facts_timer = tokio::time::interval(Duration::from_secs(30));
+    running.control.attach_mode = attached_mode;
+    running.sample_traffic();
+    let mut samples = tokio::time::interval(control::SAMPLE_PERIOD);
     let period = Duration::from_secs(args.stats_interval_secs.max(1));
     let mut ticker = tokio::time::interval(period);
     let mut last = running.balancer.counters()?;
@@ -576,7 +604,14 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&mut running, args.config.as_ref(), &interface, &health_tx),
+            _ = hup.recv() => {
+                // Logged inside; only the admin API's caller needs the result.
+                let _ = reload(&mut running, args.config.as_ref(), &interface, &health_tx);
+            }
+            Some(pending) = admin_rx.recv() => {
+                running.on_admin(pending, args.config.as_ref(), &health_tx);
+            }
+            _ = samples.tick() => running.sample_traffic(),
             Some(ev) = health_rx.recv() => running.on_health(ev),
             Some(()) = next_change(&mut changes) => running.refresh_facts().await,
             _ = facts_timer.tick(), if cfg.is_some() => running.refresh_facts().await,
@@ -665,54 +700,102 @@ fn adopted_health(
     out
 }
 
-/// SIGHUP: re-read the configuration and apply it; an invalid one is refused and the running
-/// state stays.
+/// Why a reload was refused; the running state stays either way.
+enum ReloadError {
+    /// The file is invalid: every error, one per line, then a summary.
+    Invalid(String),
+    /// Anything else (no file, the interface changed, the maps refused the result).
+    Failed(String),
+}
+
+/// SIGHUP and `xlb reload`: re-read the configuration and apply it with the run-time changes
+/// that still apply to it; an invalid one is refused and the running state stays.
 fn reload(
     running: &mut Running,
     path: Option<&PathBuf>,
     interface: &str,
     health_tx: &mpsc::Sender<HealthEvent>,
-) {
+) -> Result<admin::ReloadResult, ReloadError> {
     let Some(path) = path else {
         tracing::warn!("SIGHUP ignored: the agent runs without a configuration file");
-        return;
+        return Err(ReloadError::Failed(
+            "the agent runs without a configuration file (--interface); there is nothing to \
+             reload"
+                .to_owned(),
+        ));
     };
-    let cfg = match load_config(path) {
+    let file = match config::load(path) {
         Ok(c) => c,
-        Err(e) => {
-            tracing::error!("reload refused: {e:#}; still running the previous configuration");
+        Err(errors) => {
+            for e in errors.errors() {
+                tracing::error!("{e}");
+            }
+            let n = errors.len();
+            let summary = format!(
+                "{}: invalid configuration ({n} error{}); nothing was changed",
+                path.display(),
+                if n == 1 { "" } else { "s" }
+            );
+            tracing::error!("reload refused: {summary}; still running the previous configuration");
             running.reloads_refused += 1;
-            return;
+            return Err(ReloadError::Invalid(format!("{errors}\n{summary}")));
         }
     };
-    if let Some(old) = &running.config
-        && old.agent.metrics_listen != cfg.agent.metrics_listen
-    {
-        tracing::warn!(
-            old = %old.agent.metrics_listen,
-            new = %cfg.agent.metrics_listen,
-            "agent.metrics_listen changed: the metrics endpoint moves only on restart"
-        );
+    if let Some(old) = &running.config {
+        for (key, moved) in [
+            (
+                "metrics_listen",
+                old.agent.metrics_listen != file.agent.metrics_listen,
+            ),
+            (
+                "admin_socket",
+                old.agent.admin_socket != file.agent.admin_socket,
+            ),
+            ("state_dir", old.agent.state_dir != file.agent.state_dir),
+        ] {
+            if moved {
+                tracing::warn!("agent.{key} changed: it applies only on restart");
+            }
+        }
     }
-    if cfg.agent.interface != interface {
-        tracing::error!(
-            old = interface,
-            new = %cfg.agent.interface,
-            "reload refused: agent.interface changed; restart the agent to move it"
+    if file.agent.interface != interface {
+        let message = format!(
+            "reload refused: agent.interface changed ({interface:?} -> {:?}); restart the agent \
+             to move it",
+            file.agent.interface
         );
+        tracing::error!("{message}");
         running.reloads_refused += 1;
-        return;
+        return Err(ReloadError::Failed(message));
     }
+    let rebased = runtime::rebase(&file, &running.control.overlay);
+    for line in &rebased.dropped {
+        tracing::warn!("{line}");
+    }
+    let cfg = rebased.effective;
     let previous = (running.down.clone(), running.config.clone());
     running.restart_checks(&cfg, health_tx);
     running.config = Some(cfg.clone());
     match running.reconcile(&cfg) {
-        Ok(writes) => tracing::info!(
-            vips = cfg.vips.len(),
-            backends = cfg.backend_count(),
-            writes,
-            "configuration reloaded"
-        ),
+        Ok(writes) => {
+            tracing::info!(
+                vips = cfg.vips.len(),
+                backends = cfg.backend_count(),
+                writes,
+                "configuration reloaded"
+            );
+            running.control.file = Some(file);
+            if rebased.overlay != running.control.overlay {
+                running.control.overlay = rebased.overlay;
+                if let Some(state) = &running.control.state_path
+                    && let Err(e) = runtime::save(state, &running.control.overlay)
+                {
+                    // The entries dropped here are dropped again at the next start.
+                    tracing::warn!("{e}");
+                }
+            }
+            Ok(control::reloaded(&cfg, rebased.dropped))
+        }
         Err(e) => {
             // The maps keep the previous state; so does the agent (checks restart for it).
             tracing::error!("reload failed: {e:#}; the previous state stays in place");
@@ -723,6 +806,9 @@ fn reload(
                 running.config = Some(old);
                 running.down = down;
             }
+            Err(ReloadError::Failed(format!(
+                "reload failed: {e:#}; the previous state stays in place"
+            )))
         }
     }
 }

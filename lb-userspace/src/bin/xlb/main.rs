@@ -2,10 +2,11 @@
 
 mod agent;
 mod check;
+mod cli;
 mod decap;
 mod facts;
 
-use std::process::ExitCode;
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +17,16 @@ struct Cli {
     /// Log format on stderr: text (one line per event) or json (one object per line).
     #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Text)]
     log_format: LogFormatArg,
+    /// The running agent's admin socket (its `agent.admin_socket`), for the run-time commands
+    /// (vip, backend, reload, status, stats).
+    #[arg(
+        long,
+        global = true,
+        env = "XLB_SOCKET",
+        value_name = "PATH",
+        default_value = lb_userspace::config::DEFAULT_ADMIN_SOCKET
+    )]
+    socket: PathBuf,
     #[command(subcommand)]
     command: Commands,
 }
@@ -37,6 +48,19 @@ enum Commands {
     /// Validate a configuration file without touching the system: prints every error (exit 2)
     /// or a one-line summary (exit 0); exit 1 if the file cannot be read.
     Check(check::CheckArgs),
+    /// Add, remove and list the running agent's VIPs (run-time changes, kept in state_dir).
+    #[command(subcommand)]
+    Vip(cli::VipCommand),
+    /// Add, remove, drain, undrain, re-weight and list a VIP's backends in the running agent.
+    #[command(subcommand)]
+    Backend(cli::BackendCommand),
+    /// Make the running agent re-read its configuration file (as SIGHUP does); an invalid file
+    /// is refused with every error (exit 2) and the running state stays.
+    Reload,
+    /// The running agent, its VIPs and backends: rates, health, active flows, weights.
+    Status(cli::StatusArgs),
+    /// The data path's counters by name (the non-zero ones), or with --watch their rates.
+    Stats(cli::StatsArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,10 +69,18 @@ fn main() -> ExitCode {
         LogFormatArg::Text => lb_userspace::logging::LogFormat::Text,
         LogFormatArg::Json => lb_userspace::logging::LogFormat::Json,
     });
+    let socket = cli.socket.as_path();
     let result = match cli.command {
         Commands::Agent(args) => agent::run(args),
         Commands::Decap(args) => decap::run(args),
         Commands::Check(args) => check::run(args),
+        // The run-time commands print their own one-line errors and choose their exit codes
+        // (see cli.rs).
+        Commands::Vip(command) => return cli::vip(socket, command),
+        Commands::Backend(command) => return cli::backend(socket, command),
+        Commands::Reload => return cli::reload(socket),
+        Commands::Status(args) => return cli::status(socket, args),
+        Commands::Stats(args) => return cli::stats(socket, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
