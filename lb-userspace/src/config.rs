@@ -452,6 +452,65 @@ pub struct ConfigError {
     pub message: String,
 }
 
+/// A value as error messages quote it: short ones whole, long ones cut (a megabyte-long name
+/// must not become a megabyte-long error line).
+pub(crate) fn shown(s: &str) -> String {
+    const KEEP: usize = 48;
+    let count = s.chars().count();
+    if count <= KEEP + 16 {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(KEEP).collect();
+        format!("{head:?}... ({count} characters)")
+    }
+}
+
+/// Shortens every quoted string longer than [`shown`] keeps in a message built with `{:?}`.
+pub(crate) fn abbreviate_quotes(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() < 80 {
+        return message.into();
+    }
+    let mut out = String::with_capacity(message.len().min(1024));
+    let mut rest = message;
+    while let Some(start) = rest.find('"') {
+        out.push_str(&rest[..start]);
+        let body = &rest[start + 1..];
+        // The closing quote: the first one not escaped by a backslash.
+        let mut end = None;
+        let mut escaped = false;
+        for (i, c) in body.char_indices() {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => {
+                    end = Some(i);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let Some(end) = end else {
+            out.push_str(&rest[start..]);
+            return out.into();
+        };
+        let inner = &body[..end];
+        let count = inner.chars().count();
+        if count > 64 {
+            let head: String = inner.chars().take(48).collect();
+            // Never end inside an escape (a lone backslash would escape the closing quote).
+            let head = head.trim_end_matches('\\');
+            out.push_str(&format!("\"{head}\"... ({count} characters)"));
+        } else {
+            out.push('"');
+            out.push_str(inner);
+            out.push('"');
+        }
+        rest = &body[end + 1..];
+    }
+    out.push_str(rest);
+    out.into()
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.file)?;
@@ -465,7 +524,7 @@ impl fmt::Display for ConfigError {
         if !self.key.is_empty() {
             write!(f, "{}: ", self.key)?;
         }
-        f.write_str(&self.message)
+        f.write_str(&abbreviate_quotes(&self.message))
     }
 }
 
@@ -547,13 +606,39 @@ pub fn parse(file_name: &str, text: &str) -> Result<Config, ConfigErrors> {
     if !syntax_errors.is_empty() {
         for error in syntax_errors {
             let offset = error.span().map_or(0, |span| span.start);
+            // The parser says "duplicate key" without naming it; its span covers the key.
+            let named = error
+                .span()
+                .and_then(|span| text.get(span))
+                .map(str::trim)
+                .filter(|k| !k.is_empty() && error.message() == "duplicate key");
+            // A duplicated [table] header: name the whole dotted header, not its last part.
+            let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+            let line = text[line_start..].lines().next().unwrap_or_default();
+            let header = line
+                .trim_start()
+                .strip_prefix('[')
+                .filter(|h| !h.starts_with('[') && !text[line_start..offset].contains('='))
+                .and_then(|h| h.split_once(']'))
+                .map(|(h, _)| h.trim());
+            let message = match (named, header) {
+                (Some(_), Some(k)) => format!(
+                    "invalid TOML: table [{k}] appears twice; each table may appear once ([[...]] \
+                     is for lists of tables, such as [[vip]] and [[vip.backend]])"
+                ),
+                (Some(k), None) => format!(
+                    "invalid TOML: duplicate key {}: a key may appear once per table",
+                    shown(k)
+                ),
+                (None, _) => format!("invalid TOML: {}", error.message()),
+            };
             cx.push(ConfigError {
                 file: file_name.to_owned(),
                 line: Some(cx.line_of(offset)),
                 column: Some(cx.column_of(offset)),
                 key: String::new(),
                 kind: ConfigErrorKind::Syntax,
-                message: format!("invalid TOML: {}", error.message()),
+                message,
             });
         }
         return Err(cx.finish());
@@ -1055,6 +1140,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
 // ---------------------------------------------------------------------------------------------
 
 const IP_EXPECTED: &str = "an IP address such as \"192.0.2.10\" or \"2001:db8::10\"";
+/// Longest VIP or region name: names become Prometheus label values, log fields and CLI
+/// arguments; 63 like a DNS label.
+const MAX_NAME_LEN: usize = 63;
 const NAME_EXPECTED: &str = "a name of lowercase letters, digits, '_' and '-', e.g. \"web\"";
 const MAC_EXPECTED: &str = "a MAC address such as \"02:00:5e:10:00:01\"";
 
@@ -1148,6 +1236,13 @@ fn parse_name(s: &str) -> Result<String, Bad> {
             "an empty name; expected {NAME_EXPECTED}"
         )));
     }
+    if s.len() > MAX_NAME_LEN {
+        return Err(Bad::value(format!(
+            "{} is {} characters long; expected at most {MAX_NAME_LEN} ({NAME_EXPECTED})",
+            shown(s),
+            s.chars().count()
+        )));
+    }
     if let Some(c) = s
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_' || *c == '-'))
@@ -1224,7 +1319,13 @@ fn parse_next_hop(s: &str) -> Result<NextHopMac, Bad> {
 
 /// Addresses that can never be a VIP, backend or tunnel source.
 fn unusable(ip: IpAddr) -> Option<&'static str> {
-    if ip.is_unspecified() {
+    if let IpAddr::V6(v6) = ip
+        && v6.to_ipv4_mapped().is_some()
+    {
+        // The data path matches packets by their own family: an IPv4 packet never carries a
+        // mapped address, so such a VIP would never match and such a backend never be reached.
+        Some("an IPv4-mapped IPv6 address")
+    } else if ip.is_unspecified() {
         Some("the unspecified address")
     } else if ip.is_multicast() {
         Some("a multicast address")
@@ -1241,11 +1342,15 @@ fn parse_ip(s: &str) -> Result<IpAddr, Bad> {
             "{s:?} is not an IP address; expected {IP_EXPECTED}"
         ))
     })?;
-    match unusable(ip) {
-        Some(what) => Err(Bad::value(format!(
+    match (unusable(ip), ip) {
+        (Some(what), IpAddr::V6(v6)) if v6.to_ipv4_mapped().is_some() => Err(Bad::value(format!(
+            "{s:?} is {what}, which no packet carries; expected the IPv4 address itself, {}",
+            v6.to_ipv4_mapped().expect("checked")
+        ))),
+        (Some(what), _) => Err(Bad::value(format!(
             "{s:?} is {what}; expected a unicast address"
         ))),
-        None => Ok(ip),
+        (None, _) => Ok(ip),
     }
 }
 
@@ -1780,6 +1885,11 @@ fn validate_vip(cx: &mut Ctx<'_>, vip: &mut VipDraft) {
             {
                 cx.violation(v, &address.span, &address.key);
             }
+            if let Some(vip_address) = vip_address
+                && let Some(v) = rules::backend_is_vip(vip_address, address.value)
+            {
+                cx.violation(v, &address.span, &address.key);
+            }
         }
         if let (Some(mac), Some(mode)) = (backend.mac.loc(), mode)
             && let Some(v) = rules::backend_mac(mode)
@@ -2122,7 +2232,9 @@ fn validate_across_vips(cx: &mut Ctx<'_>, agent: Option<&AgentDraft>, vips: &[Vi
             .flat_map(|v| v.backends.iter().map(move |b| (v, b)))
             .nth(lb_common::types::MAX_BACKENDS as usize)
             .map_or((0..0, String::new()), |(v, b)| {
-                (v.span.clone(), b.path.clone())
+                // The first backend over the limit, at its own line (its address).
+                let span = b.address.loc().map_or(v.span.clone(), |a| a.span.clone());
+                (span, b.path.clone())
             });
         cx.violation(v, &span, &key);
     }
@@ -3175,5 +3287,171 @@ mode = "l7"
         assert_eq!(closest("intervall_ms", CHECK_KEYS), Some("interval_ms"));
         assert_eq!(closest("healthcheck", VIP_KEYS), Some("health_check"));
         assert_eq!(closest("colour", VIP_KEYS), None);
+    }
+
+    fn one_vip(name: &str, address: &str, backend: &str) -> String {
+        with_agent(&format!(
+            "[[vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = 80\nprotocol = \"tcp\"\n\
+             [[vip.backend]]\naddress = \"{backend}\"\n"
+        ))
+    }
+
+    #[test]
+    fn names_longer_than_a_dns_label_are_refused_and_quoted_short() {
+        ok(&one_vip(
+            &"a".repeat(MAX_NAME_LEN),
+            "192.0.2.10",
+            "10.0.0.1",
+        ));
+        for len in [MAX_NAME_LEN + 1, 1000, 1_000_000] {
+            let all = errors(&one_vip(&"a".repeat(len), "192.0.2.10", "10.0.0.1"));
+            assert_eq!(all.len(), 1, "{len}");
+            assert!(
+                all[0].starts_with("xlb.toml:6: vip[0].name: "),
+                "{}",
+                all[0]
+            );
+            assert!(all[0].contains("expected at most 63"), "{}", all[0]);
+            assert!(all[0].len() < 300, "a {len}-character name echoed whole");
+        }
+    }
+
+    #[test]
+    fn every_quoted_value_in_an_error_is_bounded() {
+        for bad in [
+            format!("10.0.0.{}", "9".repeat(5000)),
+            "x".repeat(100_000),
+            format!("fd00::{}", ":1".repeat(3000)),
+        ] {
+            let all = errors(&one_vip("web", "192.0.2.10", &bad));
+            assert!(
+                all.iter().all(|e| e.len() < 400),
+                "an error echoes the whole value: {} bytes",
+                all.iter().map(String::len).max().unwrap_or(0)
+            );
+            assert!(all[0].contains("characters)"), "{}", all[0]);
+        }
+        // Short values stay whole.
+        assert_eq!(abbreviate_quotes("\"abc\" is bad"), "\"abc\" is bad");
+        let long = format!("{:?} is bad; expected \"x\"", "é\"".repeat(100));
+        let cut = abbreviate_quotes(&long);
+        assert!(
+            cut.ends_with("(300 characters) is bad; expected \"x\""),
+            "{cut}"
+        );
+        assert!(!cut.contains("\\\"..."), "cut inside an escape: {cut}");
+    }
+
+    #[test]
+    fn ipv4_mapped_addresses_are_refused_with_the_ipv4_form() {
+        for (vip, backend, line, key) in [
+            ("::ffff:192.0.2.10", "10.0.0.1", 7, "vip[0].address"),
+            ("::FFFF:c000:20a", "10.0.0.1", 7, "vip[0].address"),
+            (
+                "192.0.2.10",
+                "::ffff:10.0.0.1",
+                11,
+                "vip[0].backend[0].address",
+            ),
+        ] {
+            let all = errors(&one_vip("web", vip, backend));
+            let first = all
+                .iter()
+                .find(|e| e.contains("IPv4-mapped"))
+                .unwrap_or_else(|| panic!("{vip} {backend}: {all:?}"));
+            assert!(
+                first.starts_with(&format!("xlb.toml:{line}: {key}: ")),
+                "{first}"
+            );
+            assert!(
+                first.contains("expected the IPv4 address itself"),
+                "{first}"
+            );
+        }
+        // Ordinary IPv6, including the IPv4-compatible and NAT64 forms, stays valid.
+        ok(&one_vip("web", "2001:db8::10", "2001:db8::1"));
+        ok(&one_vip("web", "64:ff9b::c000:20a", "2001:db8::1"));
+    }
+
+    #[test]
+    fn a_backend_cannot_be_its_own_vip() {
+        for (vip, mode) in [
+            ("192.0.2.10", "dsr-ipip"),
+            ("192.0.2.10", "dsr-l2"),
+            ("192.0.2.10", "l7"),
+            ("2001:db8::10", "dsr-ipip"),
+        ] {
+            let text = one_vip("web", vip, vip).replace(
+                "protocol = \"tcp\"\n",
+                &format!("protocol = \"tcp\"\nmode = \"{mode}\"\n"),
+            );
+            let all = errors(&text);
+            assert!(
+                all.iter().any(
+                    |e| e.starts_with("xlb.toml:12: vip[0].backend[0].address: ")
+                        && e.contains("the VIP's own address")
+                ),
+                "{mode} {vip}: {all:?}"
+            );
+        }
+        let mut cfg = ok(&one_vip("web", "192.0.2.10", "10.0.0.1"));
+        cfg.vips[0].backends[0].address = "192.0.2.10".parse().unwrap();
+        let found = rules::check(&cfg);
+        assert!(
+            found.iter().any(|e| e.contains("the VIP's own address")),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_repeated_table_or_key_is_named() {
+        let all = errors("[agent]\ninterface = \"eth0\"\n[agent]\ninterface = \"eth1\"\n");
+        assert!(
+            all[0].starts_with("xlb.toml:3:2: invalid TOML: table [agent] appears twice"),
+            "{all:?}"
+        );
+        let all = errors(&with_agent(
+            "[[vip]]\nname = \"web\"\nname = \"api\"\naddress = \"192.0.2.10\"\nport = 80\n\
+             protocol = \"tcp\"\n[vip.health_check]\ntype = \"tcp\"\n[vip.health_check]\n\
+             type = \"tcp\"\n",
+        ));
+        assert!(
+            all.iter()
+                .any(|e| e.contains("duplicate key \"name\": a key may appear once per table")),
+            "{all:?}"
+        );
+        assert!(
+            all.iter()
+                .any(|e| e.contains("table [vip.health_check] appears twice")),
+            "{all:?}"
+        );
+    }
+
+    #[test]
+    fn the_backend_limit_points_at_the_first_backend_over_it() {
+        let limit = lb_common::types::MAX_BACKENDS as usize;
+        let mut text = with_agent(
+            "[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\n\
+             table_size = 1048573\n",
+        );
+        for i in 0..=limit {
+            text.push_str(&format!(
+                "[[vip.backend]]\naddress = \"10.{}.{}.{}\"\nweight = 0\n",
+                i >> 16,
+                (i >> 8) & 255,
+                i & 255
+            ));
+        }
+        let all = errors(&text);
+        let over = all
+            .iter()
+            .find(|e| e.contains("backends in all"))
+            .unwrap_or_else(|| panic!("{all:?}"));
+        // Lines 5..=10 are the VIP; backend i's address is on line 12 + 3 i.
+        let line = 12 + 3 * limit;
+        assert!(
+            over.starts_with(&format!("xlb.toml:{line}: vip[0].backend[{limit}]")),
+            "{over}"
+        );
     }
 }

@@ -127,6 +127,20 @@ pub fn l7_port(mode: VipMode, port: u16) -> Option<Violation> {
     })
 }
 
+/// A backend cannot be the VIP itself: its packets would come straight back to the balancer
+/// (or, for l7, the gateway would proxy to itself).
+pub fn backend_is_vip(vip: IpAddr, backend: IpAddr) -> Option<Violation> {
+    (vip == backend).then(|| {
+        Violation::new(
+            ConfigErrorKind::Conflict,
+            format!(
+                "{backend} is the VIP's own address, so traffic would loop back to the \
+                 balancer; expected the address of a real server"
+            ),
+        )
+    })
+}
+
 /// The balancer cannot forward an L4 VIP's packets to a loopback address.
 pub fn backend_loopback(mode: VipMode, backend: IpAddr) -> Option<Violation> {
     let is_l4 = matches!(mode, VipMode::DsrIpip | VipMode::DsrL2);
@@ -337,7 +351,10 @@ pub fn check(cfg: &Config) -> Vec<String> {
         let at = format!("vip {:?}", vip.name);
         let mut say = |where_: &str, v: Option<Violation>| {
             if let Some(v) = v {
-                out.push(format!("{where_}: {}", v.message));
+                out.push(format!(
+                    "{where_}: {}",
+                    super::abbreviate_quotes(&v.message)
+                ));
             }
         };
         say(&at, name(&vip.name).err());
@@ -370,6 +387,7 @@ pub fn check(cfg: &Config) -> Vec<String> {
             say(&at, address(b.address));
             say(&at, backend_loopback(vip.mode, b.address));
             say(&at, backend_family(vip.mode, vip.address, b.address));
+            say(&at, backend_is_vip(vip.address, b.address));
             if let Some(m) = b.mac {
                 say(&at, backend_mac(vip.mode));
                 say(&at, mac(&m.to_string()).err());
