@@ -436,18 +436,81 @@ impl Balancer {
     /// walk runs are skipped, not counted.
     pub fn flows_per_backend(&self) -> Result<std::collections::HashMap<u32, u64>, LoaderError> {
         let name = names::FLOWS;
-        let map: HashMap<&MapData, FlowKey, FlowValue> =
-            HashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
-        let mut counts = std::collections::HashMap::new();
-        for entry in map.iter() {
-            match entry {
-                Ok((_, value)) => *counts.entry(value.backend_id).or_insert(0) += 1,
-                // The LRU evicted the key between listing and reading it.
-                Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(map_err(name)(e)),
+        let fd = match self.map_checked(name)? {
+            aya::maps::Map::LruHashMap(m) | aya::maps::Map::HashMap(m) => {
+                use std::os::fd::{AsFd as _, AsRawFd as _};
+                m.fd().as_fd().as_raw_fd()
             }
-        }
+            _ => {
+                return Err(LoaderError::Missing {
+                    kind: "LRU hash map",
+                    name,
+                });
+            }
+        };
+        let mut counts = std::collections::HashMap::new();
+        batch_values::<FlowKey, FlowValue>(fd, |value| {
+            *counts.entry(value.backend_id).or_insert(0) += 1;
+        })
+        .map_err(|io_error| LoaderError::Map {
+            name,
+            source: MapError::IoError(io_error),
+        })?;
         Ok(counts)
+    }
+}
+
+/// Visits every value of a hash map with `BPF_MAP_LOOKUP_BATCH`, thousands of entries per
+/// syscall: a million-entry connection table is read in a few hundred calls instead of two
+/// million (one to list each key, one to read it).
+fn batch_values<K: Copy + Default, V: Copy + Default>(
+    fd: std::os::fd::RawFd,
+    mut visit: impl FnMut(&V),
+) -> std::io::Result<()> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    const CHUNK: usize = 8192;
+    let mut keys = vec![K::default(); CHUNK];
+    let mut values = vec![V::default(); CHUNK];
+    // The batch cursor is opaque to us (a bucket index for hash maps).
+    let mut cursor_in = [0u64; 1];
+    let mut cursor_out = [0u64; 1];
+    let mut first = true;
+    loop {
+        // union bpf_attr, `batch`: in_batch, out_batch, keys, values (u64 each), count and
+        // map_fd (u32 each), elem_flags, flags (u64 each).
+        let mut attr = [0u64; 8];
+        attr[0] = if first {
+            0
+        } else {
+            cursor_in.as_mut_ptr() as u64
+        };
+        attr[1] = cursor_out.as_mut_ptr() as u64;
+        attr[2] = keys.as_mut_ptr() as u64;
+        attr[3] = values.as_mut_ptr() as u64;
+        attr[4] = (CHUNK as u64) | ((fd as u32 as u64) << 32);
+        // SAFETY: every pointer in attr refers to a buffer that outlives the call and holds
+        // CHUNK elements; the kernel writes at most `count` (= CHUNK) keys and values.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                attr.as_mut_ptr(),
+                std::mem::size_of_val(&attr) as u32,
+            )
+        };
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        let got = (attr[4] & 0xffff_ffff) as usize;
+        for v in &values[..got.min(CHUNK)] {
+            visit(v);
+        }
+        match err {
+            None => {}
+            // ENOENT: the last batch (possibly empty).
+            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Some(e) => return Err(e),
+        }
+        cursor_in = cursor_out;
+        first = false;
     }
 }
 

@@ -117,3 +117,40 @@ fn plans_applied_to_the_maps_steer_traffic() {
     let (a, _) = send(&b, &frames::tcp4(VIP, 34000, 80, true, b""));
     assert_eq!(a, XdpAction::Pass);
 }
+
+/// `flows_per_backend` (what `xlb status` reports as active flows) counts every connection-table
+/// entry by backend, across several lookup batches (20,000 flows, batches of 8,192).
+#[test]
+fn connection_table_entries_are_counted_per_backend() {
+    pin_to_current_cpu();
+    let mut b = Balancer::load().expect("load");
+    let mut r = Reconciler::new();
+    let desired = Desired {
+        config: world::config(),
+        vips: vec![DesiredVip {
+            key: key(),
+            flags: 0,
+            table_size: 251,
+            panic_threshold: 0.5,
+            backends: vec![backend("10.0.0.1", 1), backend("10.0.0.2", 1)],
+        }],
+    };
+    let plan = r.plan(&desired).expect("plan");
+    apply(&mut b, &plan).expect("apply");
+    r.commit(plan);
+    assert!(b.flows_per_backend().expect("count").is_empty());
+    let mut by_address = std::collections::HashMap::<[u8; 4], u64>::new();
+    const FLOWS: u16 = 20_000;
+    for sport in 1..=FLOWS {
+        let (a, out) = send(&b, &frames::tcp4(VIP, sport, 80, true, b""));
+        assert_eq!(a, XdpAction::Tx);
+        *by_address.entry(outer_dst(&out)).or_default() += 1;
+    }
+    let counts = b.flows_per_backend().expect("count");
+    assert_eq!(counts.values().sum::<u64>(), u64::from(FLOWS));
+    for (addr, n) in by_address {
+        let ip = std::net::IpAddr::from(addr);
+        let id = r.backend_id(&key(), &ip).expect("an applied backend");
+        assert_eq!(counts.get(&id), Some(&n), "{ip}");
+    }
+}
