@@ -7,4 +7,6 @@ pub mod frames;
 pub mod r#gen;
 pub mod netns;
 pub mod render;
+pub mod servers;
+pub mod topology;
 pub mod world;

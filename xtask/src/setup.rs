@@ -16,7 +16,19 @@ use crate::toolchain::{BPF_LINKER_VERSION, NIGHTLY, Nightly};
 
 /// Debian packages the test suites use: `ip` for namespaces and veth pairs, `ethtool` to turn
 /// off veth checksum offload (see platform notes), `ping` for reachability checks.
-pub const DEBIAN_PACKAGES: &[&str] = &["iproute2", "ethtool", "iputils-ping"];
+/// The end-to-end tests, the demo and the benchmarks run real servers and clients: `nginx`
+/// backends, `curl` and `wrk` clients, `haproxy` and `nftables` as the balancers xlb is measured
+/// against.
+pub const DEBIAN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "ethtool",
+    "iputils-ping",
+    "nginx",
+    "curl",
+    "wrk",
+    "haproxy",
+    "nftables",
+];
 
 /// Runs every set-up step.
 pub fn run() -> anyhow::Result<()> {
@@ -104,12 +116,26 @@ fn install_debian_packages(packages: &[String]) -> anyhow::Result<()> {
     }
     eprintln!("setup: installing Debian packages: {}", packages.join(" "));
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_cmd(
+    // Server packages (nginx, haproxy) start their service on install; the tests run their own
+    // instances in namespaces, so the install must not start one in the host's namespace. A
+    // policy-rc.d that answers 101 ("action forbidden") is Debian's switch for that.
+    let policy = std::path::Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(policy, "#!/bin/sh\nexit 101\n").context("writing policy-rc.d")?;
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(policy, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let result = run_cmd(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(packages),
-    )
+    );
+    if ours {
+        let _ = std::fs::remove_file(policy);
+    }
+    result
 }
 
 fn bpf_linker_ok(nightly: &Nightly) -> bool {

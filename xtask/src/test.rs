@@ -143,12 +143,21 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "netns",
-        what: "network-namespace tests with the real xlb binary (serial)",
+        what: "network-namespace and end-to-end tests: the real xlb, nginx, curl (serial)",
         needs_root: true,
         command: || {
             let mut c = cargo();
-            c.args(["test", "-p", "xlb-tests", "--test", "netns", "--"])
-                .args(["--test-threads=1"]);
+            c.args([
+                "test",
+                "-p",
+                "xlb-tests",
+                "--test",
+                "netns",
+                "--test",
+                "e2e",
+                "--",
+            ])
+            .args(["--test-threads=1"]);
             c
         },
     },

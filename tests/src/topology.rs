@@ -1,0 +1,354 @@
+//! The single-arm deployment, in network namespaces: client hosts, a router, the xlb host and
+//! backend hosts, joined by veth pairs to the router, IPv4 and IPv6. Shared by the end-to-end
+//! tests, `cargo xtask demo` and the benchmarks.
+//!
+//! ```text
+//!   client0 ─┐                ┌─ backend0  (VIPs on lo, xlb decap on eth0)
+//!   client1 ─┼── router ──────┼─ backend1
+//!            │     │          └─ ...
+//!            │   xlb host  (VIP routes point here; it sends encapsulated frames back through
+//!                            the router: one arm, as Katran deploys)
+//! ```
+//!
+//! Addresses: client `i` is 10.99.(100+i).2 / fd00:99:(100+i)::2, the xlb host 10.99.2.2 /
+//! fd00:99:2::2, backend `i` 10.99.(3+i).2 / fd00:99:(3+i)::2; the router is `.1` / `::1` on
+//! each link. The VIPs are [`VIP_V4`] and [`VIP_V6`]. The root namespace is never a host or a
+//! hop; every namespace, link, process and pin goes away when the [`Topology`] drops, and
+//! [`crate::netns::sweep_stale`] removes what a killed run left.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    net::{Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use crate::netns::{AgentDirs, Netns, sweep_stale, veth_pair};
+
+/// The IPv4 VIP the router sends to the xlb host.
+pub const VIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The IPv6 VIP the router sends to the xlb host.
+pub const VIP_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 0x10);
+
+/// One host: its namespace and addresses on its link to the router (`eth0`).
+#[derive(Debug)]
+pub struct Host {
+    /// The namespace.
+    pub ns: Netns,
+    /// IPv4 address on eth0.
+    pub v4: Ipv4Addr,
+    /// IPv6 address on eth0.
+    pub v6: Ipv6Addr,
+}
+
+/// A long-running `xlb` process in a namespace whose stderr lines are collected (and echoed,
+/// indented, so a failing test shows them); killed on drop if still running.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The process.
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts `xlb args...` in `ns` with `RUST_LOG=info`.
+    pub fn start(ns: &Netns, xlb: &Path, args: &[&str]) -> Daemon {
+        let mut cmd = ns.command(xlb.to_str().expect("utf-8 path"));
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning xlb");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("    [xlb] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle`; panics with everything seen.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
+            return l.clone();
+        }
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!(
+            "xlb never printed {needle:?} within {timeout:?}; it printed:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    /// Every line seen so far (after draining what arrived).
+    pub fn lines(&mut self) -> &[String] {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
+    /// Sends SIGTERM and waits (bounded, 10 s) for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "xlb did not exit within 10 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// kill -9, and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Number of client hosts.
+    pub clients: usize,
+    /// Number of backend hosts.
+    pub backends: usize,
+    /// The `xlb` binary (for the router's XDP pass program and the backends' decapsulators).
+    pub xlb: PathBuf,
+}
+
+/// The built topology. Field order is drop order: processes first, then namespaces, then the
+/// agent's directories.
+#[derive(Debug)]
+pub struct Topology {
+    /// The backends' decapsulators (`xlb decap run`), one per backend.
+    pub decaps: Vec<Daemon>,
+    /// The XDP pass program on the router's side of the xlb host's link: frames the balancer
+    /// sends with XDP_TX into a veth are delivered only when the peer has an XDP program.
+    pub router_xdp: Daemon,
+    /// Client hosts.
+    pub clients: Vec<Host>,
+    /// The xlb host (its link to the router is `eth0`).
+    pub lb: Host,
+    /// Backend hosts.
+    pub backends: Vec<Host>,
+    /// The router (links `c<i>` to clients, `l0` to the xlb host, `b<i>` to backends).
+    pub router: Netns,
+    /// Admin socket, state and pin directories for the xlb host's agent.
+    pub dirs: AgentDirs,
+}
+
+/// Router-side IPv4 address of link `net` (10.99.net.1) and a host's (10.99.net.2).
+fn v4(net: usize, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 99, u8::try_from(net).expect("net < 256"), host)
+}
+
+/// The same for IPv6: fd00:99:net::host.
+fn v6(net: usize, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x99, net as u16, 0, 0, 0, 0, host)
+}
+
+/// Joins `host` to the router over `eth0` <-> `router_if` on link `net`, with a default route.
+fn attach(router: &Netns, host: Netns, router_if: &str, net: usize) -> Host {
+    veth_pair(&host, "eth0", router, router_if);
+    let (h4, h6, r4, r6) = (v4(net, 2), v6(net, 2), v4(net, 1), v6(net, 1));
+    router.run(&["ip", "addr", "add", &format!("{r4}/24"), "dev", router_if]);
+    router.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{r6}/64"),
+        "dev",
+        router_if,
+        "nodad",
+    ]);
+    host.run(&["ip", "addr", "add", &format!("{h4}/24"), "dev", "eth0"]);
+    host.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{h6}/64"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    host.run(&["ip", "route", "add", "default", "via", &r4.to_string()]);
+    host.run(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &r6.to_string(),
+    ]);
+    Host {
+        ns: host,
+        v4: h4,
+        v6: h6,
+    }
+}
+
+/// Forwarding on, reverse-path filtering off (decapsulated packets arrive with the client's
+/// source on a link that is not the client's route).
+fn forwarding(ns: &Netns) {
+    ns.run(&[
+        "sh",
+        "-c",
+        "echo 1 > /proc/sys/net/ipv4/ip_forward; \
+         echo 1 > /proc/sys/net/ipv6/conf/all/forwarding; \
+         for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done",
+    ]);
+}
+
+impl Topology {
+    /// Builds the topology: namespaces, links, addresses, routes, the VIPs on the backends'
+    /// loopback, and the decapsulators, ready for an agent on the xlb host.
+    pub fn build(options: &Options) -> Topology {
+        sweep_stale();
+        let router = Netns::create("router");
+        forwarding(&router);
+        let clients: Vec<Host> = (0..options.clients)
+            .map(|i| {
+                attach(
+                    &router,
+                    Netns::create(&format!("client{i}")),
+                    &format!("c{i}"),
+                    100 + i,
+                )
+            })
+            .collect();
+        let lb = attach(&router, Netns::create("lb"), "l0", 2);
+        for (vip, via) in [
+            (format!("{VIP_V4}/32"), lb.v4.to_string()),
+            (format!("{VIP_V6}/128"), lb.v6.to_string()),
+        ] {
+            let family = if vip.contains(':') { "-6" } else { "-4" };
+            router.run(&["ip", family, "route", "add", &vip, "via", &via]);
+        }
+        let backends: Vec<Host> = (0..options.backends)
+            .map(|i| {
+                let b = attach(
+                    &router,
+                    Netns::create(&format!("backend{i}")),
+                    &format!("b{i}"),
+                    3 + i,
+                );
+                forwarding(&b.ns);
+                b.ns.run(&["ip", "addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"]);
+                b.ns.run(&[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{VIP_V6}/128"),
+                    "dev",
+                    "lo",
+                    "nodad",
+                ]);
+                b
+            })
+            .collect();
+        // Every host knows the router's MACs before anything is measured (the agent resolves
+        // the next hop itself; this only makes the first packets of a test deterministic).
+        for h in clients.iter().chain(std::iter::once(&lb)).chain(&backends) {
+            let gw4 = format!("{}.1", h.v4.to_string().rsplit_once('.').expect("v4").0);
+            h.ns.run(&["ping", "-c", "1", "-W", "2", &gw4]);
+        }
+        let xlb = options.xlb.as_path();
+        let mut router_xdp = Daemon::start(
+            &router,
+            xlb,
+            &["agent", "--interface", "l0", "--xdp-mode", "native"],
+        );
+        router_xdp.wait_for("xlb_balancer attached", Duration::from_secs(20));
+        let decaps = backends
+            .iter()
+            .map(|b| {
+                let (a4, a6) = (b.v4.to_string(), b.v6.to_string());
+                let mut d = Daemon::start(
+                    &b.ns,
+                    xlb,
+                    &[
+                        "decap",
+                        "run",
+                        "--interface",
+                        "eth0",
+                        "--address",
+                        &a4,
+                        "--address",
+                        &a6,
+                        "--xdp-mode",
+                        "native",
+                    ],
+                );
+                d.wait_for("xlb_decap attached", Duration::from_secs(20));
+                d
+            })
+            .collect();
+        Topology {
+            decaps,
+            router_xdp,
+            clients,
+            lb,
+            backends,
+            router,
+            dirs: AgentDirs::create("lb"),
+        }
+    }
+
+    /// The `[agent]` table for the xlb host: its interface, tunnel sources (its own addresses),
+    /// per-topology socket, state and pin directories, and a small connection table.
+    pub fn agent_table(&self) -> String {
+        format!(
+            "[agent]\ninterface = \"eth0\"\nxdp_mode = \"native\"\nnext_hop_mac = \"auto\"\n\
+             encap_source_v4 = \"{}/32\"\nencap_source_v6 = \"{}/128\"\negress_mtu = 1500\n\
+             flow_table_entries = 65536\n{}",
+            self.lb.v4,
+            self.lb.v6,
+            self.dirs.agent_keys()
+        )
+    }
+
+    /// The agent's admin socket.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dirs.tmp.join("admin.sock")
+    }
+}
