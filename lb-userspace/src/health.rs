@@ -23,6 +23,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{HealthCheck, HttpProbe, Probe, UdpProbe};
+use crate::metrics::Histogram;
 
 // ---------------------------------------------------------------------------------------------
 // The state machine
@@ -515,6 +516,58 @@ pub struct HealthEvent {
     pub at: Instant,
 }
 
+/// The durations of one target's checks, one histogram per result: a passed check measures
+/// the backend's responsiveness, a failed one mostly the failure mode (an instant refusal or a
+/// full timeout), and mixing them would blur both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckDurations {
+    /// Checks that passed.
+    pub ok: Histogram,
+    /// Checks that failed (timeouts included).
+    pub fail: Histogram,
+}
+
+impl Default for CheckDurations {
+    fn default() -> Self {
+        CheckDurations {
+            ok: Histogram::health_check(),
+            fail: Histogram::health_check(),
+        }
+    }
+}
+
+impl CheckDurations {
+    /// Records one check's duration under its result.
+    pub fn record(&mut self, ok: bool, duration: Duration) {
+        if ok {
+            self.ok.observe(duration);
+        } else {
+            self.fail.observe(duration);
+        }
+    }
+}
+
+/// What a target carries from one checker to the next across a reload: its state, so a reload
+/// neither revives a dead backend nor fails a live one, and its histograms, so a reload does
+/// not reset counters that Prometheus expects to only grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetHistory {
+    /// The state machine.
+    pub state: HealthState,
+    /// The durations of its checks so far.
+    pub durations: CheckDurations,
+}
+
+impl From<HealthState> for TargetHistory {
+    /// A state with no checks measured yet (e.g. read back from pinned maps after a restart).
+    fn from(state: HealthState) -> Self {
+        TargetHistory {
+            state,
+            durations: CheckDurations::default(),
+        }
+    }
+}
+
 /// What the scheduler knows about one target, for metrics and the admin API.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TargetStatus {
@@ -526,6 +579,8 @@ pub struct TargetStatus {
     pub last_ok: Option<bool>,
     /// Detail of the latest check; empty before the first finished.
     pub last_detail: String,
+    /// Durations of every check, by result (carried over reloads).
+    pub durations: CheckDurations,
 }
 
 type Statuses = Arc<Mutex<HashMap<TargetId, TargetStatus>>>;
@@ -536,9 +591,9 @@ type Prober = Arc<dyn Fn(IpAddr, HealthCheck) -> ProbeFuture + Send + Sync>;
 /// state (not for each check). It has no state of its own: [`Checker::spawn`] returns the
 /// [`CheckerHandle`] that owns the tasks.
 ///
-/// A reload replaces the checker: stop the old handle, which returns the states, and pass them
-/// to [`Checker::spawn_with_states`], so backends present before and after keep their state and
-/// only new ones start optimistically up. Because new targets start up and no event is sent
+/// A reload replaces the checker: stop the old handle, which returns the states and histograms,
+/// and pass them to [`Checker::spawn_with_states`], so backends present before and after keep
+/// their state and histograms and only new ones start optimistically up. Because new targets start up and no event is sent
 /// for that, the receiver treats every target as up until it hears otherwise.
 #[derive(Debug)]
 pub struct Checker;
@@ -550,10 +605,10 @@ impl Checker {
     }
 
     /// As [`Checker::spawn`], but targets whose id is in `previous` continue from that state
-    /// (with the new check's `rise` and `fall`); the others start up.
+    /// (with the new check's `rise` and `fall`) and histograms; the others start up, unmeasured.
     pub fn spawn_with_states(
         targets: Vec<Target>,
-        previous: HashMap<TargetId, HealthState>,
+        previous: HashMap<TargetId, TargetHistory>,
         tx: mpsc::Sender<HealthEvent>,
     ) -> CheckerHandle {
         let prober: Prober = Arc::new(|address, check| {
@@ -585,6 +640,14 @@ impl CheckerHandle {
             .collect()
     }
 
+    /// Every target's check-duration histograms, for metrics.
+    pub fn durations(&self) -> HashMap<TargetId, CheckDurations> {
+        lock(&self.statuses)
+            .iter()
+            .map(|(id, status)| (*id, status.durations.clone()))
+            .collect()
+    }
+
     /// Every target's state machine.
     pub fn states(&self) -> HashMap<TargetId, HealthState> {
         lock(&self.statuses)
@@ -593,11 +656,20 @@ impl CheckerHandle {
             .collect()
     }
 
-    /// Stops every check (aborting one in flight) and returns the states, for
-    /// [`Checker::spawn_with_states`].
-    pub fn stop(mut self) -> HashMap<TargetId, HealthState> {
+    /// Stops every check (aborting one in flight, which is then not recorded) and returns the
+    /// states and histograms, for [`Checker::spawn_with_states`].
+    pub fn stop(mut self) -> HashMap<TargetId, TargetHistory> {
         self.abort();
-        self.states()
+        lock(&self.statuses)
+            .iter()
+            .map(|(id, status)| {
+                let history = TargetHistory {
+                    state: status.state.clone(),
+                    durations: status.durations.clone(),
+                };
+                (*id, history)
+            })
+            .collect()
     }
 
     fn abort(&mut self) {
@@ -624,7 +696,7 @@ fn lock(statuses: &Statuses) -> MutexGuard<'_, HashMap<TargetId, TargetStatus>> 
 /// The scheduler with the probe as a parameter, so tests can drive it without sockets.
 fn spawn_with_prober(
     targets: Vec<Target>,
-    mut previous: HashMap<TargetId, HealthState>,
+    mut previous: HashMap<TargetId, TargetHistory>,
     tx: mpsc::Sender<HealthEvent>,
     prober: Prober,
 ) -> CheckerHandle {
@@ -633,9 +705,17 @@ fn spawn_with_prober(
     let start = tokio::time::Instant::now();
     let mut tasks = Vec::with_capacity(targets.len());
     for (index, target) in targets.into_iter().enumerate() {
-        let state = match previous.remove(&target.id) {
-            Some(state) => state.with_thresholds(target.check.rise, target.check.fall),
-            None => HealthState::new(target.check.rise, target.check.fall),
+        let (state, durations) = match previous.remove(&target.id) {
+            Some(history) => (
+                history
+                    .state
+                    .with_thresholds(target.check.rise, target.check.fall),
+                history.durations,
+            ),
+            None => (
+                HealthState::new(target.check.rise, target.check.fall),
+                CheckDurations::default(),
+            ),
         };
         lock(&statuses).insert(
             target.id,
@@ -644,6 +724,7 @@ fn spawn_with_prober(
                 last_latency: None,
                 last_ok: None,
                 last_detail: String::new(),
+                durations,
             },
         );
         // Spread the first checks evenly over one interval so a large pool does not open
@@ -683,6 +764,7 @@ async fn run_target(
             status.last_latency = Some(result.latency);
             status.last_ok = Some(result.ok);
             status.last_detail.clone_from(&result.detail);
+            status.durations.record(result.ok, result.latency);
             status.state.record(result.ok, now)
         };
         if let Some(transition) = transition {
@@ -1043,29 +1125,51 @@ mod tests {
         let snapshot = handle.snapshot();
         assert_eq!(snapshot[&b.id].last_ok, Some(false));
         assert!(snapshot[&a.id].state.is_up());
+        // Every check is measured, under its own result.
+        let durations = handle.durations();
+        let (a_ok, b_fail) = (durations[&a.id].ok.count(), durations[&b.id].fail.count());
+        assert!(a_ok >= 2, "a checked {a_ok} times");
+        assert!(b_fail >= 2, "b failed {b_fail} times (fall is 2)");
+        assert_eq!(durations[&a.id].fail.count(), 0);
+        assert_eq!(durations[&b.id].ok.count(), 0);
+        assert_eq!(
+            durations[&b.id].fail.sum(),
+            Duration::from_millis(3) * b_fail as u32
+        );
 
         // Reload: b is kept (still down), c is new (starts up, no event).
-        let states = handle.stop();
-        assert!(!states[&b.id].is_up());
+        let histories = handle.stop();
+        assert!(!histories[&b.id].state.is_up());
+        let b_fail = histories[&b.id].durations.fail.count();
         let c = target(1, 0, 3, check(10, 1, 1));
         let handle = spawn_with_prober(
             vec![b.clone(), c.clone()],
-            states,
+            histories,
             tx,
             scripted(Arc::clone(&verdicts)),
         );
         assert!(!handle.states()[&b.id].is_up());
         assert!(handle.states()[&c.id].is_up());
+        // b's histograms come along as they were; c starts empty and a (gone) is dropped.
+        let durations = handle.durations();
+        assert_eq!(durations[&b.id].fail.count(), b_fail);
+        assert_eq!(durations[&c.id], CheckDurations::default());
+        assert!(!durations.contains_key(&a.id));
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(
             rx.try_recv().is_err(),
             "a kept down state is not re-reported"
+        );
+        assert!(
+            handle.durations()[&b.id].fail.count() > b_fail,
+            "kept counting"
         );
 
         verdicts.lock().unwrap().insert(b.address, true);
         let event = next_event(&mut rx).await;
         assert_eq!((event.id, event.up), (b.id, true));
         assert_eq!(event.detail, "ok");
+        assert!(handle.durations()[&b.id].ok.count() >= 2, "rise is 2");
         drop(handle);
     }
 

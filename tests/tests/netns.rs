@@ -684,6 +684,46 @@ fn a_failed_backend_is_taken_out_and_rejoins_after_rise_checks() {
         1.0,
         "{m}"
     );
+    // Every check is in the duration histogram under its result.
+    let checks = |m: &str, backend: &str, result: &str| {
+        sample(
+            m,
+            &format!(
+                "xlb_health_check_duration_seconds_count{{vip=\"web\",backend=\"{backend}\",result=\"{result}\"}}"
+            ),
+        )
+    };
+    let failed0 = checks(&m, "10.99.3.2", "fail");
+    let passed0 = checks(&m, "10.99.3.2", "ok");
+    let passed1 = checks(&m, "10.99.4.2", "ok");
+    assert!(failed0 >= 2.0, "fall is 2: {m}");
+    assert!(
+        passed0 >= 1.0,
+        "checked once before its server stopped: {m}"
+    );
+    assert!(passed1 >= 1.0, "{m}");
+    assert_eq!(checks(&m, "10.99.4.2", "fail"), 0.0, "{m}");
+
+    // A reload that lists the backends the other way round moves their indices: state and
+    // histograms follow the backend, not the index, and are not reset.
+    let mut swapped = lab_config(&lab.dirs, 0, health);
+    swapped.push_str("\n[[vip.backend]]\naddress = \"10.99.4.2\"\n");
+    swapped.push_str("\n[[vip.backend]]\naddress = \"10.99.3.2\"\n");
+    std::fs::write(&config.0, swapped).expect("rewriting the configuration");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    agent.wait_for("configuration reloaded", Duration::from_secs(10));
+    let m = scrape(&lab.lb);
+    assert_eq!(
+        sample(&m, "xlb_backend_up{vip=\"web\",backend=\"10.99.3.2\"}"),
+        0.0,
+        "still down after the reload: {m}"
+    );
+    assert!(checks(&m, "10.99.3.2", "fail") >= failed0, "{m}");
+    assert!(checks(&m, "10.99.4.2", "ok") >= passed1, "{m}");
+    assert_eq!(checks(&m, "10.99.4.2", "fail"), 0.0, "{m}");
+    // Down since before the reload: no passed check since, and none of the other's.
+    assert_eq!(checks(&m, "10.99.3.2", "ok"), passed0, "{m}");
 
     let _server0 = Server::start(&lab.backends[0], "backend0");
     agent.wait_for("backend up", Duration::from_secs(10));

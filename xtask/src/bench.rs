@@ -1,6 +1,7 @@
 //! `cargo xtask bench <what>`: benchmarks that need set-up, root and a release build.
 //!
-//! `control` runs `control-bench` (Maglev build time, planning time, agent memory).
+//! `control` runs `control-bench` (Maglev build time, planning time, agent memory, and the
+//! time from a backend failing to the real agent's maps no longer selecting it).
 //! `dataplane` runs the `dataplane-bench` binary of the `xlb-tests` crate: the balancer's
 //! per-packet cost per packet class with live-frames `BPF_PROG_TEST_RUN`, next to a trivial XDP
 //! program, printed as a table and written to `target/xlb-bench/dataplane.json`.
@@ -31,7 +32,7 @@ enum Bench {
     /// Per-packet cost of the XDP balancer per packet class, against a trivial XDP program.
     Dataplane,
     /// Control-plane costs: Maglev build time, planning time, the agent's memory with 100 VIPs
-    /// x 100 backends.
+    /// x 100 backends, and failover time (backend fails -> maps drop it) over 20 trials.
     Control,
 }
 

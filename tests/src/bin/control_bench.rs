@@ -1,7 +1,12 @@
 //! `cargo xtask bench control`: control-plane costs. Maglev table build time for 10, 100 and
-//! 1,000 backends at 65,537 slots; planning a 100-VIP x 100-backend desired state; and the
+//! 1,000 backends at 65,537 slots; planning a 100-VIP x 100-backend desired state; the
 //! resident memory of the real agent holding 100 VIPs x 100 backends (in a namespace the bench
-//! creates). Prints a table and writes JSON.
+//! creates); and the time from a backend failing to the real agent's maps no longer selecting
+//! it ([`failover`]). Prints a table and writes JSON.
+
+// Beside this file, not in src/bin/, where cargo would take it for a binary of its own.
+#[path = "control_bench/failover.rs"]
+mod failover;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -211,6 +216,17 @@ fn main() -> ExitCode {
         "{{\"measure\":\"agent_rss_kib_empty\",\"value\":{rss0}}}"
     ));
 
+    let failed = match failover::measure(&xlb) {
+        Ok(f) => {
+            failover_rows(&f, &mut rows);
+            false
+        }
+        Err(e) => {
+            eprintln!("control-bench: failover: {e:#}");
+            true
+        }
+    };
+
     if let Some(dir) = out.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -220,5 +236,61 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!("\nwrote {}", out.display());
+    if failed {
+        return ExitCode::FAILURE;
+    }
     ExitCode::SUCCESS
+}
+
+/// Prints the failover rows with their settings and expected bound, and adds them to the JSON.
+fn failover_rows(f: &failover::Failover, rows: &mut Vec<String>) {
+    let s = failover::SETTINGS;
+    let bound_ms = s.bound().as_secs_f64() * 1e3;
+    let n = f.sorted.len();
+    let stats = [
+        (
+            "p50",
+            "failover p50 (backend fails -> maps drop it)".to_owned(),
+            f.percentile(50.0),
+        ),
+        (
+            "p99",
+            format!("failover p99 (of {n} trials: the maximum)"),
+            f.percentile(99.0),
+        ),
+        ("min", "failover min".to_owned(), f.min()),
+        ("max", "failover max".to_owned(), f.max()),
+    ];
+    for (stat, label, d) in stats {
+        let ms = d.as_secs_f64() * 1e3;
+        let verdict = if d <= s.bound() { "within" } else { "OVER" };
+        println!("{label:<48} {ms:>11.1} ms  ({verdict} the bound of {bound_ms:.0} ms)");
+        rows.push(format!(
+            "{{\"measure\":\"failover_ms\",\"stat\":\"{stat}\",\"value\":{ms},\
+             \"bound_ms\":{bound_ms},\"trials\":{n},\"check\":\"tcp\",\"interval_ms\":{},\
+             \"timeout_ms\":{},\"fall\":{},\"rise\":{}}}",
+            s.interval.as_millis(),
+            s.timeout.as_millis(),
+            s.fall,
+            s.rise
+        ));
+    }
+    let flag = f.flag_cleared_percentile(50.0).as_secs_f64() * 1e3;
+    println!(
+        "{:<48} {flag:>11.1} ms  (the rest is writing the new table)",
+        "failover p50, up flag cleared alone"
+    );
+    rows.push(format!(
+        "{{\"measure\":\"failover_flag_cleared_ms\",\"stat\":\"p50\",\"value\":{flag},\"trials\":{n}}}"
+    ));
+    println!(
+        "  failover: {n} trials with the real agent, from the listener closing to the backend's\n  \
+         up flag cleared and its VIP's new table published (maps polled every 1 ms); tcp check\n  \
+         every {} ms, timeout {} ms, fall {}, rise {}; bound = fall x interval + one interval.\n  \
+         Percentiles are nearest-rank: with {n} samples p99 is the maximum.",
+        s.interval.as_millis(),
+        s.timeout.as_millis(),
+        s.fall,
+        s.rise
+    );
 }

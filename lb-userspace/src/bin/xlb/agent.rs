@@ -17,7 +17,7 @@ use lb_userspace::{
     admin,
     config::{self, Config, NextHopMac, XdpMode},
     desired,
-    health::{Checker, CheckerHandle, HealthEvent, HealthState, Target, TargetId},
+    health::{Checker, CheckerHandle, HealthEvent, HealthState, Target, TargetHistory, TargetId},
     host,
     loader::{AttachMode, Attached, Balancer, LoadOptions},
     logging, metrics, netlink,
@@ -308,6 +308,11 @@ impl Running {
             .as_ref()
             .map(|c| c.latencies())
             .unwrap_or_default();
+        let durations = self
+            .checker
+            .as_ref()
+            .map(|c| c.durations())
+            .unwrap_or_default();
         let traffic = |s: Result<lb_common::types::Stats, _>| {
             s.map(|s| metrics::Traffic {
                 packets: s.packets,
@@ -347,6 +352,7 @@ impl Running {
                                     .map(|bid| traffic(self.balancer.backend_stats(bid)))
                                     .unwrap_or_default(),
                                 check_latency: latencies.get(&id).copied(),
+                                check_durations: durations.get(&id).cloned(),
                             }
                         })
                         .collect(),
@@ -362,10 +368,10 @@ impl Running {
         }
     }
 
-    /// (Re)starts the health checks for `cfg`, keeping the state of backends that were
-    /// checked before (matched by VIP name and address).
+    /// (Re)starts the health checks for `cfg`, keeping the state and check-duration histograms
+    /// of backends that were checked before (matched by VIP name and address).
     fn restart_checks(&mut self, cfg: &Config, tx: &mpsc::Sender<HealthEvent>) {
-        let previous: HashMap<TargetId, HealthState> = match (self.checker.take(), &self.config) {
+        let previous: HashMap<TargetId, TargetHistory> = match (self.checker.take(), &self.config) {
             (Some(handle), Some(old)) => {
                 let old_ids: HashMap<TargetId, (String, std::net::IpAddr)> =
                     stable_ids(old).into_iter().map(|(k, id)| (id, k)).collect();
@@ -373,14 +379,17 @@ impl Running {
                 handle
                     .stop()
                     .into_iter()
-                    .filter_map(|(id, state)| Some((*new_ids.get(old_ids.get(&id)?)?, state)))
+                    .filter_map(|(id, history)| Some((*new_ids.get(old_ids.get(&id)?)?, history)))
                     .collect()
             }
-            _ => std::mem::take(&mut self.seed),
+            _ => std::mem::take(&mut self.seed)
+                .into_iter()
+                .map(|(id, state)| (id, state.into()))
+                .collect(),
         };
         self.down = previous
             .iter()
-            .filter(|(_, s)| !s.is_up())
+            .filter(|(_, h)| !h.state.is_up())
             .map(|(id, _)| *id)
             .collect();
         let targets = targets(cfg);
