@@ -2,21 +2,17 @@
 //! Run serially (`--test-threads=1`): each test builds and tears down its own hosts.
 
 use std::{
-    io::{BufRead as _, BufReader},
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
-
-use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
 };
 
 use xlb_tests::{
     frames,
     netns::{AgentDirs, Netns, in_netns, spawn_in_netns, sweep_stale, veth_pair},
+    topology::{Daemon, Options, Topology},
 };
 
 /// The `xlb` binary under test: `$XLB_BIN`, else the workspace's debug build.
@@ -34,85 +30,12 @@ fn xlb_bin() -> PathBuf {
     p
 }
 
-/// A running agent whose stderr lines are collected; killed on drop if still running.
-struct Agent {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
+/// A running `xlb` whose stderr lines are collected; killed on drop if still running.
+type Agent = Daemon;
 
-impl Agent {
-    fn start(ns: &Netns, args: &[&str]) -> Agent {
-        let mut cmd = ns.command(xlb_bin().to_str().expect("utf-8 path"));
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawning xlb agent");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("    [xlb] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Agent {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits (bounded) for a stderr line containing `needle`; panics with everything seen.
-    fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        if let Some(l) = self.seen.iter().find(|l| l.contains(needle)) {
-            return l.clone();
-        }
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!(
-            "xlb never printed {needle:?} within {timeout:?}; it printed:\n{}",
-            self.seen.join("\n")
-        );
-    }
-
-    /// Sends SIGTERM and waits (bounded) for a clean exit.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "xlb did not exit within 10 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the `xlb` binary under test in `ns`.
+fn start_xlb(ns: &Netns, args: &[&str]) -> Agent {
+    Daemon::start(ns, &xlb_bin(), args)
 }
 
 /// Two hosts joined by one veth pair: `client` (10.99.0.1, fd00:99::1) and `lb` (10.99.0.2,
@@ -164,7 +87,7 @@ fn counter(line: &str, name: &str) -> u64 {
 
 fn attached_and_passes_traffic(mode: &str, expect_mode: &str) {
     let hosts = two_hosts();
-    let mut agent = Agent::start(
+    let mut agent = start_xlb(
         &hosts.lb,
         &["agent", "--interface", "eth0", "--xdp-mode", mode],
     );
@@ -245,7 +168,7 @@ fn agent_generic_mode_counts_logs_and_detaches() {
 #[test]
 fn agent_auto_mode_prefers_native_on_veth() {
     let hosts = two_hosts();
-    let mut agent = Agent::start(&hosts.lb, &["agent", "--interface", "eth0"]);
+    let mut agent = start_xlb(&hosts.lb, &["agent", "--interface", "eth0"]);
     let line = agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
     assert!(line.contains("mode=native"), "{line}");
     assert!(agent.terminate().success());
@@ -304,18 +227,18 @@ impl Drop for TempFile {
     }
 }
 
-/// The single-arm deployment in namespaces: a client, a router, the xlb host (VIP traffic is
-/// routed to it; it sends encapsulated frames back through the router) and `n` backends running
-/// `xlb decap` with the VIP on loopback. Backend `i` is 10.99.(3+i).2.
+/// The single-arm deployment of `xlb_tests::topology` with one client and `n` backends, its
+/// hosts by role. Backend `i` is 10.99.(3+i).2. Field order is drop order: processes, then
+/// namespaces, then the agent's directories.
 struct Lab {
+    // Kept for their Drop: the backends' decapsulators and the pass program on the router's
+    // side of the xlb host's link run as long as the lab does.
+    decaps: Vec<Agent>,
+    _router_xdp: Agent,
     client: Netns,
     lb: Netns,
     backends: Vec<Netns>,
-    // Kept for their Drop: the pass program on the router's side of the xlb host's link and
-    // the backends' decapsulators run as long as the lab does.
     _router: Netns,
-    _router_xdp: Agent,
-    decaps: Vec<Agent>,
     /// The xlb host agent's socket, state and pin directories (removed last).
     dirs: AgentDirs,
 }
@@ -323,106 +246,27 @@ struct Lab {
 const LAB_VIP: &str = "203.0.113.10";
 
 fn lab(n: usize) -> Lab {
-    sweep_stale();
-    let client = Netns::create("client");
-    let router = Netns::create("router");
-    let lb = Netns::create("lb");
-    veth_pair(&client, "eth0", &router, "c0");
-    veth_pair(&lb, "eth0", &router, "l0");
-    client.run(&["ip", "addr", "add", "10.99.1.2/24", "dev", "eth0"]);
-    client.run(&["ip", "route", "add", "default", "via", "10.99.1.1"]);
-    router.run(&["ip", "addr", "add", "10.99.1.1/24", "dev", "c0"]);
-    router.run(&["ip", "addr", "add", "10.99.2.1/24", "dev", "l0"]);
-    router.run(&[
-        "ip",
-        "route",
-        "add",
-        &format!("{LAB_VIP}/32"),
-        "via",
-        "10.99.2.2",
-    ]);
-    lb.run(&["ip", "addr", "add", "10.99.2.2/24", "dev", "eth0"]);
-    lb.run(&["ip", "route", "add", "default", "via", "10.99.2.1"]);
-    let mut backends = Vec::new();
-    for i in 0..n {
-        let b = Netns::create(&format!("backend{i}"));
-        let rif = format!("b{i}");
-        veth_pair(&b, "eth0", &router, &rif);
-        let net = 3 + i;
-        router.run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.99.{net}.1/24"),
-            "dev",
-            &rif,
-        ]);
-        b.run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("10.99.{net}.2/24"),
-            "dev",
-            "eth0",
-        ]);
-        b.run(&[
-            "ip",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.99.{net}.1"),
-        ]);
-        b.run(&["ip", "addr", "add", &format!("{LAB_VIP}/32"), "dev", "lo"]);
-        backends.push(b);
-    }
-    for ns in std::iter::once(&router).chain(backends.iter()) {
-        ns.run(&[
-            "sh",
-            "-c",
-            "echo 1 > /proc/sys/net/ipv4/ip_forward; \
-             for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done",
-        ]);
-    }
-    // The lb host learns its router's MAC (next_hop_mac = "auto" reads the neighbour table).
-    lb.run(&["ping", "-c", "1", "-W", "2", "10.99.2.1"]);
-    // Frames sent with XDP_TX into a veth are delivered only if the peer has an XDP program:
-    // the router's side gets the balancer with no VIPs, which passes everything.
-    let mut router_xdp = Agent::start(
-        &router,
-        &["agent", "--interface", "l0", "--xdp-mode", "native"],
-    );
-    router_xdp.wait_for("xlb_balancer attached", Duration::from_secs(20));
-    let decaps = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            let addr = format!("10.99.{}.2", 3 + i);
-            let mut d = Agent::start(
-                b,
-                &[
-                    "decap",
-                    "run",
-                    "--interface",
-                    "eth0",
-                    "--address",
-                    &addr,
-                    "--xdp-mode",
-                    "native",
-                ],
-            );
-            d.wait_for("xlb_decap attached", Duration::from_secs(20));
-            d
-        })
-        .collect();
-    Lab {
-        client,
+    let Topology {
+        decaps,
+        router_xdp,
+        clients,
         lb,
         backends,
-        _router: router,
-        _router_xdp: router_xdp,
+        router,
+        dirs,
+    } = Topology::build(&Options {
+        clients: 1,
+        backends: n,
+        xlb: xlb_bin(),
+    });
+    Lab {
         decaps,
-        dirs: AgentDirs::create("lb"),
+        _router_xdp: router_xdp,
+        client: clients.into_iter().next().expect("one client").ns,
+        lb: lb.ns,
+        backends: backends.into_iter().map(|h| h.ns).collect(),
+        _router: router,
+        dirs,
     }
 }
 
@@ -563,7 +407,7 @@ fn tcp_through_the_balancer_and_decap_reaches_the_backend_and_replies_directly()
         .map(|(i, b)| Server::start(b, &format!("backend{i}")))
         .collect();
     let config = TempFile::new("xlb.toml", &lab_config(&lab.dirs, 2, ""));
-    let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    let mut agent = start_xlb(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
     agent.wait_for("configuration applied", Duration::from_secs(20));
     agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
 
@@ -646,7 +490,7 @@ fn a_failed_backend_is_taken_out_and_rejoins_after_rise_checks() {
     let _server1 = Server::start(&lab.backends[1], "backend1");
     let health = "[vip.health_check]\ntype = \"tcp\"\ninterval_ms = 200\ntimeout_ms = 100\nrise = 2\nfall = 2\n";
     let config = TempFile::new("xlb-health.toml", &lab_config(&lab.dirs, 2, health));
-    let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    let mut agent = start_xlb(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
     agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
 
     let seen = |replies: &[Result<String, String>]| {
@@ -759,7 +603,7 @@ fn the_agent_refuses_an_invalid_configuration() {
 #[test]
 fn json_logs_are_one_object_per_line() {
     let hosts = two_hosts();
-    let mut agent = Agent::start(
+    let mut agent = start_xlb(
         &hosts.lb,
         &["--log-format", "json", "agent", "--interface", "eth0"],
     );
@@ -777,7 +621,7 @@ fn json_logs_are_one_object_per_line() {
 #[test]
 fn a_second_agent_on_a_busy_interface_is_refused_clearly() {
     let hosts = two_hosts();
-    let mut first = Agent::start(&hosts.lb, &["agent", "--interface", "eth0"]);
+    let mut first = start_xlb(&hosts.lb, &["agent", "--interface", "eth0"]);
     first.wait_for("xlb_balancer attached", Duration::from_secs(20));
     let out = hosts
         .lb
@@ -919,7 +763,7 @@ fn established_connections_survive_sigterm_and_kill_9_restarts_of_the_agent() {
     let start = |file: &TempFile, extra: &[&str]| {
         let mut args = vec!["agent", "--config", file.0.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut a = Agent::start(&lab.lb, &args);
+        let mut a = start_xlb(&lab.lb, &args);
         a.wait_for("xlb_balancer attached", Duration::from_secs(20));
         a
     };
@@ -1060,7 +904,7 @@ fn the_next_hop_mac_is_resolved_and_followed_when_it_changes() {
     let _server = Server::start(&lab.backends[0], "backend0");
     lab.lb.run(&["ip", "neigh", "flush", "dev", "eth0"]);
     let config = TempFile::new("xlb-nexthop.toml", &lab_config(&lab.dirs, 1, ""));
-    let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    let mut agent = start_xlb(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
     agent.wait_for("configuration applied", Duration::from_secs(20));
     let ok = |tag: &str| {
         connect_many(&lab.client, 5, tag)
@@ -1111,7 +955,7 @@ fn maps_of_another_layout_are_replaced_without_detaching() {
             .replace("flow_table_entries = 65536", "flow_table_entries = 32768"),
     );
     let start = |file: &TempFile| {
-        let mut a = Agent::start(&lab.lb, &["agent", "--config", file.0.to_str().unwrap()]);
+        let mut a = start_xlb(&lab.lb, &["agent", "--config", file.0.to_str().unwrap()]);
         a.wait_for("xlb_balancer attached", Duration::from_secs(20));
         a
     };
@@ -1207,7 +1051,7 @@ fn the_cli_changes_the_running_agent_and_the_changes_survive_a_restart() {
     let good = lab_config(&lab.dirs, 2, health);
     let config = TempFile::new("xlb-admin.toml", &good);
     let config_path = config.0.to_str().unwrap().to_string();
-    let mut agent = Agent::start(&lab.lb, &["agent", "--config", &config_path]);
+    let mut agent = start_xlb(&lab.lb, &["agent", "--config", &config_path]);
     agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
     let cli = |args: &[&str]| xlb_cli(&lab.lb, &socket, args);
     let json = |args: &[&str]| xlb_json(&lab.lb, &socket, args);
@@ -1338,7 +1182,7 @@ fn the_cli_changes_the_running_agent_and_the_changes_survive_a_restart() {
     assert!(!socket.exists(), "the agent removes its socket on exit");
     assert!(lab.dirs.tmp.join("state/runtime.json").is_file());
     drop(agent);
-    let mut agent = Agent::start(&lab.lb, &["agent", "--config", &config_path]);
+    let mut agent = start_xlb(&lab.lb, &["agent", "--config", &config_path]);
     agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
     let backends = json(&["backend", "list", "web", "--json"]);
     assert_eq!(backends, before, "run-time changes survived the restart");
