@@ -1,5 +1,7 @@
 //! `cargo xtask bench <what>`: benchmarks that need set-up, root and a release build.
 //!
+//! `e2e` runs `e2e-bench`: wrk through xlb, nftables DNAT and HAProxy to the same nginx
+//! backends in the namespace topology, alternating, medians of several rounds.
 //! `control` runs `control-bench` (Maglev build time, planning time, agent memory, and the
 //! time from a backend failing to the real agent's maps no longer selecting it).
 //! `dataplane` runs the `dataplane-bench` binary of the `xlb-tests` crate: the balancer's
@@ -34,6 +36,9 @@ enum Bench {
     /// Control-plane costs: Maglev build time, planning time, the agent's memory with 100 VIPs
     /// x 100 backends, and failover time (backend fails -> maps drop it) over 20 trials.
     Control,
+    /// End to end in the namespace topology: wrk requests/s and new connections/s through xlb,
+    /// nftables DNAT and HAProxy (TCP) to the same nginx backends, with CPU per 1,000 requests.
+    E2e,
 }
 
 fn workspace_root() -> PathBuf {
@@ -55,8 +60,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let (bin, out) = match args.what {
         Bench::Dataplane => ("dataplane-bench", "target/xlb-bench/dataplane.json"),
-        Bench::Control => {
-            // The control bench starts the real agent: build the release binary first.
+        Bench::Control | Bench::E2e => {
+            // These benches start the real agent: build the release binary first.
             let status = Command::new(&cargo)
                 .current_dir(&root)
                 .args(["build", "--release", "-p", "lb-userspace", "--bin", "xlb"])
@@ -65,7 +70,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             if !status.success() {
                 bail!("building the xlb binary failed ({status})");
             }
-            ("control-bench", "target/xlb-bench/control.json")
+            match args.what {
+                Bench::E2e => ("e2e-bench", "target/xlb-bench/e2e.json"),
+                _ => ("control-bench", "target/xlb-bench/control.json"),
+            }
         }
     };
     let mut cmd = Command::new(&cargo);
