@@ -121,6 +121,14 @@ http {{
     /// Stops nginx now (its port then refuses connections).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SIGTERM, nginx's fast shutdown: the master stops its worker, then exits. SIGKILL
+            // would kill only the master and leave the worker serving the port, orphaned.
+            // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs nginx in place).
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
