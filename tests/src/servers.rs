@@ -2,6 +2,7 @@
 //! small UDP responder. Each is a guard: dropping it stops the server.
 
 use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
     path::PathBuf,
     process::{Child, Stdio},
@@ -121,6 +122,14 @@ http {{
     /// Stops nginx now (its port then refuses connections).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            // SIGTERM, nginx's fast shutdown: the master stops its worker, then exits. SIGKILL
+            // would kill only the master and leave the worker serving the port, orphaned.
+            // SAFETY: kill(2) on our own child's pid (`ip netns exec` execs nginx in place).
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -177,6 +186,73 @@ impl Drop for UdpEcho {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+/// A keep-alive HTTP/1.1 client connection opened from a namespace: one TCP connection (one
+/// flow through the balancer) carrying as many `GET`s as asked. Every read and write is
+/// bounded (5 s).
+#[derive(Debug)]
+pub struct HttpConn {
+    stream: BufReader<TcpStream>,
+    host: String,
+}
+
+impl HttpConn {
+    /// Connects from `ns` to `addr` (within 5 s). The socket stays in `ns` whatever thread
+    /// uses it later.
+    pub fn open(ns: &Netns, addr: SocketAddr) -> std::io::Result<HttpConn> {
+        let stream = in_netns(ns, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        })?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+        Ok(HttpConn {
+            stream: BufReader::new(stream),
+            host: addr.to_string(),
+        })
+    }
+
+    /// The client's side of the connection (address and source port).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.stream.get_ref().local_addr()
+    }
+
+    /// Sends `GET path` on this connection and returns the status code and the body. The
+    /// response must carry a `Content-Length` (nginx's do); the connection stays open.
+    pub fn get(&mut self, path: &str) -> std::io::Result<(u16, String)> {
+        let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
+        self.stream.get_mut().write_all(request.as_bytes())?;
+        let mut line = String::new();
+        if self.stream.read_line(&mut line)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| invalid("no status line"))?;
+        let mut length = None;
+        loop {
+            line.clear();
+            if self.stream.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+        let length = length.ok_or_else(|| invalid("no Content-Length"))?;
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body)?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 }
 

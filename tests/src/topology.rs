@@ -20,8 +20,8 @@ use std::{
     io::{BufRead as _, BufReader},
     net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
-    sync::mpsc,
+    process::{Child, Output, Stdio},
+    sync::{Mutex, mpsc},
     time::{Duration, Instant},
 };
 
@@ -43,8 +43,43 @@ pub struct Host {
     pub v6: Ipv6Addr,
 }
 
+/// Where the stderr lines of the [`Daemon`]s started from now on go, besides
+/// [`Daemon::wait_for`] and [`Daemon::lines`]. Without [`set_daemon_logs`] they are echoed
+/// (a failing test then shows them); a narrating program such as the demo keeps them in files.
+#[derive(Debug, Clone)]
+pub struct DaemonLogs {
+    /// Echo each line to this process's stderr, indented and prefixed `[xlb]`.
+    pub echo: bool,
+    /// Append each daemon's lines to `<dir>/<role>-<subcommand>.log`, the role being the tag
+    /// its namespace was created with (`lb-agent.log`, `backend0-decap.log`, ...).
+    pub dir: Option<PathBuf>,
+}
+
+/// The setting of [`set_daemon_logs`]; `None` is the default, echo only.
+static DAEMON_LOGS: Mutex<Option<DaemonLogs>> = Mutex::new(None);
+
+/// Sets where the lines of daemons started after this call go (process-wide, since the
+/// topology starts daemons of its own).
+pub fn set_daemon_logs(logs: DaemonLogs) {
+    *DAEMON_LOGS.lock().unwrap_or_else(|e| e.into_inner()) = Some(logs);
+}
+
+/// The log file of a daemon started in `ns` with `args`, when [`set_daemon_logs`] asked for
+/// files: named after the role in the namespace's name (`xlbt-<pid>-<n>-<role>`).
+fn daemon_log_file(dir: &Path, ns: &Netns, args: &[&str]) -> std::fs::File {
+    let role = ns.name().splitn(4, '-').nth(3).unwrap_or(ns.name());
+    let what = args.first().copied().unwrap_or("xlb");
+    let path = dir.join(format!("{role}-{what}.log"));
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
+}
+
 /// A long-running `xlb` process in a namespace whose stderr lines are collected (and echoed,
-/// indented, so a failing test shows them); killed on drop if still running.
+/// indented, so a failing test shows them, unless [`set_daemon_logs`] says otherwise); killed
+/// on drop if still running.
 #[derive(Debug)]
 pub struct Daemon {
     /// The process.
@@ -65,9 +100,23 @@ impl Daemon {
         let mut child = cmd.spawn().expect("spawning xlb");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, lines) = mpsc::channel();
+        let logs = DAEMON_LOGS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let echo = logs.as_ref().is_none_or(|l| l.echo);
+        let mut file = logs
+            .and_then(|l| l.dir)
+            .map(|dir| daemon_log_file(&dir, ns, args));
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("    [xlb] {line}");
+                if echo {
+                    eprintln!("    [xlb] {line}");
+                }
+                if let Some(f) = file.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(f, "{line}");
+                }
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -101,6 +150,27 @@ impl Daemon {
             "xlb never printed {needle:?} within {timeout:?}; it printed:\n{}",
             self.seen.join("\n")
         );
+    }
+
+    /// Waits (bounded) for a line that contains every one of `needles` among the lines not yet
+    /// seen by [`Daemon::wait_for`], [`Daemon::lines`] or this method (so an event that
+    /// happens twice is waited for afresh), and returns it with the moment it was read; `None`
+    /// when none arrived in time ([`Daemon::lines`] then shows what did).
+    pub fn wait_for_new(
+        &mut self,
+        needles: &[&str],
+        timeout: Duration,
+    ) -> Option<(String, Instant)> {
+        let deadline = Instant::now() + timeout;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let line = self.lines.recv_timeout(left).ok()?;
+            let at = Instant::now();
+            self.seen.push(line.clone());
+            if needles.iter().all(|n| line.contains(n)) {
+                return Some((line, at));
+            }
+        }
+        None
     }
 
     /// Every line seen so far (after draining what arrived).
@@ -350,5 +420,18 @@ impl Topology {
     /// The agent's admin socket.
     pub fn admin_socket(&self) -> PathBuf {
         self.dirs.tmp.join("admin.sock")
+    }
+
+    /// Runs the run-time CLI on the xlb host as an operator would, `xlb --socket <the agent's
+    /// admin socket> args...`, and returns its output whatever the exit status.
+    pub fn cli(&self, xlb: &Path, args: &[&str]) -> Output {
+        let socket = self.admin_socket();
+        let mut cmd = self.lb.ns.command(xlb.to_str().expect("utf-8 path"));
+        cmd.arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env("NO_COLOR", "1");
+        cmd.output()
+            .unwrap_or_else(|e| panic!("cannot run xlb {args:?} in {}: {e}", self.lb.ns.name()))
     }
 }

@@ -36,7 +36,8 @@ fn cargo() -> Command {
     cmd
 }
 
-fn workspace_root() -> PathBuf {
+/// The workspace's root directory (where `cargo xtask` runs cargo).
+pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives one level below the workspace root")
