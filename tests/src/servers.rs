@@ -119,11 +119,26 @@ http {{
     }
 
     /// Stops nginx now (its port then refuses connections).
+    ///
+    /// SIGTERM, not SIGKILL: the worker is a separate process that nginx does not tie to its
+    /// master's life, so killing only the master (`Child::kill`) left the worker serving port 80
+    /// (and leaked it past the test). On SIGTERM the master stops its worker and exits; SIGKILL
+    /// is the bounded fallback.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        // SAFETY: kill(2) on our own child's pid (not yet reaped, so not reused).
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+        let _ = c.kill();
+        let _ = c.wait();
     }
 }
 
