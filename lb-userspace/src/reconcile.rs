@@ -13,7 +13,8 @@ use std::{
 };
 
 use lb_common::types::{
-    BACKEND_F_UP, Backend, FAMILY_V4, FAMILY_V6, LbConfig, MAX_BACKENDS, MAX_VIPS, VipKey,
+    BACKEND_F_UP, Backend, FAMILY_V4, FAMILY_V6, LbConfig, MAX_BACKENDS, MAX_VIPS, VIP_F_DSR_L2,
+    VipKey,
 };
 use thiserror::Error;
 
@@ -176,6 +177,13 @@ fn backend_entry(b: &DesiredBackend, up: bool, owner: u32) -> Backend {
     entry.flags = if up { BACKEND_F_UP } else { 0 };
     entry.mac = b.mac.unwrap_or_default();
     entry
+}
+
+/// Whether frames can be addressed to the backend at all: a dsr-l2 backend needs a MAC. One
+/// without stays out of the table even in panic: panic bets that a backend failing its checks
+/// may still answer, but a frame for 00:00:00:00:00:00 reaches nobody.
+fn reachable(vip: &DesiredVip, b: &DesiredBackend) -> bool {
+    vip.flags & VIP_F_DSR_L2 == 0 || b.mac.is_some()
 }
 
 /// Whether the VIP is in panic: fewer than `panic_threshold` of its weighted backends healthy.
@@ -345,7 +353,7 @@ impl Reconciler {
                         .pop_front()
                         .ok_or(PlanError::TooManyBackends)?,
                 };
-                let up = b.healthy || panic;
+                let up = reachable(vip, b) && (b.healthy || panic);
                 let entry = backend_entry(b, up, vip_id);
                 if old.and_then(|o| o.backends.get(&b.address)) != Some(&(id, entry)) {
                     set_backends.push(MapOp::SetBackend(id, entry));
@@ -656,6 +664,69 @@ mod tests {
             .backend_id(&d.vips[0].key, &"10.0.0.4".parse().unwrap())
             .unwrap();
         assert!(!table.contains(&drained), "drained stays drained in panic");
+    }
+
+    #[test]
+    fn dsr_l2_backends_without_a_mac_stay_out_of_the_table_even_in_panic() {
+        let mut r = Reconciler::new();
+        let mut d = desired(vec![vip(
+            10,
+            &[
+                ("10.0.0.1", 1, true),
+                ("10.0.0.2", 1, false),
+                ("10.0.0.3", 1, false),
+                ("10.0.0.4", 1, false),
+            ],
+        )]);
+        d.vips[0].flags = VIP_F_DSR_L2;
+        // .1 resolved and passing; .2 resolved and failing its checks; .3 and .4 without a
+        // MAC (what `desired` marks unhealthy).
+        for (b, mac) in d.vips[0]
+            .backends
+            .iter_mut()
+            .zip([Some(1), Some(2), None, None])
+        {
+            b.mac = mac.map(|m| [2, 0, 0, 0, 0, m]);
+        }
+        assert!(in_panic(&d.vips[0]));
+        let ops = applied(&mut r, &d);
+        let table = ops
+            .iter()
+            .find_map(|o| match o {
+                MapOp::PublishVip { table, .. } => Some(table.clone()),
+                _ => None,
+            })
+            .unwrap();
+        let id = |a: &str| r.backend_id(&d.vips[0].key, &a.parse().unwrap()).unwrap();
+        for a in ["10.0.0.1", "10.0.0.2"] {
+            assert!(table.contains(&id(a)), "{a} has a MAC: it serves in panic");
+        }
+        for a in ["10.0.0.3", "10.0.0.4"] {
+            assert!(
+                !table.contains(&id(a)),
+                "{a} has no MAC: never in the table"
+            );
+            let entry = ops.iter().find_map(|o| match o {
+                MapOp::SetBackend(i, b) if *i == id(a) => Some(*b),
+                _ => None,
+            });
+            assert_eq!(entry.expect("written").flags & BACKEND_F_UP, 0, "{a}");
+        }
+        // Encapsulating VIPs need no MAC: the same pool in dsr-ipip mode serves everyone.
+        let mut r = Reconciler::new();
+        d.vips[0].flags = 0;
+        let ops = applied(&mut r, &d);
+        let table = ops
+            .iter()
+            .find_map(|o| match o {
+                MapOp::PublishVip { table, .. } => Some(table.clone()),
+                _ => None,
+            })
+            .unwrap();
+        for a in ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"] {
+            let id = r.backend_id(&d.vips[0].key, &a.parse().unwrap()).unwrap();
+            assert!(table.contains(&id), "{a} serves a dsr-ipip VIP in panic");
+        }
     }
 
     #[test]

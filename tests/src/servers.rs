@@ -120,6 +120,11 @@ http {{
     }
 
     /// Stops nginx now (its port then refuses connections).
+    ///
+    /// SIGTERM, not SIGKILL: the worker is a separate process that nginx does not tie to its
+    /// master's life, so killing only the master (`Child::kill`) left the worker serving port 80
+    /// (and leaked it past the test). On SIGTERM the master stops its worker and exits; SIGKILL
+    /// is the bounded fallback.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SIGTERM, nginx's fast shutdown: the master stops its worker, then exits. SIGKILL

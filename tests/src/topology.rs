@@ -12,7 +12,9 @@
 //!
 //! Addresses: client `i` is 10.99.(100+i).2 / fd00:99:(100+i)::2, the xlb host 10.99.2.2 /
 //! fd00:99:2::2, backend `i` 10.99.(3+i).2 / fd00:99:(3+i)::2; the router is `.1` / `::1` on
-//! each link. The VIPs are [`VIP_V4`] and [`VIP_V6`]. The root namespace is never a host or a
+//! each link. The VIPs are [`VIP_V4`] and [`VIP_V6`]. For `dsr-l2`,
+//! [`Topology::build_with_l2_segment`] adds backends on the xlb host's own link (a bridge in the
+//! router), 10.99.2.(10+i) / fd00:99:2::(10+i). The root namespace is never a host or a
 //! hop; every namespace, link, process and pin goes away when the [`Topology`] drops, and
 //! [`crate::netns::sweep_stale`] removes what a killed run left.
 
@@ -237,6 +239,9 @@ pub struct Topology {
     pub lb: Host,
     /// Backend hosts.
     pub backends: Vec<Host>,
+    /// Backend hosts on the xlb host's L2 segment, for `dsr-l2` VIPs (empty unless built with
+    /// [`Topology::build_with_l2_segment`]).
+    pub l2_backends: Vec<Host>,
     /// The router (links `c<i>` to clients, `l0` to the xlb host, `b<i>` to backends).
     pub router: Netns,
     /// Admin socket, state and pin directories for the xlb host's agent.
@@ -255,9 +260,18 @@ fn v6(net: usize, host: u16) -> Ipv6Addr {
 
 /// Joins `host` to the router over `eth0` <-> `router_if` on link `net`, with a default route.
 fn attach(router: &Netns, host: Netns, router_if: &str, net: usize) -> Host {
+    attach_via(router, host, router_if, router_if, net)
+}
+
+/// As [`attach`], with the router's addresses on `router_l3` (`router_if` itself, or a bridge
+/// that `router_if` is then made a port of).
+fn attach_via(router: &Netns, host: Netns, router_if: &str, router_l3: &str, net: usize) -> Host {
     veth_pair(&host, "eth0", router, router_if);
+    if router_l3 != router_if {
+        router.run(&["ip", "link", "set", router_if, "master", router_l3]);
+    }
     let (h4, h6, r4, r6) = (v4(net, 2), v6(net, 2), v4(net, 1), v6(net, 1));
-    router.run(&["ip", "addr", "add", &format!("{r4}/24"), "dev", router_if]);
+    router.run(&["ip", "addr", "add", &format!("{r4}/24"), "dev", router_l3]);
     router.run(&[
         "ip",
         "-6",
@@ -265,9 +279,19 @@ fn attach(router: &Netns, host: Netns, router_if: &str, net: usize) -> Host {
         "add",
         &format!("{r6}/64"),
         "dev",
-        router_if,
+        router_l3,
         "nodad",
     ]);
+    host_addresses(&host, h4, h6, r4, r6);
+    Host {
+        ns: host,
+        v4: h4,
+        v6: h6,
+    }
+}
+
+/// `host`'s addresses on eth0 and its default routes via the router.
+fn host_addresses(host: &Netns, h4: Ipv4Addr, h6: Ipv6Addr, r4: Ipv4Addr, r6: Ipv6Addr) {
     host.run(&["ip", "addr", "add", &format!("{h4}/24"), "dev", "eth0"]);
     host.run(&[
         "ip",
@@ -289,11 +313,25 @@ fn attach(router: &Netns, host: Netns, router_if: &str, net: usize) -> Host {
         "via",
         &r6.to_string(),
     ]);
-    Host {
-        ns: host,
-        v4: h4,
-        v6: h6,
-    }
+}
+
+/// The bridge in the router that makes the xlb host's link an L2 segment (with
+/// [`Topology::build_with_l2_segment`]).
+const SEGMENT_BRIDGE: &str = "br2";
+
+/// Puts the VIPs on `ns`'s loopback (how a DSR backend accepts VIP traffic).
+fn vips_on_loopback(ns: &Netns) {
+    ns.run(&["ip", "addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"]);
+    ns.run(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{VIP_V6}/128"),
+        "dev",
+        "lo",
+        "nodad",
+    ]);
 }
 
 /// Forwarding on, reverse-path filtering off (decapsulated packets arrive with the client's
@@ -312,6 +350,18 @@ impl Topology {
     /// Builds the topology: namespaces, links, addresses, routes, the VIPs on the backends'
     /// loopback, and the decapsulators, ready for an agent on the xlb host.
     pub fn build(options: &Options) -> Topology {
+        Topology::build_with_l2_segment(options, 0)
+    }
+
+    /// [`Topology::build`], plus `l2_backends` backends on the xlb host's own L2 segment, for
+    /// `dsr-l2` VIPs (which rewrite only the destination MAC, so the backend must be a
+    /// neighbour of the xlb host). With `l2_backends > 0` the router's side of the xlb host's
+    /// link (`l0`) becomes a port of a bridge (`br2`, which takes the router's addresses on
+    /// that link); each L2 backend joins the bridge through its own port `s<i>`. L2 backend
+    /// `i` is 10.99.2.(10+i) / fd00:99:2::(10+i), with the VIPs on loopback, ARP for them
+    /// suppressed (`arp_ignore` 1, `arp_announce` 2, as a DSR backend needs) and no
+    /// decapsulator. The XDP pass program stays on `l0`, the peer of the xlb host's `eth0`.
+    pub fn build_with_l2_segment(options: &Options, l2_backends: usize) -> Topology {
         sweep_stale();
         let router = Netns::create("router");
         forwarding(&router);
@@ -325,7 +375,24 @@ impl Topology {
                 )
             })
             .collect();
-        let lb = attach(&router, Netns::create("lb"), "l0", 2);
+        let lb = if l2_backends == 0 {
+            attach(&router, Netns::create("lb"), "l0", 2)
+        } else {
+            // No multicast snooping: without a querier it could starve IPv6 neighbour
+            // discovery between the hosts on the segment.
+            router.run(&[
+                "ip",
+                "link",
+                "add",
+                SEGMENT_BRIDGE,
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ]);
+            router.run(&["ip", "link", "set", SEGMENT_BRIDGE, "up"]);
+            attach_via(&router, Netns::create("lb"), "l0", SEGMENT_BRIDGE, 2)
+        };
         for (vip, via) in [
             (format!("{VIP_V4}/32"), lb.v4.to_string()),
             (format!("{VIP_V6}/128"), lb.v6.to_string()),
@@ -342,23 +409,41 @@ impl Topology {
                     3 + i,
                 );
                 forwarding(&b.ns);
-                b.ns.run(&["ip", "addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"]);
-                b.ns.run(&[
-                    "ip",
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{VIP_V6}/128"),
-                    "dev",
-                    "lo",
-                    "nodad",
-                ]);
+                vips_on_loopback(&b.ns);
                 b
+            })
+            .collect();
+        let l2_backends: Vec<Host> = (0..l2_backends)
+            .map(|i| {
+                let ns = Netns::create(&format!("l2backend{i}"));
+                let port = format!("s{i}");
+                veth_pair(&ns, "eth0", &router, &port);
+                router.run(&["ip", "link", "set", &port, "master", SEGMENT_BRIDGE]);
+                let host = u8::try_from(10 + i).expect("fewer than 246 L2 backends");
+                let (h4, h6) = (v4(2, host), v6(2, u16::from(host)));
+                host_addresses(&ns, h4, h6, v4(2, 1), v6(2, 1));
+                forwarding(&ns);
+                // The VIP is on loopback, so without these the backend would answer ARP for
+                // it on the segment and announce it as a source, stealing the VIP from the
+                // xlb host.
+                ns.run(&[
+                    "sh",
+                    "-c",
+                    "echo 1 > /proc/sys/net/ipv4/conf/all/arp_ignore; \
+                     echo 2 > /proc/sys/net/ipv4/conf/all/arp_announce",
+                ]);
+                vips_on_loopback(&ns);
+                Host { ns, v4: h4, v6: h6 }
             })
             .collect();
         // Every host knows the router's MACs before anything is measured (the agent resolves
         // the next hop itself; this only makes the first packets of a test deterministic).
-        for h in clients.iter().chain(std::iter::once(&lb)).chain(&backends) {
+        for h in clients
+            .iter()
+            .chain(std::iter::once(&lb))
+            .chain(&backends)
+            .chain(&l2_backends)
+        {
             let gw4 = format!("{}.1", h.v4.to_string().rsplit_once('.').expect("v4").0);
             h.ns.run(&["ping", "-c", "1", "-W", "2", &gw4]);
         }
@@ -399,6 +484,7 @@ impl Topology {
             clients,
             lb,
             backends,
+            l2_backends,
             router,
             dirs: AgentDirs::create("lb"),
         }

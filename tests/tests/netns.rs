@@ -254,6 +254,7 @@ fn lab(n: usize) -> Lab {
         backends,
         router,
         dirs,
+        ..
     } = Topology::build(&Options {
         clients: 1,
         backends: n,

@@ -144,7 +144,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "netns",
-        what: "network-namespace and end-to-end tests: the real xlb, nginx, curl (serial)",
+        what: "network-namespace and end-to-end tests: the real xlb, nginx, curl, wrk (serial)",
         needs_root: true,
         command: || {
             let mut c = cargo();
