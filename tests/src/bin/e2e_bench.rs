@@ -334,6 +334,20 @@ fn main() -> ExitCode {
         "echo 1 > /proc/sys/net/ipv4/ip_forward; \
          for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 > $f; done",
     ]);
+    // Tens of thousands of new connections per run cycle through the client's ephemeral
+    // ports, so later runs meet 4-tuples still in TIME_WAIT from earlier ones (on the backends
+    // for xlb, on the balancing host and in its conntrack table for nftables and HAProxy), and
+    // whichever mode runs later loses SYNs to them. No TIME_WAIT state on the server side and a
+    // one-second conntrack TIME_WAIT keep every round as fresh as the first.
+    for ns in std::iter::once(&t.lb.ns).chain(t.backends.iter().map(|b| &b.ns)) {
+        ns.run(&[
+            "sh",
+            "-c",
+            "echo 0 > /proc/sys/net/ipv4/tcp_max_tw_buckets; \
+             f=/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_time_wait; \
+             [ -w $f ] && echo 1 > $f; true",
+        ]);
+    }
     let _nginx: Vec<Nginx> = t
         .backends
         .iter()
