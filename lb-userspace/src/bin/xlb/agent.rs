@@ -488,6 +488,21 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
                 );
             }
             if prepared.maps_adopted {
+                // A previous agent killed in the middle of a publish or removal leaves the
+                // entries derived from the VIPs (active ids, address entries, the bloom filter)
+                // behind the VIP entries; the plan compares only the latter.
+                let mut balancer = balancer;
+                let repaired = balancer
+                    .repair_derived()
+                    .context("checking the adopted maps")?;
+                if repaired > 0 {
+                    tracing::warn!(
+                        pins = %pins.root().display(),
+                        entries = repaired,
+                        "the adopted maps were left half-updated (a previous agent was stopped \
+                         mid-change); repaired the VIP address and state entries"
+                    );
+                }
                 let contents = balancer
                     .read_contents()
                     .context("reading the adopted maps")?;
