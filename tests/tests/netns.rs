@@ -1328,3 +1328,227 @@ fn the_cli_changes_the_running_agent_and_the_changes_survive_a_restart() {
         )
     );
 }
+
+/// Runs `xlb args` in `ns` expecting it to stop by itself within `timeout`: its exit status and
+/// every stderr line. One that is still running then is killed and reported as `None` (a
+/// command that should have refused to start must not hang the test when it does start).
+fn run_bounded(
+    ns: &Netns,
+    args: &[&str],
+    timeout: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let mut run = Agent::start(ns, args);
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = run.child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = run.child.kill();
+            let _ = run.child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The reader thread ends with the pipe; collect what it saw.
+    while let Ok(line) = run.lines.recv_timeout(Duration::from_secs(2)) {
+        run.seen.push(line);
+    }
+    (status, run.seen.join("\n"))
+}
+
+/// Two agents on one pin directory (a second instance started by mistake with its own socket
+/// and state directory) must not both run: the second would adopt the first one's live maps
+/// and rewrite them to its own configuration (with a smaller configuration it removed the
+/// first agent's VIPs while that agent went on reporting them). The second is refused before
+/// it touches the maps, naming the directory; the first keeps serving.
+#[test]
+fn a_second_agent_on_the_same_pin_directory_is_refused_and_the_first_keeps_serving() {
+    let lab = lab(1);
+    let _server = Server::start(&lab.backends[0], "backend0");
+    let config = TempFile::new("xlb-lock-1.toml", &lab_config(&lab.dirs, 1, ""));
+    let mut first = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    first.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    assert_eq!(answered_by(&connect_many(&lab.client, 10, "one"), 1), [10]);
+
+    // Its own socket, state and metrics port; the same bpffs_dir; no VIPs at all.
+    let other = AgentDirs::create("lb2");
+    let second_config = format!(
+        "[agent]\ninterface = \"eth0\"\nnext_hop_mac = \"auto\"\n\
+         flow_table_entries = 65536\nmetrics_listen = \"127.0.0.1:9642\"\n\
+         admin_socket = \"{}\"\nstate_dir = \"{}\"\nbpffs_dir = \"{}\"\n",
+        other.tmp.join("admin.sock").display(),
+        other.tmp.join("state").display(),
+        lab.dirs.bpffs.display()
+    );
+    let second_config = TempFile::new("xlb-lock-2.toml", &second_config);
+    let (status, err) = run_bounded(
+        &lab.lb,
+        &["agent", "--config", second_config.0.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the second agent must refuse to start ({status:?}):\n{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "another xlb agent is using {}",
+            lab.dirs.bpffs.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("adopted the pinned maps"), "{err}");
+
+    assert_eq!(
+        answered_by(&connect_many(&lab.client, 10, "still"), 1),
+        [10],
+        "the first agent's VIP is still served"
+    );
+    // The lock goes with the first agent (kill -9 included): a restart adopts as before.
+    first.child.kill().expect("kill -9");
+    first.child.wait().expect("reap");
+    let mut again = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    again.wait_for("adopted the pinned maps", Duration::from_secs(20));
+    again.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    assert!(again.terminate().success());
+}
+
+/// A bpffs is shared by every network namespace of a host, and interface indexes repeat
+/// across namespaces (`eth0` is index 2 in both hosts here). A link pinned by another
+/// namespace must not be taken for this one's: `xlb decap attach` used to "replace" the other
+/// namespace's decapsulator (with this host's addresses) and attach nothing here, and `decap
+/// detach` removed it. Both now refuse and leave it alone. `detach` also removes only what
+/// `attach` pins: not a directory holding other pins (the agent's), and never a path outside
+/// `--bpffs-dir` (`--interface ../xlb`).
+#[test]
+fn decap_leaves_pins_of_other_namespaces_and_of_the_agent_alone() {
+    let hosts = two_hosts();
+    let dirs = AgentDirs::create("decap-ns");
+    let bpffs = dirs.bpffs.to_str().unwrap().to_string();
+    let xlb = |ns: &Netns, args: &[&str]| {
+        let out = ns
+            .command(xlb_bin().to_str().unwrap())
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run xlb");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let prog = |ns: &Netns| {
+        let link = ns.run(&["ip", "link", "show", "dev", "eth0"]);
+        link.split_whitespace()
+            .skip_while(|w| *w != "id")
+            .nth(1)
+            .map(str::to_string)
+    };
+    let index = |ns: &Netns| ns.run(&["cat", "/sys/class/net/eth0/ifindex"]);
+    assert_eq!(index(&hosts.lb), index(&hosts.client), "the premise");
+    let attach = |ns: &Netns, addr: &str| {
+        xlb(
+            ns,
+            &[
+                "decap",
+                "attach",
+                "-i",
+                "eth0",
+                "--address",
+                addr,
+                "--xdp-mode",
+                "native",
+                "--bpffs-dir",
+                &bpffs,
+            ],
+        )
+    };
+    let detach = |ns: &Netns, interface: &str, dir: &str| {
+        xlb(
+            ns,
+            &["decap", "detach", "-i", interface, "--bpffs-dir", dir],
+        )
+    };
+
+    let (code, err) = attach(&hosts.lb, "10.99.0.2");
+    assert_eq!(code, Some(0), "{err}");
+    let lb_prog = prog(&hosts.lb).expect("attached in lb");
+
+    let (code, err) = attach(&hosts.client, "10.99.0.1");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("another network namespace"), "{err}");
+    assert_eq!(
+        prog(&hosts.lb),
+        Some(lb_prog.clone()),
+        "lb's program untouched"
+    );
+    assert_eq!(prog(&hosts.client), None);
+
+    let (code, err) = detach(&hosts.client, "eth0", &bpffs);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("another network namespace"), "{err}");
+    assert_eq!(prog(&hosts.lb), Some(lb_prog), "still attached in lb");
+
+    // Paths outside the pin directory are not interface names.
+    let (code, err) = detach(&hosts.lb, "../x", &bpffs);
+    assert_eq!(code, Some(2), "{err}");
+    // A directory with more than the link in it (the agent's pins: maps beside the link) is
+    // not a decapsulator's.
+    let maps = dirs.bpffs.join("eth0").join("maps-v2");
+    std::fs::create_dir(&maps).expect("mkdir on bpffs");
+    let (code, err) = detach(&hosts.lb, "eth0", &bpffs);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("holds more than a decapsulator's link"),
+        "{err}"
+    );
+    assert!(maps.exists());
+    assert!(prog(&hosts.lb).is_some(), "still attached");
+    std::fs::remove_dir(&maps).expect("rmdir on bpffs");
+
+    let (code, err) = detach(&hosts.lb, "eth0", &bpffs);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(prog(&hosts.lb), None);
+}
+
+/// Something other than an XDP link pinned where the agent pins its link (a per-CPU array
+/// map here) used to be read as a link, because a map's info starts like a link's: the agent
+/// took the map's size for an interface index, unpinned the map as "a link on another
+/// interface" and went on. It is refused, and left where it is.
+#[test]
+fn the_agent_refuses_a_map_pinned_where_its_link_belongs() {
+    let lab = lab(1);
+    let config = TempFile::new("xlb-notalink.toml", &lab_config(&lab.dirs, 1, ""));
+    // Pin maps (the agent's own layout) in a scratch directory and put a per-CPU array among
+    // them at the link's path.
+    let scratch = AgentDirs::create("scratch");
+    {
+        let (_b, _) = lb_userspace::loader::Balancer::load_pinned(
+            lb_userspace::loader::LoadOptions { flow_entries: 1024 },
+            &lb_userspace::pins::PinDir::new(&scratch.bpffs),
+        )
+        .expect("load pinned");
+    }
+    let counters = lb_userspace::pins::PinDir::new(&scratch.bpffs).map_path("XLB_COUNTERS");
+    std::fs::create_dir_all(&lab.dirs.bpffs).expect("pin directory");
+    aya::maps::MapData::from_pin(&counters)
+        .expect("the counters map")
+        .pin(lab.dirs.bpffs.join("link"))
+        .expect("pin it as `link`");
+
+    let (status, err) = run_bounded(
+        &lab.lb,
+        &["agent", "--config", config.0.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the agent must refuse to start ({status:?}):\n{err}"
+    );
+    assert!(
+        err.contains("something other than an XDP link is pinned there"),
+        "{err}"
+    );
+    assert!(lab.dirs.bpffs.join("link").exists(), "the map's pin stays");
+}
