@@ -1414,6 +1414,73 @@ fn a_second_agent_on_the_same_pin_directory_is_refused_and_the_first_keeps_servi
     assert!(again.terminate().success());
 }
 
+/// The admin API outlives running out of file descriptors: accept failures used to end its
+/// loop for good, leaving a running agent that `xlb` reported as "not running" (and whose
+/// socket a second agent would then take over). With the agent's descriptor limit lowered, a
+/// burst of clients makes accept fail; once they are gone, the API answers again.
+#[test]
+fn the_admin_api_survives_running_out_of_file_descriptors() {
+    let lab = lab(1);
+    let socket = lab.dirs.tmp.join("admin.sock");
+    let config = TempFile::new("xlb-fds.toml", &lab_config(&lab.dirs, 1, ""));
+    let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    assert_eq!(xlb_cli(&lab.lb, &socket, &["status"]).0, 0);
+
+    // `ip netns exec` execs the agent, so the child's pid is the agent's.
+    let pid = agent.child.id() as i32;
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let set_soft_limit = |soft: Option<u64>| {
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: reads the agent's limit into a struct we own.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &raw mut old) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        let new = libc::rlimit {
+            rlim_cur: soft.unwrap_or(old.rlim_max),
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: sets the agent's soft limit from a struct we own (the hard one is kept).
+        let rc = unsafe {
+            libc::prlimit(
+                pid,
+                libc::RLIMIT_NOFILE,
+                &raw const new,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    set_soft_limit(Some(open_fds + 4));
+    let clients: Vec<std::os::unix::net::UnixStream> = (0..100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).expect("connect"))
+        .collect();
+    agent.wait_for(
+        "admin API: accepting connections fails",
+        Duration::from_secs(10),
+    );
+    drop(clients);
+    set_soft_limit(None);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, _, err) = xlb_cli(&lab.lb, &socket, &["status"]);
+        if code == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the admin API never answered again (exit {code}): {err}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(agent.terminate().success());
+}
+
 /// A bpffs is shared by every network namespace of a host, and interface indexes repeat
 /// across namespaces (`eth0` is index 2 in both hosts here). A link pinned by another
 /// namespace must not be taken for this one's: `xlb decap attach` used to "replace" the other
