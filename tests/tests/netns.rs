@@ -1481,6 +1481,60 @@ fn the_admin_api_survives_running_out_of_file_descriptors() {
     assert!(agent.terminate().success());
 }
 
+/// Deleting the balancer's interface detaches its program (the kernel does so with the
+/// device). The agent says so once, and when an interface of that name is back it attaches
+/// the balancer to it again: before, it went on running (and reporting itself attached) while
+/// no VIP was served until someone restarted it.
+#[test]
+fn the_balancer_is_attached_again_when_its_interface_is_recreated() {
+    let lab = lab(1);
+    let _server = Server::start(&lab.backends[0], "backend0");
+    let socket = lab.dirs.tmp.join("admin.sock");
+    let config = TempFile::new("xlb-reattach.toml", &lab_config(&lab.dirs, 1, ""));
+    let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    assert_eq!(answered_by(&connect_many(&lab.client, 5, "before"), 1), [5]);
+
+    lab.lb.run(&["ip", "link", "del", "eth0"]);
+    agent.wait_for("interface eth0 is gone", Duration::from_secs(40));
+    let status = xlb_json(&lab.lb, &socket, &["status", "--json"]);
+    assert_eq!(status["agent"]["attach_mode"], "not attached", "{status}");
+
+    // The link again, as the lab made it, with a pass program on the router's side.
+    veth_pair(&lab.lb, "eth0", &lab._router, "l0");
+    lab._router
+        .run(&["ip", "addr", "add", "10.99.2.1/24", "dev", "l0"]);
+    lab._router.run(&[
+        "ip",
+        "route",
+        "replace",
+        &format!("{LAB_VIP}/32"),
+        "via",
+        "10.99.2.2",
+    ]);
+    lab.lb
+        .run(&["ip", "addr", "add", "10.99.2.2/24", "dev", "eth0"]);
+    lab.lb
+        .run(&["ip", "route", "add", "default", "via", "10.99.2.1"]);
+    lab.lb.run(&["ping", "-c", "1", "-W", "2", "10.99.2.1"]);
+    let mut router_xdp = Agent::start(
+        &lab._router,
+        &["agent", "--interface", "l0", "--xdp-mode", "native"],
+    );
+    router_xdp.wait_for("xlb_balancer attached", Duration::from_secs(20));
+
+    agent.wait_for("attached it again", Duration::from_secs(40));
+    let link = lab.lb.run(&["ip", "link", "show", "dev", "eth0"]);
+    assert!(link.contains("xdp"), "{link}");
+    // The new router MAC is followed too; give the maps a moment to take it.
+    agent.wait_for("next hop MAC changed", Duration::from_secs(40));
+    assert_eq!(answered_by(&connect_many(&lab.client, 5, "after"), 1), [5]);
+    let status = xlb_json(&lab.lb, &socket, &["status", "--json"]);
+    assert_eq!(status["agent"]["attach_mode"], "native", "{status}");
+    assert!(agent.terminate().success());
+    assert!(router_xdp.terminate().success());
+}
+
 /// A bpffs is shared by every network namespace of a host, and interface indexes repeat
 /// across namespaces (`eth0` is index 2 in both hosts here). A link pinned by another
 /// namespace must not be taken for this one's: `xlb decap attach` used to "replace" the other

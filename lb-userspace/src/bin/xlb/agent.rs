@@ -138,6 +138,11 @@ struct Running {
     panicking: HashSet<String>,
     /// The admin API's state: the file as loaded, the run-time overlay, facts for `status`.
     control: control::Control,
+    /// Where the maps and the link are pinned, and the attach mode for a new link (with a
+    /// configuration only).
+    pins: Option<(PinDir, AttachMode)>,
+    /// Why the balancer is not attached right now, as last logged (logged once per change).
+    attachment_problem: Option<String>,
 }
 
 /// The backends of `cfg` that have a health check (the VIP's, with the backend's overrides).
@@ -255,9 +260,61 @@ impl Running {
         self.panicking = now;
     }
 
+    /// Makes sure the balancer is attached to its interface through the pinned link. The
+    /// kernel detaches a link whose interface is deleted; when an interface of that name comes
+    /// back (a driver reload, a re-created bond or veth), the balancer is attached to it again
+    /// instead of leaving every VIP unserved until a restart. Problems are logged once each.
+    fn check_attachment(&mut self) {
+        let Some((pins, mode)) = self.pins.clone() else {
+            return;
+        };
+        let interface = self.control.interface.clone();
+        let problem = match lb_userspace::pins::ifindex(&interface) {
+            None => Some(format!(
+                "interface {interface} is gone: xlb_balancer is attached nowhere and no VIP is \
+                 served; it is attached again when {interface} is back"
+            )),
+            Some(index) => {
+                let here = lb_userspace::pins::link_facts(&pins.link_path())
+                    .ok()
+                    .flatten()
+                    .and_then(|f| f.place().ok())
+                    == Some(lb_userspace::pins::LinkPlace::Here(index));
+                if here {
+                    None
+                } else {
+                    match self.balancer.attach_pinned(&interface, mode, &pins) {
+                        Ok(attached) => {
+                            tracing::warn!(
+                                %interface,
+                                mode = %attached,
+                                "xlb_balancer was not attached to {interface} (the interface was \
+                                 re-created or the pinned link removed); attached it again"
+                            );
+                            self.control.attach_mode = attached.to_string();
+                            None
+                        }
+                        Err(e) => Some(format!(
+                            "xlb_balancer is not attached to {interface} and attaching it again \
+                             failed: {e}"
+                        )),
+                    }
+                }
+            }
+        };
+        if problem != self.attachment_problem {
+            if let Some(p) = &problem {
+                tracing::error!("{p}");
+                self.control.attach_mode = "not attached".to_owned();
+            }
+            self.attachment_problem = problem;
+        }
+    }
+
     /// Re-reads the route and neighbour tables; when something the maps depend on changed (the
     /// next hop's MAC, a dsr-l2 backend's), logs it once and reconciles.
     async fn refresh_facts(&mut self) {
+        self.check_attachment();
         let (Some(cfg), Some(resolver)) = (self.config.clone(), self.resolver.as_mut()) else {
             return;
         };
@@ -540,6 +597,8 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         resolver: None,
         panicking: HashSet::new(),
         control,
+        pins: None,
+        attachment_problem: None,
     };
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::ScrapeRequest>(16);
     if let Some(c) = &cfg {
@@ -610,6 +669,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     };
     let mut facts_timer = tokio::time::interval(Duration::from_secs(30));
     running.control.attach_mode = attached_mode;
+    running.pins = pins.clone().map(|p| (p, mode));
     running.sample_traffic();
     let mut samples = tokio::time::interval(control::SAMPLE_PERIOD);
     let period = Duration::from_secs(args.stats_interval_secs.max(1));
