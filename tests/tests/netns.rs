@@ -1673,3 +1673,20 @@ fn the_agent_refuses_a_map_pinned_where_its_link_belongs() {
     );
     assert!(lab.dirs.bpffs.join("link").exists(), "the map's pin stays");
 }
+
+/// A SIGHUP (a `systemctl reload`) while the agent is still filling the maps used to kill it
+/// (the default action: the handlers came after the first reconcile), mid-write. It is taken
+/// as a reload once the agent runs.
+#[test]
+fn a_sighup_during_the_start_is_a_reload_not_a_kill() {
+    let lab = lab(1);
+    let config = TempFile::new("xlb-hup.toml", &lab_config(&lab.dirs, 1, ""));
+    let mut agent = Agent::start(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    agent.wait_for("admin API listening", Duration::from_secs(20));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    agent.wait_for("configuration reloaded", Duration::from_secs(20));
+    assert!(agent.child.try_wait().expect("wait").is_none(), "alive");
+    assert!(agent.terminate().success());
+}

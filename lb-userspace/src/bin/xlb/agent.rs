@@ -481,6 +481,14 @@ impl Running {
 }
 
 async fn serve(args: AgentArgs) -> anyhow::Result<()> {
+    // Handlers before anything else: a start with many VIPs writes the maps for seconds, and a
+    // signal's default action (SIGHUP's too: a `systemctl reload` during the start) would kill
+    // the agent in the middle of those writes. A signal that arrives meanwhile is acted on
+    // once the main loop runs: SIGTERM stops the agent cleanly right after it attached, SIGHUP
+    // reloads.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let file = match &args.config {
         Some(path) => Some(load_config(path)?),
         None => None,
@@ -636,10 +644,6 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             "configuration applied"
         );
     }
-    // Handlers first: a SIGTERM right after the "attached" line must stop the agent cleanly.
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let (_link, attached_mode) = match &pins {
         Some(pins) => {
             let attached = running.balancer.attach_pinned(&interface, mode, pins)?;
