@@ -779,6 +779,36 @@ fn adopted_health(
     out
 }
 
+/// The changes between two configurations that a reload does not apply, one line each: the
+/// agent's sockets, directories and connection-table size are set up once at start, and the
+/// attach mode belongs to the attached link.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
+    let (old, new) = (&old.agent, &new.agent);
+    let mut out: Vec<String> = [
+        ("metrics_listen", old.metrics_listen != new.metrics_listen),
+        ("admin_socket", old.admin_socket != new.admin_socket),
+        ("state_dir", old.state_dir != new.state_dir),
+        ("bpffs_dir", old.bpffs_dir != new.bpffs_dir),
+        (
+            "flow_table_entries",
+            old.flow_table_entries != new.flow_table_entries,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, moved)| *moved)
+    .map(|(key, _)| format!("agent.{key} changed: it applies only on restart"))
+    .collect();
+    if old.xdp_mode != new.xdp_mode {
+        out.push(
+            "agent.xdp_mode changed: the attached link keeps its mode, across restarts too; it \
+             applies when the balancer is attached anew (after `xlb agent --detach-on-exit` \
+             stops)"
+                .to_owned(),
+        );
+    }
+    out
+}
+
 /// Why a reload was refused; the running state stays either way.
 enum ReloadError {
     /// The file is invalid: every error, one per line, then a summary.
@@ -821,20 +851,8 @@ fn reload(
         }
     };
     if let Some(old) = &running.config {
-        for (key, moved) in [
-            (
-                "metrics_listen",
-                old.agent.metrics_listen != file.agent.metrics_listen,
-            ),
-            (
-                "admin_socket",
-                old.agent.admin_socket != file.agent.admin_socket,
-            ),
-            ("state_dir", old.agent.state_dir != file.agent.state_dir),
-        ] {
-            if moved {
-                tracing::warn!("agent.{key} changed: it applies only on restart");
-            }
+        for line in restart_only_changes(old, &file) {
+            tracing::warn!("{line}");
         }
     }
     if file.agent.interface != interface {
@@ -889,5 +907,39 @@ fn reload(
                 "reload failed: {e:#}; the previous state stays in place"
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_names_every_agent_key_it_does_not_apply() {
+        let base = "[agent]\ninterface = \"eth0\"\n";
+        let old = config::parse("a.toml", base).expect("valid");
+        let same = config::parse("b.toml", base).expect("valid");
+        assert!(restart_only_changes(&old, &same).is_empty());
+        let changed = config::parse(
+            "b.toml",
+            "[agent]\ninterface = \"eth0\"\nflow_table_entries = 4096\n\
+             bpffs_dir = \"/sys/fs/bpf/other\"\nxdp_mode = \"generic\"\n\
+             metrics_listen = \"127.0.0.1:9999\"\n",
+        )
+        .expect("valid");
+        let lines = restart_only_changes(&old, &changed).join("\n");
+        // flow_table_entries and bpffs_dir were silently ignored by a reload.
+        for key in [
+            "metrics_listen",
+            "bpffs_dir",
+            "flow_table_entries",
+            "xdp_mode",
+        ] {
+            assert!(
+                lines.contains(&format!("agent.{key} changed")),
+                "{key}: {lines}"
+            );
+        }
+        assert!(!lines.contains("admin_socket"), "{lines}");
     }
 }
