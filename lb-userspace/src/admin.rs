@@ -34,6 +34,10 @@ use crate::{
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// How long a client may take to send its request, and to take its response.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more wait in the socket's backlog.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Pause after a failed accept before the next one.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 
 // ---------------------------------------------------------------------------------------------
 // The protocol
@@ -619,20 +623,52 @@ pub async fn serve(listener: UnixListener, requests: mpsc::Sender<Pending>) {
 }
 
 /// As [`serve`], with `allowed` deciding which peer uids may use the API.
+///
+/// At most [`MAX_CONNECTIONS`] connections are served at once (the rest wait in the listen
+/// backlog), so a flood of clients cannot take every descriptor the agent has. A failed accept
+/// (the descriptor limit reached anyway, a client that vanished from the backlog) is logged
+/// at most every 10 seconds and retried: the API must outlive a bad moment, or the agent
+/// would be left running with no way to reach it (and its socket would look stale, inviting a
+/// second agent).
 pub async fn serve_with(
     listener: UnixListener,
     requests: mpsc::Sender<Pending>,
     allowed: fn(u32) -> bool,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut warned: Option<std::time::Instant> = None;
+    let mut failures = 0u64;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if requests.is_closed() {
+                    return;
+                }
+                failures += 1;
+                if warned.is_none_or(|t| t.elapsed() >= crate::logging::REPEAT_WARNING_EVERY) {
+                    tracing::warn!(
+                        failures,
+                        "admin API: accepting connections fails ({e}); retrying"
+                    );
+                    warned = Some(std::time::Instant::now());
+                    failures = 0;
+                }
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
         };
         if requests.is_closed() {
             return;
         }
         let requests = requests.clone();
-        tokio::spawn(connection(stream, requests, allowed));
+        tokio::spawn(async move {
+            connection(stream, requests, allowed).await;
+            drop(slot);
+        });
     }
 }
 

@@ -1140,10 +1140,10 @@ fn edit_distance(a: &str, b: &str) -> usize {
 // ---------------------------------------------------------------------------------------------
 
 const IP_EXPECTED: &str = "an IP address such as \"192.0.2.10\" or \"2001:db8::10\"";
-/// Longest VIP or region name: names become Prometheus label values, log fields and CLI
-/// arguments; 63 like a DNS label.
-const MAX_NAME_LEN: usize = 63;
 const NAME_EXPECTED: &str = "a name of lowercase letters, digits, '_' and '-', e.g. \"web\"";
+/// Longest VIP or region name: names are metric labels, log fields and table cells, and a
+/// run-time request naming one must fit the admin API's request limit.
+pub const MAX_NAME_LEN: usize = 64;
 const MAC_EXPECTED: &str = "a MAC address such as \"02:00:5e:10:00:01\"";
 
 fn parse_choice<T: Copy>(what: &str, s: &str, choices: &[(&str, T)]) -> Result<T, Bad> {
@@ -2717,6 +2717,27 @@ protocol = "tcp"
     }
 
     #[test]
+    fn names_are_at_most_64_characters_in_the_file_and_at_run_time() {
+        let longest = "a".repeat(MAX_NAME_LEN);
+        ok(&two_vips(&longest, "192.0.2.11", 80));
+        let too_long = "a".repeat(MAX_NAME_LEN + 1);
+        assert_only_error(
+            &two_vips(&too_long, "192.0.2.11", 80),
+            "xlb.toml:13: vip[1].name: \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"... \
+             (65 characters) is 65 characters long; expected at most 64",
+        );
+        // The run-time API checks names with the same rule (a 60 KB name was accepted, and
+        // then labelled every metric of the VIP).
+        assert!(rules::name(&longest).is_ok());
+        let refused = rules::name(&"b".repeat(60_000)).unwrap_err();
+        assert!(
+            refused.message.contains("expected at most 64"),
+            "{}",
+            refused.message
+        );
+    }
+
+    #[test]
     fn vip_names_must_be_unique() {
         assert_only_error(
             &two_vips("web", "192.0.2.11", 80),
@@ -3311,7 +3332,11 @@ mode = "l7"
                 "{}",
                 all[0]
             );
-            assert!(all[0].contains("expected at most 63"), "{}", all[0]);
+            assert!(
+                all[0].contains(&format!("expected at most {MAX_NAME_LEN}")),
+                "{}",
+                all[0]
+            );
             assert!(all[0].len() < 300, "a {len}-character name echoed whole");
         }
     }

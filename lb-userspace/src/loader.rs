@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use crate::{
     counters::CounterSnapshot,
-    pins::{PinDir, Prepared},
+    pins::{LinkPlace, PinDir, PinLock, Prepared},
 };
 
 /// The balancer object built from `lb-ebpf` by this crate's build script.
@@ -146,6 +146,8 @@ impl fmt::Display for AttachMode {
 /// The loaded balancer: the object, its XDP program (verified and in the kernel) and its maps.
 pub struct Balancer {
     ebpf: Ebpf,
+    /// With pinned maps: the pin directory's lock, held as long as the maps are in use here.
+    _pin_lock: Option<PinLock>,
 }
 
 /// Sizes chosen at load time.
@@ -176,7 +178,10 @@ impl Balancer {
             .map_max_entries(lb_common::maps::FLOWS, options.flow_entries)
             .load(BALANCER_OBJECT)?;
         load_xdp(&mut ebpf, lb_common::programs::BALANCER)?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            _pin_lock: None,
+        })
     }
 
     /// Loads the embedded object with its state maps pinned in `pins`: maps a previous agent
@@ -186,6 +191,9 @@ impl Balancer {
         options: LoadOptions,
         pins: &PinDir,
     ) -> Result<(Self, Prepared), LoaderError> {
+        // Before anything is looked at: a second agent on the same directory would adopt the
+        // first one's live maps and rewrite them to its own configuration.
+        let lock = pins.lock()?;
         let prepared = pins.prepare(options.flow_entries)?;
         let paths: Vec<(&'static str, std::path::PathBuf)> = crate::pins::pinned_map_names()
             .into_iter()
@@ -198,7 +206,13 @@ impl Balancer {
         }
         let mut ebpf = loader.load(BALANCER_OBJECT)?;
         load_xdp(&mut ebpf, lb_common::programs::BALANCER)?;
-        Ok((Self { ebpf }, prepared))
+        Ok((
+            Self {
+                ebpf,
+                _pin_lock: Some(lock),
+            },
+            prepared,
+        ))
     }
 
     /// Attaches to `interface` through the link pinned in `pins`: when a previous agent's link
@@ -354,8 +368,12 @@ fn attach_pinned(
     };
     let facts = crate::pins::link_facts(path).map_err(|e| link_err(e.to_string()))?;
     let want = crate::pins::ifindex(interface);
-    match facts {
-        Some(f) if f.ifindex != 0 && Some(f.ifindex) == want => {
+    let place = match &facts {
+        Some(f) => Some(f.place().map_err(|e| link_err(e.to_string()))?),
+        None => None,
+    };
+    match (facts, place) {
+        (Some(_), Some(LinkPlace::Here(index))) if Some(index) == want => {
             let pinned = PinnedLink::from_pin(path).map_err(|e| link_err(e.to_string()))?;
             let link =
                 XdpLink::try_from(FdLink::from(pinned)).map_err(|e| link_err(e.to_string()))?;
@@ -364,10 +382,21 @@ fn attach_pinned(
                 .map_err(|e| link_err(format!("replacing the program: {e}")))?;
             return Ok(Attached::Adopted);
         }
-        Some(f) => {
-            // The pinned link is on another interface (the configuration moved) or its
-            // interface is gone: unpinning it detaches the old program once its last
-            // descriptor closes.
+        (Some(f), Some(LinkPlace::Elsewhere)) => {
+            // Another network namespace's live link (a bpffs is shared by all of them, and
+            // interface indexes repeat across them): taking it over would move that
+            // namespace's program, unpinning it would detach it.
+            return Err(link_err(format!(
+                "it is attached to interface index {} of another network namespace (program \
+                 id {}), not to {interface} here; give each network namespace its own pin \
+                 directory",
+                f.ifindex, f.prog_id
+            )));
+        }
+        (Some(f), _) => {
+            // The pinned link is on another interface of this namespace (the configuration
+            // moved) or its interface is gone: unpinning it detaches the old program once its
+            // last descriptor closes.
             tracing::warn!(
                 path = %path.display(),
                 pinned_ifindex = f.ifindex,
@@ -376,12 +405,12 @@ fn attach_pinned(
             );
             std::fs::remove_file(path).map_err(|e| link_err(e.to_string()))?;
         }
-        None if path.exists() => {
+        (None, _) if path.exists() => {
             return Err(link_err(
                 "something other than an XDP link is pinned there; remove it".into(),
             ));
         }
-        None => {}
+        (None, _) => {}
     }
     let (mode, id) = attach_xdp(program, interface, mode)?;
     let link = program.take_link(id).map_err(|e| link_err(e.to_string()))?;

@@ -6,6 +6,10 @@ use aya_log::EbpfLogger;
 use tokio::io::{Interest, unix::AsyncFd};
 use tracing_subscriber::EnvFilter;
 
+/// A warning about a condition that persists (accepts failing, ...) is repeated at most this
+/// often, with the number of occurrences since, so a lasting fault does not flood the log.
+pub const REPEAT_WARNING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {

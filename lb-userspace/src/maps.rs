@@ -7,6 +7,8 @@
 //!   table;
 //! - a backend id is written before any table refers to it.
 
+use std::collections::HashMap as HashMapStd;
+
 use aya::maps::{Array, ArrayOfMaps, HashMap, MapData, MapError, PerCpuArray};
 use lb_common::{
     flow::addr_hash,
@@ -87,6 +89,25 @@ fn create_table(table: &[u32]) -> std::io::Result<MapData> {
     // SAFETY: unmaps exactly what was mapped above.
     unsafe { libc::munmap(base, len) };
     MapData::from_fd(fd).map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+/// Whether a map error says the key is not there. aya reports a failed lookup as
+/// [`MapError::KeyNotFound`] but a failed delete as the syscall's `ENOENT`; both mean the same.
+pub fn is_missing(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+/// The address-level key of a VIP's address.
+fn local(key: &VipKey) -> LocalAddr {
+    LocalAddr {
+        addr: key.addr,
+        family: key.family,
+        _pad: [0; 3],
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> LoaderError {
@@ -275,66 +296,155 @@ impl Balancer {
         map.set(vip_id, state, 0).map_err(map_err(name))
     }
 
-    /// Rewrites the address-level entry of `key`'s address from every VIP on that address:
-    /// ICMP and later fragments (which carry no ports) are matched by it.
-    fn refresh_vip_addr(&mut self, key: &VipKey) -> Result<(), LoaderError> {
+    /// What the VIP entries imply for the address-level maps: the bloom filter's words and the
+    /// `VIP_ADDR_F_*` flags of every VIP address.
+    fn vip_addr_view(&self) -> Result<(Vec<u64>, HashMapStd<LocalAddr, u32>), LoaderError> {
         let name = names::VIPS;
         let vips: HashMap<&MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
-        let mut flags = 0;
         let mut bloom = vec![0u64; VIP_BLOOM_WORDS as usize];
+        let mut addrs: HashMapStd<LocalAddr, u32> = HashMapStd::new();
         for entry in vips.iter() {
-            let (k, meta) = entry.map_err(map_err(name))?;
+            let (k, meta) = match entry {
+                Ok(e) => e,
+                // Removed between listing and reading it.
+                Err(e) if is_missing(&e) => continue,
+                Err(e) => return Err(map_err(name)(e)),
+            };
             let bit = addr_hash(&k.addr, k.family) % VIP_BLOOM_BITS;
             bloom[(bit / 64) as usize] |= 1 << (bit % 64);
-            if k.addr == key.addr && k.family == key.family {
-                flags |= if meta.flags & VIP_F_L7 != 0 {
-                    VIP_ADDR_F_L7
-                } else {
-                    VIP_ADDR_F_L4
-                };
-                if k.port_be == 0 {
-                    flags |= VIP_ADDR_F_ANY_PORT;
-                }
+            let flags = addrs.entry(local(&k)).or_insert(0);
+            *flags |= if meta.flags & VIP_F_L7 != 0 {
+                VIP_ADDR_F_L7
+            } else {
+                VIP_ADDR_F_L4
+            };
+            if k.port_be == 0 {
+                *flags |= VIP_ADDR_F_ANY_PORT;
             }
         }
-        // Set new bits before the address entry appears, clear stale ones after it is gone;
-        // only changed words are written.
+        Ok((bloom, addrs))
+    }
+
+    /// Writes the bloom filter's words that differ from `want` (with `union`, only the bits to
+    /// set: new addresses become visible before their entries appear). Returns the words
+    /// written.
+    fn write_bloom(&mut self, want: &[u64], union: bool) -> Result<usize, LoaderError> {
         let name = names::VIP_BLOOM;
         let mut words: Array<&mut MapData, u64> =
             Array::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
-        for (i, want) in bloom.iter().enumerate() {
+        let mut written = 0;
+        for (i, want) in want.iter().enumerate() {
             let have = words.get(&(i as u32), 0).map_err(map_err(name))?;
-            if have | want != have {
-                words.set(i as u32, have | want, 0).map_err(map_err(name))?;
+            let next = if union { have | want } else { *want };
+            if next != have {
+                words.set(i as u32, next, 0).map_err(map_err(name))?;
+                written += 1;
             }
         }
-        let addr = LocalAddr {
-            addr: key.addr,
-            family: key.family,
-            _pad: [0; 3],
-        };
+        Ok(written)
+    }
+
+    /// Sets (or, with 0, removes) the address-level entry of one address. Returns whether
+    /// anything changed.
+    fn set_vip_addr(&mut self, addr: &LocalAddr, flags: u32) -> Result<bool, LoaderError> {
         let name = names::VIP_ADDRS;
         let mut addrs: HashMap<&mut MapData, LocalAddr, u32> =
             HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
+        let have = match addrs.get(addr, 0) {
+            Ok(f) => f,
+            Err(e) if is_missing(&e) => 0,
+            Err(e) => return Err(map_err(name)(e)),
+        };
+        if have == flags {
+            return Ok(false);
+        }
         if flags == 0 {
-            match addrs.remove(&addr) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+            match addrs.remove(addr) {
+                Ok(()) => {}
+                Err(e) if is_missing(&e) => {}
                 Err(e) => return Err(map_err(name)(e)),
             }
         } else {
             addrs.insert(addr, flags, 0).map_err(map_err(name))?;
         }
-        let name = names::VIP_BLOOM;
-        let mut words: Array<&mut MapData, u64> =
-            Array::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
-        for (i, want) in bloom.iter().enumerate() {
-            let have = words.get(&(i as u32), 0).map_err(map_err(name))?;
-            if have != *want {
-                words.set(i as u32, *want, 0).map_err(map_err(name))?;
+        Ok(true)
+    }
+
+    /// Rewrites the address-level entry of `key`'s address from every VIP on that address:
+    /// ICMP and later fragments (which carry no ports) are matched by it.
+    fn refresh_vip_addr(&mut self, key: &VipKey) -> Result<(), LoaderError> {
+        let (bloom, addrs) = self.vip_addr_view()?;
+        let addr = local(key);
+        // Set new bits before the address entry appears, clear stale ones after it is gone;
+        // only changed words are written.
+        self.write_bloom(&bloom, true)?;
+        self.set_vip_addr(&addr, addrs.get(&addr).copied().unwrap_or(0))?;
+        self.write_bloom(&bloom, false)?;
+        Ok(())
+    }
+
+    /// Brings everything the maps derive from the VIP entries back in line with them: each
+    /// VIP's id active with its flags and generation (every other id inactive), the address
+    /// entries and the bloom filter. A publish or removal is several map writes; an agent killed
+    /// between them (kill -9, a crash, a power cut with the pins kept) leaves, for example, a VIP
+    /// entry whose address is missing from the bloom filter, so its packets would be passed to
+    /// the host as if it were no VIP. An agent that adopts pinned maps runs this once before
+    /// planning: the reconciler only compares VIP entries, tables and backends, so nothing else
+    /// would ever notice. Returns the number of entries rewritten (0 for consistent maps).
+    pub fn repair_derived(&mut self) -> Result<usize, LoaderError> {
+        let name = names::VIPS;
+        let mut by_id: HashMapStd<u32, VipMeta> = HashMapStd::new();
+        {
+            let vips: HashMap<&MapData, VipKey, VipMeta> =
+                HashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
+            for entry in vips.iter() {
+                match entry {
+                    Ok((_, meta)) if meta.vip_id < MAX_VIPS => {
+                        by_id.entry(meta.vip_id).or_insert(meta);
+                    }
+                    Ok(_) => {}
+                    Err(e) if is_missing(&e) => {}
+                    Err(e) => return Err(map_err(name)(e)),
+                }
             }
         }
-        Ok(())
+        let mut fixed = 0;
+        // Activate first, so no address entry written below points at an inactive id.
+        for id in 0..MAX_VIPS {
+            let have = self.vip_state(id)?;
+            let want = match by_id.get(&id) {
+                Some(meta) => VipState {
+                    flags: meta.flags | VIP_S_ACTIVE,
+                    generation: meta.generation,
+                },
+                None if have.flags & VIP_S_ACTIVE == 0 => continue,
+                None => VipState {
+                    flags: 0,
+                    generation: have.generation,
+                },
+            };
+            if have != want {
+                self.set_vip_state(id, want)?;
+                fixed += 1;
+            }
+        }
+        let (bloom, want) = self.vip_addr_view()?;
+        fixed += self.write_bloom(&bloom, true)?;
+        let name = names::VIP_ADDRS;
+        let present: Vec<LocalAddr> = {
+            let addrs: HashMap<&MapData, LocalAddr, u32> =
+                HashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
+            addrs.keys().filter_map(Result::ok).collect()
+        };
+        for (addr, flags) in &want {
+            fixed += usize::from(self.set_vip_addr(addr, *flags)?);
+        }
+        for addr in present.iter().filter(|a| !want.contains_key(a)) {
+            fixed += usize::from(self.set_vip_addr(addr, 0)?);
+        }
+        fixed += self.write_bloom(&bloom, false)?;
+        Ok(fixed)
     }
 
     /// The live entry of a VIP, if any.
@@ -360,7 +470,8 @@ impl Balancer {
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
         match vips.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Ok(()) => {}
+            Err(e) if is_missing(&e) => {}
             Err(e) => return Err(map_err(name)(e)),
         }
         self.refresh_vip_addr(key)
@@ -396,7 +507,9 @@ impl Balancer {
         let keys: Vec<FlowKey> = map.keys().filter_map(Result::ok).collect();
         for key in keys {
             match map.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                // Evicted by the LRU since it was listed.
+                Err(e) if is_missing(&e) => {}
                 Err(e) => return Err(map_err(name)(e)),
             }
         }
@@ -412,7 +525,9 @@ impl Balancer {
         let keys: Vec<FragKey> = map.keys().filter_map(Result::ok).collect();
         for key in keys {
             match map.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                // Evicted by the LRU since it was listed.
+                Err(e) if is_missing(&e) => {}
                 Err(e) => return Err(map_err(name)(e)),
             }
         }

@@ -330,15 +330,45 @@ fn render_check_durations(out: &mut String, s: &Snapshot) {
 /// maps) and answers with what it gets back.
 pub type ScrapeRequest = oneshot::Sender<String>;
 
+/// Connections served at once; more wait in the listen backlog. The endpoint may listen on
+/// the network, where anyone can connect: unbounded, idle connections would take every
+/// descriptor the agent has, and its health checks (which need sockets) would then fail and
+/// take backends down.
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// Serves `GET /metrics` on `listen`, asking `scrapes` for the text of each scrape. Anything
-/// else gets 404. Runs until the listener fails.
+/// else gets 404. Runs until the agent's main loop is gone; a failed accept is logged at most
+/// every 10 seconds and retried.
 pub async fn serve(listener: TcpListener, scrapes: mpsc::Sender<ScrapeRequest>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut warned: Option<std::time::Instant> = None;
+    let mut failures = 0u64;
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
+        };
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if scrapes.is_closed() {
+                    return;
+                }
+                failures += 1;
+                if warned.is_none_or(|t| t.elapsed() >= crate::logging::REPEAT_WARNING_EVERY) {
+                    tracing::warn!(
+                        failures,
+                        "metrics endpoint: accepting connections fails ({e}); retrying"
+                    );
+                    warned = Some(std::time::Instant::now());
+                    failures = 0;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let scrapes = scrapes.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut buf = [0u8; 1024];
             // A scrape request fits in one read; a slow or silent client is dropped.
             let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;

@@ -52,13 +52,23 @@ pub enum PinError {
     /// The directory is not on a bpf filesystem and none could be mounted.
     #[error(
         "{path} is not on a bpf filesystem ({reason}); mount one with \
-         `mount -t bpf bpf /sys/fs/bpf` or set agent.bpffs_dir below a bpffs mount"
+         `mount -t bpf bpf /sys/fs/bpf` or choose a directory below a bpffs mount"
     )]
     NotBpffs {
         /// The directory.
         path: PathBuf,
         /// Why it could not be used.
         reason: String,
+    },
+    /// Another agent holds the directory.
+    #[error(
+        "another xlb agent is using {path} (agent.bpffs_dir): two agents on one pin directory \
+         would rewrite each other's maps; stop the other agent, or give this one its own \
+         agent.bpffs_dir"
+    )]
+    Busy {
+        /// The directory.
+        path: PathBuf,
     },
     /// A file operation on the directory failed.
     #[error("{path}: {source}")]
@@ -208,6 +218,12 @@ pub struct PinDir {
     root: PathBuf,
 }
 
+/// The exclusive use of a pin directory (see [`PinDir::lock`]); released when dropped.
+#[derive(Debug)]
+pub struct PinLock {
+    _fd: OwnedFd,
+}
+
 /// What was found in the pin directory before loading.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Prepared {
@@ -241,6 +257,45 @@ impl PinDir {
     /// Where map `name` is pinned.
     pub fn map_path(&self, name: &str) -> PathBuf {
         self.maps_dir().join(name)
+    }
+
+    /// Takes the directory for this process: an exclusive, non-blocking `flock` on it, held
+    /// until the returned lock is dropped (or the process dies, kill -9 included: the kernel
+    /// releases it with the descriptor). Creates the directory on bpffs first.
+    ///
+    /// # Errors
+    ///
+    /// [`PinError::Busy`] when another process holds it, or why the directory is unusable.
+    pub fn lock(&self) -> Result<PinLock, PinError> {
+        ensure_bpffs(&self.root)?;
+        let c = CString::new(self.root.as_os_str().as_bytes()).map_err(|e| PinError::Io {
+            path: self.root.clone(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, e),
+        })?;
+        // SAFETY: a NUL-terminated path; the result is checked.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io_err(&self.root)(io::Error::last_os_error()));
+        }
+        // SAFETY: a descriptor the kernel just returned to us; OwnedFd closes it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                PinError::Busy {
+                    path: self.root.clone(),
+                }
+            } else {
+                io_err(&self.root)(e)
+            });
+        }
+        Ok(PinLock { _fd: fd })
     }
 
     /// Makes sure the directory exists on bpffs (mounting bpffs at /sys/fs/bpf when the
@@ -432,6 +487,17 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), PinError> {
         }
         tracing::info!("mounted bpffs at /sys/fs/bpf");
     }
+    // Nothing is created on another filesystem: the nearest existing ancestor must already be
+    // on bpffs (a directory made on the wrong filesystem would be left behind by the refusal).
+    if let Some(existing) = dir.ancestors().find(|a| a.exists())
+        && existing != dir
+    {
+        match is_bpffs(existing) {
+            Ok(true) => {}
+            Ok(false) => return Err(not_bpffs("another filesystem".into())),
+            Err(e) => return Err(not_bpffs(e.to_string())),
+        }
+    }
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     match is_bpffs(dir) {
         Ok(true) => Ok(()),
@@ -453,8 +519,16 @@ const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_TYPE_XDP: u32 = 6;
 
+/// The kind of BPF object behind a descriptor, from the name of its anonymous inode
+/// (`anon_inode:bpf-link`, `anon_inode:bpf-map`, `anon_inode:bpf-prog`).
+fn bpf_object_kind(fd: &OwnedFd) -> io::Result<String> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok(target.to_string_lossy().into_owned())
+}
+
 /// Reads the facts of the XDP link pinned at `path`: `None` when nothing is pinned there or the
-/// pin is not an XDP link.
+/// pin is not an XDP link (a map or a program: their info structures start like a link's, so
+/// the object's kind is checked first, or a per-CPU array would read as an XDP link).
 pub fn link_facts(path: &Path) -> io::Result<Option<LinkFacts>> {
     if !path.exists() {
         return Ok(None);
@@ -478,6 +552,9 @@ pub fn link_facts(path: &Path) -> io::Result<Option<LinkFacts>> {
     }
     // SAFETY: a descriptor the kernel just returned to us; OwnedFd closes it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    if bpf_object_kind(&fd)? != "anon_inode:bpf-link" {
+        return Ok(None);
+    }
     // struct bpf_link_info: type, id, prog_id (u32 each), then (8-aligned) the per-type union;
     // for XDP its first field is the ifindex.
     let mut info = [0u8; 256];
@@ -494,12 +571,7 @@ pub fn link_facts(path: &Path) -> io::Result<Option<LinkFacts>> {
         )
     };
     if rc < 0 {
-        let e = io::Error::last_os_error();
-        // Not a link (a map or program pinned there): not ours.
-        if e.raw_os_error() == Some(libc::EINVAL) {
-            return Ok(None);
-        }
-        return Err(e);
+        return Err(io::Error::last_os_error());
     }
     let u32_at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().expect("4 bytes"));
     if u32_at(0) != BPF_LINK_TYPE_XDP {
@@ -509,6 +581,101 @@ pub fn link_facts(path: &Path) -> io::Result<Option<LinkFacts>> {
         ifindex: u32_at(16),
         prog_id: u32_at(8),
     }))
+}
+
+/// Where a pinned XDP link is attached, as seen from this network namespace. A link only knows
+/// its interface's index, and indexes are per namespace while a bpffs is shared by every
+/// namespace of the host: `eth0` is index 2 in many of them. The link is this namespace's when
+/// the interface of that index here runs the link's program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkPlace {
+    /// Its interface is gone (the kernel detached it): the pin is a dead end.
+    Gone,
+    /// On the interface of this index in this namespace.
+    Here(u32),
+    /// On an interface of another namespace.
+    Elsewhere,
+}
+
+impl LinkFacts {
+    /// Where this link is attached (see [`LinkPlace`]).
+    pub fn place(&self) -> io::Result<LinkPlace> {
+        if self.ifindex == 0 {
+            return Ok(LinkPlace::Gone);
+        }
+        Ok(if xdp_prog_ids(self.ifindex)?.contains(&self.prog_id) {
+            LinkPlace::Here(self.ifindex)
+        } else {
+            LinkPlace::Elsewhere
+        })
+    }
+}
+
+/// The ids of the XDP programs attached to the interface of index `ifindex` in this network
+/// namespace (rtnetlink `RTM_GETLINK`, `IFLA_XDP_*PROG_ID`; one per attach mode in use): empty
+/// when it has none or there is no such interface here.
+pub fn xdp_prog_ids(ifindex: u32) -> io::Result<Vec<u32>> {
+    use netlink_packet_route::{
+        RouteNetlinkMessage,
+        link::{LinkAttribute, LinkMessage, LinkXdp},
+    };
+    use rtnetlink::{
+        packet_core::{NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
+        sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE},
+    };
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut link = LinkMessage::default();
+    link.header.index = ifindex;
+    let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetLink(link));
+    request.header.flags = NLM_F_REQUEST;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut buf = vec![0u8; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+    loop {
+        let (reply, _) = socket.recv_from_full()?;
+        let mut offset = 0;
+        while offset < reply.len() {
+            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&reply[offset..])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let len = msg.header.length as usize;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m))
+                    if m.header.index == ifindex =>
+                {
+                    let mut ids = Vec::new();
+                    for attr in &m.attributes {
+                        if let LinkAttribute::Xdp(xdp) = attr {
+                            // One program: its id; programs in several modes: one id each.
+                            ids.extend(xdp.iter().filter_map(|x| match x {
+                                LinkXdp::ProgId(id)
+                                | LinkXdp::DrvProgId(id)
+                                | LinkXdp::SkbProgId(id)
+                                | LinkXdp::HwProgId(id) => (*id != 0).then_some(*id),
+                                _ => None,
+                            }));
+                        }
+                    }
+                    return Ok(ids);
+                }
+                NetlinkPayload::Error(e) => {
+                    let code = e.raw_code();
+                    if code == -libc::ENODEV {
+                        return Ok(Vec::new());
+                    }
+                    return Err(io::Error::from_raw_os_error(-code));
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            offset += len;
+        }
+    }
 }
 
 /// The index of a network interface, or `None` when it does not exist.

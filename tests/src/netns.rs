@@ -149,6 +149,18 @@ pub fn veth_pair(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     }
 }
 
+/// The test process that created `name` (`xlbt-<pid>-...`), if it is one of ours.
+pub fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+/// Whether `name` was made by a test process that no longer exists. Anything else with the
+/// prefix (a name without a pid: another user's, a person's hand-made `xlbt-brk-lb`) is not
+/// ours to delete, on a machine several people share.
+fn stale(name: &str) -> bool {
+    owner_pid(name).is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+}
+
 /// Deletes namespaces left by earlier test processes that no longer exist.
 pub fn sweep_stale() {
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
@@ -156,12 +168,7 @@ pub fn sweep_stale() {
     };
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let name = line.split_whitespace().next().unwrap_or_default();
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
-        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
+        if stale(name) {
             let _ = Command::new("ip").args(["netns", "delete", name]).output();
         }
     }
@@ -172,11 +179,7 @@ pub fn sweep_stale() {
         };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = name.strip_prefix(PREFIX) else {
-                continue;
-            };
-            let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
-            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            if stale(&name) {
                 let _ = lb_userspace::pins::PinDir::new(entry.path()).remove_all();
                 let _ = std::fs::remove_dir_all(entry.path());
             }
@@ -285,4 +288,33 @@ fn enter(path: &str) {
     // SAFETY: setns on an fd we own; affects only the calling thread.
     let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
     assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_of_dead_test_processes_are_stale() {
+        let me = std::process::id();
+        assert_eq!(owner_pid(&format!("xlbt-{me}-3-lb")), Some(me));
+        assert!(
+            !stale(&format!("xlbt-{me}-3-lb")),
+            "a live process's namespace"
+        );
+        // Above the kernel's largest pid (4194304): a process that cannot exist.
+        assert!(stale("xlbt-4999999-1-lb"));
+        // Names that carry no pid belong to someone else: never swept (they once were, and a
+        // run of the tests deleted another person's hand-made namespaces).
+        for foreign in [
+            "xlbt-brk-lb",
+            "xlbt--lb",
+            "xlbt-",
+            "xlbt-bpffs",
+            "other-1-lb",
+        ] {
+            assert_eq!(owner_pid(foreign), None, "{foreign}");
+            assert!(!stale(foreign), "{foreign}");
+        }
+    }
 }

@@ -183,6 +183,15 @@ impl Daemon {
         &self.seen
     }
 
+    /// Every line, once the process has exited and its stderr closed (waiting at most
+    /// `timeout` for the last ones).
+    pub fn finish_lines(&mut self, timeout: Duration) -> &[String] {
+        while let Ok(line) = self.lines.recv_timeout(timeout) {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
     /// Sends SIGTERM and waits (bounded, 10 s) for the exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         // SAFETY: kill(2) on our own child's pid.

@@ -1213,3 +1213,363 @@ fn the_cli_changes_the_running_agent_and_the_changes_survive_a_restart() {
         )
     );
 }
+
+/// Runs `xlb args` in `ns` expecting it to stop by itself within `timeout`: its exit status and
+/// every stderr line. One that is still running then is killed and reported as `None` (a
+/// command that should have refused to start must not hang the test when it does start).
+fn run_bounded(
+    ns: &Netns,
+    args: &[&str],
+    timeout: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let mut run = start_xlb(ns, args);
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = run.child.try_wait().expect("wait") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = run.child.kill();
+            let _ = run.child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The reader thread ends with the pipe; collect what it saw.
+    let lines = run.finish_lines(Duration::from_secs(2)).join("\n");
+    (status, lines)
+}
+
+/// Two agents on one pin directory (a second instance started by mistake with its own socket
+/// and state directory) must not both run: the second would adopt the first one's live maps
+/// and rewrite them to its own configuration (with a smaller configuration it removed the
+/// first agent's VIPs while that agent went on reporting them). The second is refused before
+/// it touches the maps, naming the directory; the first keeps serving.
+#[test]
+fn a_second_agent_on_the_same_pin_directory_is_refused_and_the_first_keeps_serving() {
+    let lab = lab(1);
+    let _server = Server::start(&lab.backends[0], "backend0");
+    let config = TempFile::new("xlb-lock-1.toml", &lab_config(&lab.dirs, 1, ""));
+    let mut first = start_xlb(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    first.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    assert_eq!(answered_by(&connect_many(&lab.client, 10, "one"), 1), [10]);
+
+    // Its own socket, state and metrics port; the same bpffs_dir; no VIPs at all.
+    let other = AgentDirs::create("lb2");
+    let second_config = format!(
+        "[agent]\ninterface = \"eth0\"\nnext_hop_mac = \"auto\"\n\
+         flow_table_entries = 65536\nmetrics_listen = \"127.0.0.1:9642\"\n\
+         admin_socket = \"{}\"\nstate_dir = \"{}\"\nbpffs_dir = \"{}\"\n",
+        other.tmp.join("admin.sock").display(),
+        other.tmp.join("state").display(),
+        lab.dirs.bpffs.display()
+    );
+    let second_config = TempFile::new("xlb-lock-2.toml", &second_config);
+    let (status, err) = run_bounded(
+        &lab.lb,
+        &["agent", "--config", second_config.0.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the second agent must refuse to start ({status:?}):\n{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "another xlb agent is using {}",
+            lab.dirs.bpffs.display()
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("adopted the pinned maps"), "{err}");
+
+    assert_eq!(
+        answered_by(&connect_many(&lab.client, 10, "still"), 1),
+        [10],
+        "the first agent's VIP is still served"
+    );
+    // The lock goes with the first agent (kill -9 included): a restart adopts as before.
+    first.child.kill().expect("kill -9");
+    first.child.wait().expect("reap");
+    let mut again = start_xlb(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    again.wait_for("adopted the pinned maps", Duration::from_secs(20));
+    again.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    assert!(again.terminate().success());
+}
+
+/// The admin API outlives running out of file descriptors: accept failures used to end its
+/// loop for good, leaving a running agent that `xlb` reported as "not running" (and whose
+/// socket a second agent would then take over). With the agent's descriptor limit lowered, a
+/// burst of clients makes accept fail; once they are gone, the API answers again.
+#[test]
+fn the_admin_api_survives_running_out_of_file_descriptors() {
+    let lab = lab(1);
+    let socket = lab.dirs.tmp.join("admin.sock");
+    let config = TempFile::new("xlb-fds.toml", &lab_config(&lab.dirs, 1, ""));
+    let mut agent = start_xlb(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    assert_eq!(xlb_cli(&lab.lb, &socket, &["status"]).0, 0);
+
+    // `ip netns exec` execs the agent, so the child's pid is the agent's.
+    let pid = agent.child.id() as i32;
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let set_soft_limit = |soft: Option<u64>| {
+        let mut old = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: reads the agent's limit into a struct we own.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &raw mut old) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+        let new = libc::rlimit {
+            rlim_cur: soft.unwrap_or(old.rlim_max),
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: sets the agent's soft limit from a struct we own (the hard one is kept).
+        let rc = unsafe {
+            libc::prlimit(
+                pid,
+                libc::RLIMIT_NOFILE,
+                &raw const new,
+                std::ptr::null_mut(),
+            )
+        };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    set_soft_limit(Some(open_fds + 4));
+    let clients: Vec<std::os::unix::net::UnixStream> = (0..100)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).expect("connect"))
+        .collect();
+    agent.wait_for(
+        "admin API: accepting connections fails",
+        Duration::from_secs(10),
+    );
+    drop(clients);
+    set_soft_limit(None);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, _, err) = xlb_cli(&lab.lb, &socket, &["status"]);
+        if code == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the admin API never answered again (exit {code}): {err}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(agent.terminate().success());
+}
+
+/// Deleting the balancer's interface detaches its program (the kernel does so with the
+/// device). The agent says so once, and when an interface of that name is back it attaches
+/// the balancer to it again: before, it went on running (and reporting itself attached) while
+/// no VIP was served until someone restarted it.
+#[test]
+fn the_balancer_is_attached_again_when_its_interface_is_recreated() {
+    let lab = lab(1);
+    let _server = Server::start(&lab.backends[0], "backend0");
+    let socket = lab.dirs.tmp.join("admin.sock");
+    let config = TempFile::new("xlb-reattach.toml", &lab_config(&lab.dirs, 1, ""));
+    let mut agent = start_xlb(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    assert_eq!(answered_by(&connect_many(&lab.client, 5, "before"), 1), [5]);
+
+    lab.lb.run(&["ip", "link", "del", "eth0"]);
+    agent.wait_for("interface eth0 is gone", Duration::from_secs(40));
+    let status = xlb_json(&lab.lb, &socket, &["status", "--json"]);
+    assert_eq!(status["agent"]["attach_mode"], "not attached", "{status}");
+
+    // The link again, as the lab made it, with a pass program on the router's side.
+    veth_pair(&lab.lb, "eth0", &lab._router, "l0");
+    lab._router
+        .run(&["ip", "addr", "add", "10.99.2.1/24", "dev", "l0"]);
+    lab._router.run(&[
+        "ip",
+        "route",
+        "replace",
+        &format!("{LAB_VIP}/32"),
+        "via",
+        "10.99.2.2",
+    ]);
+    lab.lb
+        .run(&["ip", "addr", "add", "10.99.2.2/24", "dev", "eth0"]);
+    lab.lb
+        .run(&["ip", "route", "add", "default", "via", "10.99.2.1"]);
+    lab.lb.run(&["ping", "-c", "1", "-W", "2", "10.99.2.1"]);
+    let mut router_xdp = start_xlb(
+        &lab._router,
+        &["agent", "--interface", "l0", "--xdp-mode", "native"],
+    );
+    router_xdp.wait_for("xlb_balancer attached", Duration::from_secs(20));
+
+    agent.wait_for("attached it again", Duration::from_secs(40));
+    let link = lab.lb.run(&["ip", "link", "show", "dev", "eth0"]);
+    assert!(link.contains("xdp"), "{link}");
+    // The new router MAC is followed too; give the maps a moment to take it.
+    agent.wait_for("next hop MAC changed", Duration::from_secs(40));
+    assert_eq!(answered_by(&connect_many(&lab.client, 5, "after"), 1), [5]);
+    let status = xlb_json(&lab.lb, &socket, &["status", "--json"]);
+    assert_eq!(status["agent"]["attach_mode"], "native", "{status}");
+    assert!(agent.terminate().success());
+    assert!(router_xdp.terminate().success());
+}
+
+/// A bpffs is shared by every network namespace of a host, and interface indexes repeat
+/// across namespaces (`eth0` is index 2 in both hosts here). A link pinned by another
+/// namespace must not be taken for this one's: `xlb decap attach` used to "replace" the other
+/// namespace's decapsulator (with this host's addresses) and attach nothing here, and `decap
+/// detach` removed it. Both now refuse and leave it alone. `detach` also removes only what
+/// `attach` pins: not a directory holding other pins (the agent's), and never a path outside
+/// `--bpffs-dir` (`--interface ../xlb`).
+#[test]
+fn decap_leaves_pins_of_other_namespaces_and_of_the_agent_alone() {
+    let hosts = two_hosts();
+    let dirs = AgentDirs::create("decap-ns");
+    let bpffs = dirs.bpffs.to_str().unwrap().to_string();
+    let xlb = |ns: &Netns, args: &[&str]| {
+        let out = ns
+            .command(xlb_bin().to_str().unwrap())
+            .args(args)
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("run xlb");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let prog = |ns: &Netns| {
+        let link = ns.run(&["ip", "link", "show", "dev", "eth0"]);
+        link.split_whitespace()
+            .skip_while(|w| *w != "id")
+            .nth(1)
+            .map(str::to_string)
+    };
+    let index = |ns: &Netns| ns.run(&["cat", "/sys/class/net/eth0/ifindex"]);
+    assert_eq!(index(&hosts.lb), index(&hosts.client), "the premise");
+    let attach = |ns: &Netns, addr: &str| {
+        xlb(
+            ns,
+            &[
+                "decap",
+                "attach",
+                "-i",
+                "eth0",
+                "--address",
+                addr,
+                "--xdp-mode",
+                "native",
+                "--bpffs-dir",
+                &bpffs,
+            ],
+        )
+    };
+    let detach = |ns: &Netns, interface: &str, dir: &str| {
+        xlb(
+            ns,
+            &["decap", "detach", "-i", interface, "--bpffs-dir", dir],
+        )
+    };
+
+    let (code, err) = attach(&hosts.lb, "10.99.0.2");
+    assert_eq!(code, Some(0), "{err}");
+    let lb_prog = prog(&hosts.lb).expect("attached in lb");
+
+    let (code, err) = attach(&hosts.client, "10.99.0.1");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("another network namespace"), "{err}");
+    assert_eq!(
+        prog(&hosts.lb),
+        Some(lb_prog.clone()),
+        "lb's program untouched"
+    );
+    assert_eq!(prog(&hosts.client), None);
+
+    let (code, err) = detach(&hosts.client, "eth0", &bpffs);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("another network namespace"), "{err}");
+    assert_eq!(prog(&hosts.lb), Some(lb_prog), "still attached in lb");
+
+    // Paths outside the pin directory are not interface names.
+    let (code, err) = detach(&hosts.lb, "../x", &bpffs);
+    assert_eq!(code, Some(2), "{err}");
+    // A directory with more than the link in it (the agent's pins: maps beside the link) is
+    // not a decapsulator's.
+    let maps = dirs.bpffs.join("eth0").join("maps-v2");
+    std::fs::create_dir(&maps).expect("mkdir on bpffs");
+    let (code, err) = detach(&hosts.lb, "eth0", &bpffs);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("holds more than a decapsulator's link"),
+        "{err}"
+    );
+    assert!(maps.exists());
+    assert!(prog(&hosts.lb).is_some(), "still attached");
+    std::fs::remove_dir(&maps).expect("rmdir on bpffs");
+
+    let (code, err) = detach(&hosts.lb, "eth0", &bpffs);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(prog(&hosts.lb), None);
+}
+
+/// Something other than an XDP link pinned where the agent pins its link (a per-CPU array
+/// map here) used to be read as a link, because a map's info starts like a link's: the agent
+/// took the map's size for an interface index, unpinned the map as "a link on another
+/// interface" and went on. It is refused, and left where it is.
+#[test]
+fn the_agent_refuses_a_map_pinned_where_its_link_belongs() {
+    let lab = lab(1);
+    let config = TempFile::new("xlb-notalink.toml", &lab_config(&lab.dirs, 1, ""));
+    // Pin maps (the agent's own layout) in a scratch directory and put a per-CPU array among
+    // them at the link's path.
+    let scratch = AgentDirs::create("scratch");
+    {
+        let (_b, _) = lb_userspace::loader::Balancer::load_pinned(
+            lb_userspace::loader::LoadOptions { flow_entries: 1024 },
+            &lb_userspace::pins::PinDir::new(&scratch.bpffs),
+        )
+        .expect("load pinned");
+    }
+    let counters = lb_userspace::pins::PinDir::new(&scratch.bpffs).map_path("XLB_COUNTERS");
+    std::fs::create_dir_all(&lab.dirs.bpffs).expect("pin directory");
+    aya::maps::MapData::from_pin(&counters)
+        .expect("the counters map")
+        .pin(lab.dirs.bpffs.join("link"))
+        .expect("pin it as `link`");
+
+    let (status, err) = run_bounded(
+        &lab.lb,
+        &["agent", "--config", config.0.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the agent must refuse to start ({status:?}):\n{err}"
+    );
+    assert!(
+        err.contains("something other than an XDP link is pinned there"),
+        "{err}"
+    );
+    assert!(lab.dirs.bpffs.join("link").exists(), "the map's pin stays");
+}
+
+/// A SIGHUP (a `systemctl reload`) while the agent is still filling the maps used to kill it
+/// (the default action: the handlers came after the first reconcile), mid-write. It is taken
+/// as a reload once the agent runs.
+#[test]
+fn a_sighup_during_the_start_is_a_reload_not_a_kill() {
+    let lab = lab(1);
+    let config = TempFile::new("xlb-hup.toml", &lab_config(&lab.dirs, 1, ""));
+    let mut agent = start_xlb(&lab.lb, &["agent", "--config", config.0.to_str().unwrap()]);
+    agent.wait_for("admin API listening", Duration::from_secs(20));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
+    agent.wait_for("configuration reloaded", Duration::from_secs(20));
+    assert!(agent.child.try_wait().expect("wait").is_none(), "alive");
+    assert!(agent.terminate().success());
+}

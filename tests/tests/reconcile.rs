@@ -154,3 +154,155 @@ fn connection_table_entries_are_counted_per_backend() {
         assert_eq!(counts.get(&id), Some(&n), "{ip}");
     }
 }
+
+/// What an agent killed in the middle of a publish or a removal leaves in pinned maps, written
+/// straight into them: the VIP entry is there, but its id is not active, its address has no
+/// entry and its bloom bit is clear (the writes that follow the VIP entry never ran); and a VIP
+/// that is gone still has its address entry, bloom bit and active id. The VIP's packets would
+/// be passed to the host as non-VIP traffic and its pings go unanswered, and the reconciler
+/// (which compares VIP entries, tables and backends) would never notice. `repair_derived`, run
+/// by an agent that adopts pinned maps, puts every derived entry back in line; and removing a
+/// VIP whose address entry is already missing succeeds (it once failed on the kernel's ENOENT
+/// forever, wedging every later reconcile).
+#[test]
+fn entries_derived_from_the_vips_are_repaired_after_an_interrupted_agent() {
+    use aya::maps::{Array, HashMap, Map, MapData};
+    use lb_common::types::{LocalAddr, VipState};
+    use lb_userspace::{
+        loader::LoadOptions,
+        pins::{PinDir, pinned_map_names},
+    };
+
+    pin_to_current_cpu();
+    let dirs = xlb_tests::netns::AgentDirs::create("repair");
+    let pins = PinDir::new(&dirs.bpffs);
+    let (mut b, _) =
+        Balancer::load_pinned(LoadOptions { flow_entries: 1024 }, &pins).expect("load pinned");
+    let mut r = Reconciler::new();
+    let other = VipKey {
+        addr: {
+            let mut a = [0u8; 16];
+            a[..4].copy_from_slice(&[203, 0, 113, 51]);
+            a
+        },
+        ..key()
+    };
+    let vip = |key| DesiredVip {
+        key,
+        flags: 0,
+        table_size: 251,
+        panic_threshold: 0.5,
+        backends: vec![backend("10.0.0.1", 1)],
+    };
+    let mut desired = Desired {
+        config: world::config(),
+        vips: vec![vip(key()), vip(other)],
+    };
+    let plan = r.plan(&desired).expect("plan");
+    apply(&mut b, &plan).expect("apply");
+    r.commit(plan);
+    assert_eq!(b.repair_derived().expect("repair"), 0, "consistent maps");
+
+    let open = |name: &str| {
+        assert!(pinned_map_names().contains(&name));
+        let data = MapData::from_pin(pins.map_path(name)).expect("pinned map");
+        Map::from_map_data(data).expect("map")
+    };
+    let addr = |a: [u8; 4]| {
+        let mut l = LocalAddr {
+            family: FAMILY_V4,
+            ..Default::default()
+        };
+        l.addr[..4].copy_from_slice(&a);
+        l
+    };
+    let id = b.vip(&key()).expect("lookup").expect("published").vip_id;
+    let break_vip = || {
+        let mut state: Array<MapData, VipState> =
+            Array::try_from(open(lb_common::maps::VIP_STATE)).unwrap();
+        state.set(id, VipState::default(), 0).unwrap();
+        let mut addrs: HashMap<MapData, LocalAddr, u32> =
+            HashMap::try_from(open(lb_common::maps::VIP_ADDRS)).unwrap();
+        addrs.remove(&addr(VIP)).unwrap();
+        let mut bloom: Array<MapData, u64> =
+            Array::try_from(open(lb_common::maps::VIP_BLOOM)).unwrap();
+        for i in 0..bloom.len() {
+            bloom.set(i, 0, 0).unwrap();
+        }
+    };
+    // A VIP that is gone from the VIP map but whose derived entries stayed.
+    let ghost = [203, 0, 113, 99];
+    let ghost_id = 700;
+    let leave_ghost = || {
+        let mut state: Array<MapData, VipState> =
+            Array::try_from(open(lb_common::maps::VIP_STATE)).unwrap();
+        state
+            .set(
+                ghost_id,
+                VipState {
+                    flags: lb_common::types::VIP_S_ACTIVE,
+                    generation: 1,
+                },
+                0,
+            )
+            .unwrap();
+        let mut addrs: HashMap<MapData, LocalAddr, u32> =
+            HashMap::try_from(open(lb_common::maps::VIP_ADDRS)).unwrap();
+        addrs
+            .insert(addr(ghost), lb_common::types::VIP_ADDR_F_L4, 0)
+            .unwrap();
+        // Stale bloom bits (every one, the ghost's among them).
+        let mut bloom: Array<MapData, u64> =
+            Array::try_from(open(lb_common::maps::VIP_BLOOM)).unwrap();
+        for i in 0..bloom.len() {
+            bloom.set(i, u64::MAX, 0).unwrap();
+        }
+    };
+
+    break_vip();
+    let (a, _) = send(&b, &frames::tcp4(VIP, 40000, 80, true, b""));
+    assert_eq!(a, XdpAction::Pass, "the damage: the VIP reads as no VIP");
+    leave_ghost();
+    let (a, _) = send(&b, &frames::icmp4_echo(ghost));
+    assert_eq!(
+        a,
+        XdpAction::Tx,
+        "the damage: a gone VIP's address answers pings"
+    );
+
+    let fixed = b.repair_derived().expect("repair");
+    assert!(
+        fixed >= 4,
+        "state, address entries and bloom words rewritten: {fixed}"
+    );
+    let (a, out) = send(&b, &frames::tcp4(VIP, 40001, 80, true, b""));
+    assert_eq!(a, XdpAction::Tx, "the VIP is served again");
+    assert_eq!(outer_dst(&out), [10, 0, 0, 1]);
+    let (a, _) = send(&b, &frames::icmp4_echo(VIP));
+    assert_eq!(a, XdpAction::Tx, "its address answers pings again");
+    let (a, _) = send(&b, &frames::icmp4_echo(ghost));
+    assert_eq!(
+        a,
+        XdpAction::Pass,
+        "the gone VIP's address is no VIP's any more"
+    );
+    let (a, _) = send(&b, &frames::tcp4([203, 0, 113, 51], 40002, 80, true, b""));
+    assert_eq!(a, XdpAction::Tx, "the other VIP was never disturbed");
+    assert_eq!(b.repair_derived().expect("repair"), 0, "nothing left to do");
+
+    // Removing a VIP whose address entry is missing (the same interrupted publish, without a
+    // repair) is not an error: the entry is already as the removal wants it.
+    break_vip();
+    desired.vips.remove(0);
+    let plan = r.plan(&desired).expect("plan");
+    apply(&mut b, &plan).expect("removal with the address entry already gone");
+    r.commit(plan);
+    let (a, _) = send(&b, &frames::tcp4(VIP, 40003, 80, true, b""));
+    assert_eq!(a, XdpAction::Pass);
+    let (a, _) = send(&b, &frames::tcp4([203, 0, 113, 51], 40004, 80, true, b""));
+    assert_eq!(a, XdpAction::Tx);
+    // Removing it again (a retried plan after a partial apply) finds nothing and is fine too.
+    b.remove_vip(&key())
+        .expect("removing a VIP that is already gone");
+    drop(b);
+}

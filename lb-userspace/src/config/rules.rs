@@ -60,6 +60,12 @@ pub fn name(s: &str) -> Result<String, Violation> {
     super::parse_name(s).map_err(Violation::from)
 }
 
+/// A Linux interface name (at most 15 bytes, no '/', ':' or whitespace, not "." or ".."): also
+/// what makes it safe to use as a path component.
+pub fn interface(s: &str) -> Result<String, Violation> {
+    super::parse_interface(s).map_err(Violation::from)
+}
+
 /// A VIP's protocol: `"tcp"` or `"udp"`.
 pub fn protocol(s: &str) -> Result<Protocol, Violation> {
     super::parse_protocol(s).map_err(Violation::from)

@@ -138,6 +138,11 @@ struct Running {
     panicking: HashSet<String>,
     /// The admin API's state: the file as loaded, the run-time overlay, facts for `status`.
     control: control::Control,
+    /// Where the maps and the link are pinned, and the attach mode for a new link (with a
+    /// configuration only).
+    pins: Option<(PinDir, AttachMode)>,
+    /// Why the balancer is not attached right now, as last logged (logged once per change).
+    attachment_problem: Option<String>,
 }
 
 /// The backends of `cfg` that have a health check (the VIP's, with the backend's overrides).
@@ -255,9 +260,61 @@ impl Running {
         self.panicking = now;
     }
 
+    /// Makes sure the balancer is attached to its interface through the pinned link. The
+    /// kernel detaches a link whose interface is deleted; when an interface of that name comes
+    /// back (a driver reload, a re-created bond or veth), the balancer is attached to it again
+    /// instead of leaving every VIP unserved until a restart. Problems are logged once each.
+    fn check_attachment(&mut self) {
+        let Some((pins, mode)) = self.pins.clone() else {
+            return;
+        };
+        let interface = self.control.interface.clone();
+        let problem = match lb_userspace::pins::ifindex(&interface) {
+            None => Some(format!(
+                "interface {interface} is gone: xlb_balancer is attached nowhere and no VIP is \
+                 served; it is attached again when {interface} is back"
+            )),
+            Some(index) => {
+                let here = lb_userspace::pins::link_facts(&pins.link_path())
+                    .ok()
+                    .flatten()
+                    .and_then(|f| f.place().ok())
+                    == Some(lb_userspace::pins::LinkPlace::Here(index));
+                if here {
+                    None
+                } else {
+                    match self.balancer.attach_pinned(&interface, mode, &pins) {
+                        Ok(attached) => {
+                            tracing::warn!(
+                                %interface,
+                                mode = %attached,
+                                "xlb_balancer was not attached to {interface} (the interface was \
+                                 re-created or the pinned link removed); attached it again"
+                            );
+                            self.control.attach_mode = attached.to_string();
+                            None
+                        }
+                        Err(e) => Some(format!(
+                            "xlb_balancer is not attached to {interface} and attaching it again \
+                             failed: {e}"
+                        )),
+                    }
+                }
+            }
+        };
+        if problem != self.attachment_problem {
+            if let Some(p) = &problem {
+                tracing::error!("{p}");
+                self.control.attach_mode = "not attached".to_owned();
+            }
+            self.attachment_problem = problem;
+        }
+    }
+
     /// Re-reads the route and neighbour tables; when something the maps depend on changed (the
     /// next hop's MAC, a dsr-l2 backend's), logs it once and reconciles.
     async fn refresh_facts(&mut self) {
+        self.check_attachment();
         let (Some(cfg), Some(resolver)) = (self.config.clone(), self.resolver.as_mut()) else {
             return;
         };
@@ -433,6 +490,14 @@ impl Running {
 }
 
 async fn serve(args: AgentArgs) -> anyhow::Result<()> {
+    // Handlers before anything else: a start with many VIPs writes the maps for seconds, and a
+    // signal's default action (SIGHUP's too: a `systemctl reload` during the start) would kill
+    // the agent in the middle of those writes. A signal that arrives meanwhile is acted on
+    // once the main loop runs: SIGTERM stops the agent cleanly right after it attached, SIGHUP
+    // reloads.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let file = match &args.config {
         Some(path) => Some(load_config(path)?),
         None => None,
@@ -497,6 +562,21 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
                 );
             }
             if prepared.maps_adopted {
+                // A previous agent killed in the middle of a publish or removal leaves the
+                // entries derived from the VIPs (active ids, address entries, the bloom filter)
+                // behind the VIP entries; the plan compares only the latter.
+                let mut balancer = balancer;
+                let repaired = balancer
+                    .repair_derived()
+                    .context("checking the adopted maps")?;
+                if repaired > 0 {
+                    tracing::warn!(
+                        pins = %pins.root().display(),
+                        entries = repaired,
+                        "the adopted maps were left half-updated (a previous agent was stopped \
+                         mid-change); repaired the VIP address and state entries"
+                    );
+                }
                 let contents = balancer
                     .read_contents()
                     .context("reading the adopted maps")?;
@@ -534,6 +614,8 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         resolver: None,
         panicking: HashSet::new(),
         control,
+        pins: None,
+        attachment_problem: None,
     };
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::ScrapeRequest>(16);
     if let Some(c) = &cfg {
@@ -571,10 +653,6 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             "configuration applied"
         );
     }
-    // Handlers first: a SIGTERM right after the "attached" line must stop the agent cleanly.
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let (_link, attached_mode) = match &pins {
         Some(pins) => {
             let attached = running.balancer.attach_pinned(&interface, mode, pins)?;
@@ -604,6 +682,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     };
     let mut facts_timer = tokio::time::interval(Duration::from_secs(30));
     running.control.attach_mode = attached_mode;
+    running.pins = pins.clone().map(|p| (p, mode));
     running.sample_traffic();
     let mut samples = tokio::time::interval(control::SAMPLE_PERIOD);
     let period = Duration::from_secs(args.stats_interval_secs.max(1));
@@ -709,6 +788,36 @@ fn adopted_health(
     out
 }
 
+/// The changes between two configurations that a reload does not apply, one line each: the
+/// agent's sockets, directories and connection-table size are set up once at start, and the
+/// attach mode belongs to the attached link.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
+    let (old, new) = (&old.agent, &new.agent);
+    let mut out: Vec<String> = [
+        ("metrics_listen", old.metrics_listen != new.metrics_listen),
+        ("admin_socket", old.admin_socket != new.admin_socket),
+        ("state_dir", old.state_dir != new.state_dir),
+        ("bpffs_dir", old.bpffs_dir != new.bpffs_dir),
+        (
+            "flow_table_entries",
+            old.flow_table_entries != new.flow_table_entries,
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, moved)| *moved)
+    .map(|(key, _)| format!("agent.{key} changed: it applies only on restart"))
+    .collect();
+    if old.xdp_mode != new.xdp_mode {
+        out.push(
+            "agent.xdp_mode changed: the attached link keeps its mode, across restarts too; it \
+             applies when the balancer is attached anew (after `xlb agent --detach-on-exit` \
+             stops)"
+                .to_owned(),
+        );
+    }
+    out
+}
+
 /// Why a reload was refused; the running state stays either way.
 enum ReloadError {
     /// The file is invalid: every error, one per line, then a summary.
@@ -751,20 +860,8 @@ fn reload(
         }
     };
     if let Some(old) = &running.config {
-        for (key, moved) in [
-            (
-                "metrics_listen",
-                old.agent.metrics_listen != file.agent.metrics_listen,
-            ),
-            (
-                "admin_socket",
-                old.agent.admin_socket != file.agent.admin_socket,
-            ),
-            ("state_dir", old.agent.state_dir != file.agent.state_dir),
-        ] {
-            if moved {
-                tracing::warn!("agent.{key} changed: it applies only on restart");
-            }
+        for line in restart_only_changes(old, &file) {
+            tracing::warn!("{line}");
         }
     }
     if file.agent.interface != interface {
@@ -819,5 +916,39 @@ fn reload(
                 "reload failed: {e:#}; the previous state stays in place"
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_names_every_agent_key_it_does_not_apply() {
+        let base = "[agent]\ninterface = \"eth0\"\n";
+        let old = config::parse("a.toml", base).expect("valid");
+        let same = config::parse("b.toml", base).expect("valid");
+        assert!(restart_only_changes(&old, &same).is_empty());
+        let changed = config::parse(
+            "b.toml",
+            "[agent]\ninterface = \"eth0\"\nflow_table_entries = 4096\n\
+             bpffs_dir = \"/sys/fs/bpf/other\"\nxdp_mode = \"generic\"\n\
+             metrics_listen = \"127.0.0.1:9999\"\n",
+        )
+        .expect("valid");
+        let lines = restart_only_changes(&old, &changed).join("\n");
+        // flow_table_entries and bpffs_dir were silently ignored by a reload.
+        for key in [
+            "metrics_listen",
+            "bpffs_dir",
+            "flow_table_entries",
+            "xdp_mode",
+        ] {
+            assert!(
+                lines.contains(&format!("agent.{key} changed")),
+                "{key}: {lines}"
+            );
+        }
+        assert!(!lines.contains("admin_socket"), "{lines}");
     }
 }

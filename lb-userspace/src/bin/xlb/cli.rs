@@ -76,8 +76,18 @@ pub struct VipAddArgs {
     table_size: Option<u32>,
     /// Healthy share of the pool (0.0..=1.0) below which every weighted backend takes traffic
     /// [default: 0.5].
-    #[arg(long, value_name = "F")]
+    #[arg(long, value_name = "F", value_parser = share_arg)]
     panic_threshold: Option<f64>,
+}
+
+/// `--panic-threshold`: a share 0.0..=1.0, checked here because JSON has no NaN or infinity
+/// (serde writes them as `null`, which the agent would read as "the default").
+fn share_arg(s: &str) -> Result<f64, String> {
+    let value: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    match lb_userspace::config::rules::share(value) {
+        Some(v) => Err(v.message),
+        None => Ok(value),
+    }
 }
 
 /// `--protocol` values.
@@ -664,6 +674,14 @@ impl<T: ValueEnum> ValueName for T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panic_threshold_that_json_cannot_carry_is_a_usage_error() {
+        assert_eq!(share_arg("0.25"), Ok(0.25));
+        for bad in ["NaN", "inf", "-inf", "1.5", "-0.1"] {
+            assert!(share_arg(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn tables_align_and_right_align_numbers() {

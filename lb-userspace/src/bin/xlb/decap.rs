@@ -41,7 +41,7 @@ const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/xlb-decap";
 #[derive(Debug, Args)]
 struct AttachArgs {
     /// Network interface to attach the decapsulator to.
-    #[arg(long, short = 'i')]
+    #[arg(long, short = 'i', value_parser = interface_name)]
     interface: String,
     /// Tunnel address to accept (repeatable). Default: every address of the interface except
     /// IPv6 link-local ones.
@@ -59,11 +59,17 @@ struct AttachArgs {
 #[derive(Debug, Args)]
 struct DetachArgs {
     /// Network interface to detach from.
-    #[arg(long, short = 'i')]
+    #[arg(long, short = 'i', value_parser = interface_name)]
     interface: String,
     /// bpffs directory given to `xlb decap attach`.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS_DIR)]
     bpffs_dir: PathBuf,
+}
+
+/// `--interface`: a Linux interface name. It also names the pin directory, so "..", "" or a
+/// name with '/' would point outside it (`detach -i ../xlb` would remove the agent's pins).
+fn interface_name(s: &str) -> Result<String, String> {
+    lb_userspace::config::rules::interface(s).map_err(|v| v.message)
 }
 
 /// Runs `xlb decap attach|detach|run`.
@@ -107,7 +113,10 @@ fn attach(args: &AttachArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `xlb decap detach`: remove the pinned link, which detaches the program.
+/// `xlb decap detach`: remove the pinned link, which detaches the program. Only a directory
+/// that `attach` made is removed: one holding nothing but an XDP link of this network
+/// namespace (a mistaken `--bpffs-dir` must not take the balancer's pins, or another
+/// namespace's decapsulator, with it).
 fn detach(args: &DetachArgs) -> anyhow::Result<()> {
     let dir = pin_dir(&args.bpffs_dir, &args.interface);
     let link = dir.join("link");
@@ -117,6 +126,36 @@ fn detach(args: &DetachArgs) -> anyhow::Result<()> {
         args.interface,
         link.display()
     );
+    let others: Vec<String> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "link")
+        .collect();
+    anyhow::ensure!(
+        others.is_empty(),
+        "{} holds more than a decapsulator's link ({}); it is not what `xlb decap attach` \
+         pins, so it is left alone (check --bpffs-dir)",
+        dir.display(),
+        others.join(", ")
+    );
+    let facts = lb_userspace::pins::link_facts(&link)
+        .with_context(|| format!("reading {}", link.display()))?
+        .with_context(|| {
+            format!(
+                "{} is not an XDP link; it is not what `xlb decap attach` pins, so it is left \
+                 alone",
+                link.display()
+            )
+        })?;
+    if facts.place()? == lb_userspace::pins::LinkPlace::Elsewhere {
+        anyhow::bail!(
+            "the decapsulator pinned at {} is attached in another network namespace (interface \
+             index {} there); run the detach in that namespace",
+            link.display(),
+            facts.ifindex
+        );
+    }
     lb_userspace::pins::PinDir::new(&dir)
         .remove_all()
         .with_context(|| format!("removing {}", dir.display()))?;

@@ -70,6 +70,21 @@ fn main() -> ExitCode {
         LogFormatArg::Json => lb_userspace::logging::LogFormat::Json,
     });
     let socket = cli.socket.as_path();
+    if matches!(
+        cli.command,
+        Commands::Check(_)
+            | Commands::Vip(_)
+            | Commands::Backend(_)
+            | Commands::Reload
+            | Commands::Status(_)
+            | Commands::Stats(_)
+    ) {
+        // Printing commands end quietly when their reader goes away (`xlb status | head`), as
+        // other command-line tools do, instead of panicking on the broken pipe. Not for the
+        // agent and the decapsulator: a client that hangs up must never stop them.
+        // SAFETY: restores the default disposition of one signal, before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let result = match cli.command {
         Commands::Agent(args) => agent::run(args),
         Commands::Decap(args) => decap::run(args),

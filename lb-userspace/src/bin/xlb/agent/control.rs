@@ -8,7 +8,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
 use lb_common::{counters::Counter, types::Stats};
 use lb_userspace::{
     admin::{
@@ -87,9 +86,16 @@ impl Control {
         for line in &rebased.dropped {
             tracing::warn!(state = %path.display(), "{line}");
         }
-        if rebased.overlay != stored {
-            runtime::save(&path, &rebased.overlay)
-                .context("keeping the run-time changes that still apply")?;
+        if rebased.overlay != stored
+            && let Err(e) = runtime::save(&path, &rebased.overlay)
+        {
+            // The entries that no longer apply are dropped again at every start (the fit is
+            // the same each time), so a full or read-only state directory must not keep the
+            // agent from starting; a run-time change is refused until it can be written.
+            tracing::warn!(
+                "keeping only the run-time changes that still apply: {e}; the file keeps the \
+                 dropped entries until it can be written"
+            );
         }
         if !rebased.overlay.is_empty() {
             tracing::info!(
@@ -544,5 +550,62 @@ pub(super) fn reloaded(cfg: &Config, dropped: Vec<String>) -> ReloadResult {
         vips: cfg.vips.len(),
         backends: cfg.backend_count(),
         dropped,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run-time state file with an entry that no longer applies is rewritten at start; when
+    /// the state directory cannot be written (full, read-only; here the temporary file's name
+    /// is taken by a directory) the agent still starts, with the entries that apply, as the
+    /// README promises ("never failing the start"). It used to stop with the write error.
+    #[test]
+    fn an_unwritable_state_dir_does_not_stop_the_start() {
+        let dir = std::env::temp_dir().join(format!("xlb-control-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state_dir = dir.join("state");
+        std::fs::create_dir_all(state_dir.join(".runtime.json.tmp")).unwrap();
+        let text = format!(
+            "[agent]\ninterface = \"eth0\"\nencap_source_v4 = \"10.255.0.1\"\nstate_dir = \"{}\"\n\n\
+             [[vip]]\nname = \"web\"\n\
+             address = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\n\n[[vip.backend]]\n\
+             address = \"10.0.0.1\"\n\n[[vip.backend]]\naddress = \"10.0.0.2\"\n",
+            state_dir.display()
+        );
+        let file = lb_userspace::config::parse("xlb.toml", &text).expect("valid");
+        let stored = Overlay {
+            drained: [
+                BackendRef {
+                    vip: "web".into(),
+                    address: "10.0.0.2".parse().unwrap(),
+                },
+                BackendRef {
+                    vip: "gone".into(),
+                    address: "10.0.0.9".parse().unwrap(),
+                },
+            ]
+            .into(),
+            ..Overlay::default()
+        };
+        let path = runtime::state_path(&state_dir);
+        std::fs::write(
+            &path,
+            serde_json::json!({ "version": runtime::STATE_VERSION, "changes": stored }).to_string(),
+        )
+        .unwrap();
+        assert!(runtime::save(&path, &stored).is_err(), "the premise");
+
+        let result = Control::load(Some(Path::new("xlb.toml")), Some(file));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (control, effective) = result.expect("the agent starts");
+        let effective = effective.expect("a configuration");
+        assert_eq!(
+            control.overlay.drained.len(),
+            1,
+            "the drain that applies is kept"
+        );
+        assert_eq!(effective.vips[0].backends[1].weight, 0, "and in force");
     }
 }
