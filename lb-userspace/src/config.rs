@@ -1867,6 +1867,12 @@ fn validate_vip(cx: &mut Ctx<'_>, vip: &mut VipDraft) {
         }
     }
 
+    if let Some(address) = vip.address.loc()
+        && let Some(v) = rules::vip_scope(address.value)
+    {
+        cx.violation(v, &address.span, &address.key);
+    }
+
     let addresses = vip.backends.iter().map(|b| b.address.value().copied());
     for (i, first_index) in rules::first_duplicates(addresses) {
         if let Some(address) = vip.backends[i].address.loc() {
@@ -3477,6 +3483,35 @@ mode = "l7"
         assert!(
             over.starts_with(&format!("xlb.toml:{line}: vip[0].backend[{limit}]")),
             "{over}"
+        );
+    }
+
+    #[test]
+    fn vips_on_loopback_or_link_local_addresses_are_refused() {
+        for (vip, backend) in [
+            ("127.0.0.1", "10.0.0.1"),
+            ("127.9.9.9", "10.0.0.1"),
+            ("169.254.1.1", "10.0.0.1"),
+            ("::1", "2001:db8::1"),
+            ("fe80::1", "2001:db8::1"),
+            ("febf::1", "2001:db8::1"),
+        ] {
+            let all = errors(&one_vip("web", vip, backend));
+            assert!(
+                all.iter()
+                    .any(|e| e.starts_with("xlb.toml:7: vip[0].address: ")
+                        && e.contains("never reaches the balancer")),
+                "{vip}: {all:?}"
+            );
+        }
+        ok(&one_vip("web", "fec0::10", "2001:db8::1"));
+        let mut cfg = ok(&one_vip("web", "192.0.2.10", "10.0.0.1"));
+        cfg.vips[0].address = "127.0.0.1".parse().unwrap();
+        assert!(
+            rules::check(&cfg)
+                .iter()
+                .any(|e| e.contains("never reaches the balancer")),
+            "run-time changes are held to the same rule"
         );
     }
 }

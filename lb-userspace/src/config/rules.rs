@@ -133,6 +133,25 @@ pub fn l7_port(mode: VipMode, port: u16) -> Option<Violation> {
     })
 }
 
+/// A VIP on a loopback or link-local address: routers never forward traffic for it to the
+/// balancer, so it would never match a packet.
+pub fn vip_scope(vip: IpAddr) -> Option<Violation> {
+    let what = match vip {
+        IpAddr::V4(a) if a.is_loopback() => "a loopback address",
+        IpAddr::V4(a) if a.is_link_local() => "a link-local address",
+        IpAddr::V6(a) if a.is_loopback() => "the loopback address",
+        IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80 => "a link-local address",
+        _ => return None,
+    };
+    Some(Violation::new(
+        ConfigErrorKind::InvalidValue,
+        format!(
+            "{vip} is {what}, which never reaches the balancer from the network; expected a \
+             routable address for the service"
+        ),
+    ))
+}
+
 /// A backend cannot be the VIP itself: its packets would come straight back to the balancer
 /// (or, for l7, the gateway would proxy to itself).
 pub fn backend_is_vip(vip: IpAddr, backend: IpAddr) -> Option<Violation> {
@@ -365,6 +384,7 @@ pub fn check(cfg: &Config) -> Vec<String> {
         };
         say(&at, name(&vip.name).err());
         say(&at, address(vip.address));
+        say(&at, vip_scope(vip.address));
         let size_ok = TABLE_SIZE_RANGE.contains(&vip.table_size);
         say(
             &format!("{at}: table_size"),
