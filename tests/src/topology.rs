@@ -530,3 +530,23 @@ impl Topology {
             .unwrap_or_else(|e| panic!("cannot run xlb {args:?} in {}: {e}", self.lb.ns.name()))
     }
 }
+
+/// Runs the `xlb` CLI in `ns` against the admin socket `socket`: its exit code, stdout and
+/// stderr, echoed (indented) so a failing test shows what the CLI said.
+pub fn run_cli(ns: &Netns, xlb: &Path, socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = ns
+        .command(xlb.to_str().expect("utf-8 path"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("running the xlb CLI");
+    let code = out.status.code().expect("the CLI exited");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    eprintln!("    $ xlb {} -> {code}\n{stdout}{stderr}", args.join(" "));
+    (code, stdout, stderr)
+}

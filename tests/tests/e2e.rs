@@ -21,7 +21,7 @@ use std::{
 use xlb_tests::{
     netns::{Netns, in_netns, spawn_in_netns},
     servers::{Nginx, UdpEcho, curl},
-    topology::{Daemon, Host, Options, Topology, VIP_V4, VIP_V6},
+    topology::{Daemon, Host, Options, Topology, VIP_V4, VIP_V6, run_cli},
 };
 
 /// The `xlb` binary under test: `$XLB_BIN`, else the workspace's debug build.
@@ -168,22 +168,7 @@ fn start_agent(t: &Topology, xlb: &Path, file: &Path) -> Daemon {
 
 /// The run-time CLI against the topology's agent: exit code, stdout, stderr.
 fn cli(t: &Topology, xlb: &Path, args: &[&str]) -> (i32, String, String) {
-    let out =
-        t.lb.ns
-            .command(xlb.to_str().expect("utf-8 path"))
-            .arg("--socket")
-            .arg(t.admin_socket())
-            .args(args)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("running the xlb CLI");
-    let code = out.status.code().expect("the CLI exited");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    eprintln!("    $ xlb {} -> {code}\n{stdout}{stderr}", args.join(" "));
-    (code, stdout, stderr)
+    run_cli(&t.lb.ns, xlb, &t.admin_socket(), args)
 }
 
 /// Runs the CLI, expects exit 0, returns stdout.

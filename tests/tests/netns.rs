@@ -12,7 +12,7 @@ use std::{
 use xlb_tests::{
     frames,
     netns::{AgentDirs, Netns, in_netns, spawn_in_netns, sweep_stale, veth_pair},
-    topology::{Daemon, Options, Topology},
+    topology::{Daemon, Options, Topology, run_cli},
 };
 
 /// The `xlb` binary under test: `$XLB_BIN`, else the workspace's debug build.
@@ -997,21 +997,7 @@ fn maps_of_another_layout_are_replaced_without_detaching() {
 /// The run-time CLI against the real agent: `xlb` run in the xlb host's namespace with
 /// `--socket`, its exit code, stdout and stderr.
 fn xlb_cli(ns: &Netns, socket: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    let out = ns
-        .command(xlb_bin().to_str().unwrap())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run the xlb CLI");
-    let code = out.status.code().expect("the CLI exited");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    eprintln!("    $ xlb {} -> {code}\n{stdout}{stderr}", args.join(" "));
-    (code, stdout, stderr)
+    run_cli(ns, &xlb_bin(), socket, args)
 }
 
 /// Runs the CLI, expects exit 0, and parses its stdout as JSON.
