@@ -136,6 +136,20 @@ counters! {
     FragTracked = 40, "frag_tracked";
     /// Later fragments forwarded to the backend of their first fragment.
     FragForwarded = 41, "frag_forwarded";
+    /// Cross-region: tunnel packets to one of this balancer's region tunnel addresses whose
+    /// inner packet was stripped and balanced to this region's backends.
+    RegionDecap = 42, "region_decap";
+    /// Cross-region: capacity probes from another region's agent (inner destination: this
+    /// tunnel address), stripped and passed to the agent.
+    RegionProbePassed = 43, "region_probe_passed";
+    /// Cross-region: tunnel packets to a region tunnel address whose inner packet is neither
+    /// for a VIP nor a probe, or is malformed. Dropped.
+    DropRegionNotVip = 44, "drop_region_not_vip";
+    /// New flows of a VIP sent to another region's xlb host.
+    RegionForwarded = 45, "region_forwarded";
+    /// New flows of a VIP whose every region is down, sent to the last resort (this host's
+    /// backends, all of them, as in panic).
+    RegionLastResort = 46, "region_last_resort";
 }
 
 const _: () = assert!(Counter::ALL.len() as u32 <= MAX_COUNTERS);

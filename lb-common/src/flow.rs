@@ -42,6 +42,15 @@ pub fn flow_hash(key: &FlowKey) -> u32 {
     fmix(h ^ 40)
 }
 
+/// Where a flow falls in its VIP's region split (`0..REGION_SCALE`), from its flow hash.
+/// Independent of the Maglev slot (`hash % table_size`), so the flows a region takes are a
+/// fair sample of every slot; stable per flow, so a growing spill moves only the flows in the
+/// added range.
+#[inline(always)]
+pub fn region_point(hash: u32) -> u32 {
+    fmix(hash ^ 0x9e37_79b9) >> 16
+}
+
 /// MurmurHash3's finaliser: every input bit affects every output bit.
 #[inline(always)]
 fn fmix(mut h: u32) -> u32 {

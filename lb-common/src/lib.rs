@@ -43,6 +43,9 @@ pub mod maps {
     pub const FRAGS: &str = "XLB_FRAGS";
     /// Decapsulator: hash set of [`crate::types::LocalAddr`] it strips tunnels for.
     pub const DECAP_ADDRS: &str = "XLB_DECAP_ADDRS";
+    /// This balancer's region tunnel addresses: other regions' xlb hosts send failed-over
+    /// flows (and capacity probes) there.
+    pub const REGION_ADDRS: &str = "XLB_REGION_ADDRS";
 }
 
 /// Names of the programs in the balancer object.

@@ -64,6 +64,9 @@ pub struct VipKey {
 pub const VIP_F_L7: u32 = 1 << 0;
 /// VIP flag: L2 direct server return (rewrite the destination MAC only, no encapsulation).
 pub const VIP_F_DSR_L2: u32 = 1 << 1;
+/// VIP flag: every region of the VIP is down and its new flows go to the last resort (the
+/// local table in panic). The data path counts such flows (`region_last_resort`).
+pub const VIP_F_LAST_RESORT: u32 = 1 << 2;
 
 /// What the data path needs to know about a VIP.
 #[repr(C)]
@@ -80,13 +83,31 @@ pub struct VipMeta {
     /// Incarnation of `vip_id`: bumped whenever the id is given to a VIP anew, so
     /// connection-table entries of an earlier VIP with the same id are recognised as stale.
     pub generation: u32,
-    /// Explicit padding (always zero).
-    pub _pad: u32,
+    /// Number of region levels in `region_upto` / `region_backend` (0..=[`MAX_VIP_REGIONS`]);
+    /// 0: the VIP has no regions and every new flow is chosen from its table.
+    pub region_count: u32,
     /// A digest of the table's contents, written by the agent and never read by the data
     /// path: an agent that adopts pinned maps after a restart learns from it whether a VIP's
     /// table already holds what it would build, without reading the table back.
     pub table_digest: u64,
+    /// Region split of new flows, in priority order: level `i` takes the flows whose
+    /// [`crate::flow::region_point`] is below `region_upto[i]` (and not below level `i - 1`'s
+    /// bound), out of [`REGION_SCALE`]. Bounds never decrease; the last used one is
+    /// `REGION_SCALE`. Kept in the VIP entry, so a new split and the table it goes with are
+    /// seen together (one hash-map update).
+    pub region_upto: [u32; MAX_VIP_REGIONS],
+    /// Per level: [`REGION_LOCAL`] (this host's own region: the VIP's Maglev table) or the id
+    /// of the backend entry that stands for a remote region (its xlb host's tunnel address,
+    /// flagged [`BACKEND_F_REGION`]).
+    pub region_backend: [u32; MAX_VIP_REGIONS],
 }
+
+/// Most region levels one VIP lists.
+pub const MAX_VIP_REGIONS: usize = 4;
+/// The region split's scale: a flow's region point is in `0..REGION_SCALE`.
+pub const REGION_SCALE: u32 = 1 << 16;
+/// `VipMeta::region_backend` value for this host's own region (choose from the Maglev table).
+pub const REGION_LOCAL: u32 = u32::MAX;
 
 /// VIP state flag: the VIP id is in use.
 pub const VIP_S_ACTIVE: u32 = 1 << 31;
@@ -110,6 +131,11 @@ pub const VIP_BLOOM_WORDS: u32 = VIP_BLOOM_BITS / 64;
 /// Backend flag: the backend passes its health checks and may receive traffic, including
 /// established flows. When clear, established flows are re-selected.
 pub const BACKEND_F_UP: u8 = 1 << 0;
+/// Backend flag: the entry stands for a remote region (the address is that region's xlb host):
+/// always encapsulated, whatever the VIP's mode, and never chosen for a packet that itself
+/// came from another region (one cross-region hop at most, so two regions failed over to each
+/// other cannot bounce a packet between them).
+pub const BACKEND_F_REGION: u8 = 1 << 1;
 
 /// A backend (real server), indexed by its id.
 #[repr(C)]
@@ -245,7 +271,8 @@ pub struct FragValue {
 /// Entries of the fragment table (shared by all CPUs, LRU).
 pub const FRAG_ENTRIES: u32 = 65536;
 
-/// Most local tunnel addresses one decapsulator accepts.
+/// Most local tunnel addresses one decapsulator accepts (and one balancer accepts
+/// cross-region traffic on).
 pub const MAX_LOCAL_ADDRS: u32 = 64;
 
 /// Traffic counters of one VIP or backend on one CPU.
@@ -290,7 +317,7 @@ mod pod {
 
 const _: () = {
     assert!(core::mem::size_of::<VipKey>() == 20);
-    assert!(core::mem::size_of::<VipMeta>() == 32);
+    assert!(core::mem::size_of::<VipMeta>() == 64);
     assert!(core::mem::size_of::<VipState>() == 8);
     assert!(core::mem::size_of::<Backend>() == 32);
     assert!(core::mem::size_of::<FlowKey>() == 40);

@@ -217,8 +217,8 @@ impl Balancer {
             table_index,
             table_size: size,
             generation,
-            _pad: 0,
             table_digest: crate::maglev::table_digest(table),
+            ..VipMeta::default()
         };
         let name = names::VIPS;
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =

@@ -40,8 +40,8 @@ use thiserror::Error;
 /// Version of the pinned maps' layout. Bump it whenever a map's key or value changes meaning
 /// (even at the same size) or the Maglev tables' flags change (the outer map only accepts
 /// tables like its template): an agent never adopts maps of another layout version.
-/// 2: mmapable Maglev tables.
-pub const LAYOUT_VERSION: u32 = 2;
+/// 2: mmapable Maglev tables. 3: region split in `VipMeta` (64 bytes), `XLB_REGION_ADDRS`.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// `statfs` magic number of bpffs.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
