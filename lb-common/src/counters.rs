@@ -136,8 +136,9 @@ counters! {
     FragTracked = 40, "frag_tracked";
     /// Later fragments forwarded to the backend of their first fragment.
     FragForwarded = 41, "frag_forwarded";
-    /// Cross-region: tunnel packets to one of this balancer's region tunnel addresses whose
-    /// inner packet was stripped and balanced to this region's backends.
+    /// Cross-region: tunnel packets to one of this balancer's region tunnel addresses stripped
+    /// to be balanced to this region's backends as if they had arrived directly (an inner
+    /// packet for no VIP is then dropped and also counted in `drop_region_not_vip`).
     RegionDecap = 42, "region_decap";
     /// Cross-region: capacity probes from another region's agent (inner destination: this
     /// tunnel address), stripped and passed to the agent.

@@ -19,20 +19,20 @@ mod log;
 )]
 mod parse;
 mod reader;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::xdp_action,
     btf_maps::HashMap,
-    helpers::generated::bpf_xdp_adjust_head,
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
 use lb_common::{
     counters::Counter,
-    types::{FAMILY_V4, LocalAddr, MAX_LOCAL_ADDRS, proto},
+    types::{FAMILY_V4, LocalAddr, MAX_LOCAL_ADDRS},
 };
 
-use crate::{l2::L2, reader::PacketReader};
+use crate::reader::PacketReader;
 
 /// The addresses this host accepts tunnel packets for (written by `xlb decap`).
 #[btf_map]
@@ -67,60 +67,23 @@ fn decap(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     let pkt: &parse::Packet = pkt;
-    let inner_v4 = match pkt.key.proto {
-        proto::IPIP => true,
-        proto::IPV6 => false,
-        _ => {
-            counters::add(Counter::DecapPassthrough, 1);
-            return xdp_action::XDP_PASS;
-        }
-    };
-    if pkt.later_fragment {
-        // A fragmented tunnel packet: the stack reassembles it (no inner header to check here).
+    if !tunnel::is_tunnel(pkt) {
+        // Not a tunnel packet, or a fragment of one (the stack reassembles it; there is no
+        // inner header to check here).
         counters::add(Counter::DecapPassthrough, 1);
         return xdp_action::XDP_PASS;
     }
-    let local = LocalAddr {
-        addr: pkt.key.dst,
-        family: pkt.key.family,
-        _pad: [0; 3],
-    };
     // SAFETY: only presence is checked; the value is not read.
-    if unsafe { XLB_DECAP_ADDRS.get(local) }.is_none() {
+    if unsafe { XLB_DECAP_ADDRS.get(tunnel::destination(pkt)) }.is_none() {
         counters::add(Counter::DecapNotLocal, 1);
         return xdp_action::XDP_PASS;
     }
-    let inner = pkt.l4();
-    let outer_end = pkt.l3() + pkt.ip_len();
-    let inner_min = if inner_v4 { 20 } else { 40 };
-    // A 20-byte read (the smallest inner header) rather than one byte: LLVM turns a one-byte
-    // bounds check into a form the verifier does not track.
-    let version_ok = inner + inner_min <= outer_end
-        && match reader.read::<[u8; 20]>(inner) {
-            Some(h) => (h[0] >> 4) == if inner_v4 { 4 } else { 6 },
-            None => false,
-        };
-    if !version_ok {
+    let Some(inner) = tunnel::inner(&reader, pkt) else {
         counters::add(Counter::DecapMalformed, 1);
         return xdp_action::XDP_DROP;
-    }
-
-    // Keep the MACs and VLAN tags; they move forward by the outer header's length.
-    let Some(l2) = L2::save(&reader, pkt.vlans()) else {
-        return xdp_action::XDP_ABORTED;
     };
-    let strip = inner - pkt.l3();
-    // SAFETY: the helper only moves `data`; all later accesses re-derive bounds from `ctx`.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx, strip as i32) } != 0 {
-        counters::add(Counter::DropAdjustFailed, 1);
+    if !tunnel::strip(ctx, &reader, pkt, &inner) {
         return xdp_action::XDP_DROP;
-    }
-    let ether_type: u16 = if inner_v4 { 0x0800 } else { 0x86dd };
-    if l2
-        .write(&PacketReader::new(ctx), l2.dst, l2.src, ether_type)
-        .is_none()
-    {
-        return xdp_action::XDP_ABORTED;
     }
     counters::add(
         if pkt.key.family == FAMILY_V4 {

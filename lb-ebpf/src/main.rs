@@ -19,15 +19,19 @@ mod maps;
 mod parse;
 mod reader;
 mod select;
+mod tunnel;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
     counters::Counter,
     flow::flow_hash,
-    types::{Backend, LbConfig, VIP_F_DSR_L2, VIP_F_L7, VipMeta, proto},
+    types::{BACKEND_F_REGION, Backend, LbConfig, VIP_F_DSR_L2, VIP_F_L7, VipMeta, proto},
 };
 
-use crate::{maps::XLB_CONFIG, parse::Stop};
+use crate::{
+    maps::{XLB_CONFIG, XLB_REGION_ADDRS},
+    parse::Stop,
+};
 
 /// The balancer: VIP traffic is sent to a backend chosen by the connection table or Maglev
 /// (encapsulated, or by L2 DSR); everything else goes to the host stack untouched.
@@ -47,7 +51,7 @@ pub fn xlb_balancer(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn balance(ctx: &XdpContext) -> u32 {
-    let reader = reader::PacketReader::new(ctx);
+    let mut reader = reader::PacketReader::new(ctx);
     let frame_len = reader.len() as u64;
     counters::add(Counter::RxPackets, 1);
     counters::add(Counter::RxBytes, frame_len);
@@ -63,6 +67,35 @@ fn balance(ctx: &XdpContext) -> u32 {
         return xdp_action::XDP_ABORTED;
     };
 
+    // A flow another region's xlb host failed over to this one (or that host's capacity
+    // probe) arrives in a tunnel to one of this host's region addresses: the outer header goes,
+    // and the inner packet is balanced as if it had arrived directly, except that it may not
+    // leave for yet another region.
+    let mut from_region = false;
+    // SAFETY: only presence is checked; the value is not read.
+    if tunnel::is_tunnel(pkt) && unsafe { XLB_REGION_ADDRS.get(tunnel::destination(pkt)) }.is_some()
+    {
+        let Some(inner) = tunnel::inner(&reader, pkt) else {
+            counters::add(Counter::DropRegionNotVip, 1);
+            return xdp_action::XDP_DROP;
+        };
+        if !tunnel::strip(ctx, &reader, pkt, &inner) {
+            return xdp_action::XDP_DROP;
+        }
+        if inner.to_outer_dst {
+            counters::add(Counter::RegionProbePassed, 1);
+            return xdp_action::XDP_PASS;
+        }
+        reader = reader::PacketReader::new(ctx);
+        match parse::parse(ctx, &reader, pkt) {
+            Ok(()) => {}
+            Err(Stop::Pass) => return not_vip(true),
+            Err(Stop::Drop) => return xdp_action::XDP_DROP,
+        }
+        counters::add(Counter::RegionDecap, 1);
+        from_region = true;
+    }
+
     // A later fragment follows its first fragment's record even if its address has lost its
     // VIPs since: the datagram is completed where it started.
     if pkt.later_fragment {
@@ -73,14 +106,13 @@ fn balance(ctx: &XdpContext) -> u32 {
     // one array lookup; the rest by one hash lookup on the address (no ports needed, so it
     // also covers ICMP and later fragments).
     if !select::maybe_vip_address(&pkt.key) {
-        counters::add(Counter::PassNotVip, 1);
-        return xdp_action::XDP_PASS;
+        return not_vip(from_region);
     }
     // Established TCP / UDP flows go straight from the connection table to their backend.
     let p = pkt.key.proto;
     if !pkt.fragmented
         && (p == proto::UDP || (p == proto::TCP && !select::opens_connection(pkt)))
-        && let Some(est) = select::established(&pkt.key)
+        && let Some(est) = select::established(&pkt.key, from_region)
     {
         select::account(est.vip_id, est.backend_id, frame_len);
         return send(ctx, &reader, pkt, cfg, est.vip_flags, est.backend, est.hash);
@@ -90,15 +122,11 @@ fn balance(ctx: &XdpContext) -> u32 {
     let is_icmp = pkt.is_icmp();
     let icmp_error = if is_icmp && !pkt.fragmented {
         if select::vip_address_flags(&pkt.key) == 0 {
-            counters::add(Counter::PassNotVip, 1);
-            return xdp_action::XDP_PASS;
+            return not_vip(from_region);
         }
         match icmp::classify(&reader, pkt) {
             icmp::IcmpAction::EchoReply => return icmp::echo_reply(ctx, pkt, &cfg.lb_mac),
-            icmp::IcmpAction::Pass => {
-                counters::add(Counter::PassNotVip, 1);
-                return xdp_action::XDP_PASS;
-            }
+            icmp::IcmpAction::Pass => return not_vip(from_region),
             icmp::IcmpAction::Drop => return xdp_action::XDP_DROP,
             icmp::IcmpAction::Forward => true,
         }
@@ -113,15 +141,14 @@ fn balance(ctx: &XdpContext) -> u32 {
     };
 
     let Some(vip) = select::lookup_vip(flow) else {
-        counters::add(Counter::PassNotVip, 1);
-        return xdp_action::XDP_PASS;
+        return not_vip(from_region);
     };
     if vip.flags & VIP_F_L7 != 0 {
         counters::add(Counter::PassL7, 1);
         return xdp_action::XDP_PASS;
     }
     // ICMP errors must not create connection-table entries.
-    let Some(chosen) = select::select(ctx, flow, &vip, syn, !icmp_error) else {
+    let Some(chosen) = select::select(ctx, flow, &vip, syn, !icmp_error, from_region) else {
         return xdp_action::XDP_DROP;
     };
     let hash = if pkt.fragmented {
@@ -134,6 +161,19 @@ fn balance(ctx: &XdpContext) -> u32 {
     }
     select::account(vip.vip_id, chosen.id, frame_len);
     send(ctx, &reader, pkt, cfg, vip.flags, chosen.backend, hash)
+}
+
+/// A packet for no VIP: the host stack's, unless it came through another region's tunnel
+/// (nothing but VIP flows and probes may arrive that way; the rest is dropped, counted).
+#[inline(always)]
+fn not_vip(from_region: bool) -> u32 {
+    if from_region {
+        counters::add(Counter::DropRegionNotVip, 1);
+        xdp_action::XDP_DROP
+    } else {
+        counters::add(Counter::PassNotVip, 1);
+        xdp_action::XDP_PASS
+    }
 }
 
 /// A fragment without ports follows its datagram's first fragment, or is passed or dropped.
@@ -163,7 +203,8 @@ fn later_fragment(ctx: &XdpContext, pkt: &parse::Packet, cfg: &LbConfig) -> u32 
     }
 }
 
-/// Sends the packet to `backend` the VIP's way: L2 DSR or encapsulation.
+/// Sends the packet to `backend` the VIP's way: L2 DSR or encapsulation. A remote region's xlb
+/// host is always reached by encapsulation.
 #[inline(always)]
 fn send(
     ctx: &XdpContext,
@@ -174,7 +215,7 @@ fn send(
     backend: &Backend,
     hash: u32,
 ) -> u32 {
-    if vip_flags & VIP_F_DSR_L2 != 0 {
+    if vip_flags & VIP_F_DSR_L2 != 0 && backend.flags & BACKEND_F_REGION == 0 {
         return forward::l2_dsr(reader, cfg, backend);
     }
     forward::encapsulate(ctx, pkt, cfg, backend, hash)

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use lb_common::types::{
     BPF_F_NO_COMMON_LRU, Backend, DEFAULT_FLOW_ENTRIES, FRAG_ENTRIES, FlowKey, FlowValue, FragKey,
-    FragValue, LbConfig, LocalAddr, MAX_BACKENDS, MAX_TABLES, MAX_VIP_ADDRS, MAX_VIPS, Stats,
-    TABLE_FLAGS, TABLE_TEMPLATE_SIZE, VIP_BLOOM_WORDS, VipKey, VipMeta, VipState,
+    FragValue, LbConfig, LocalAddr, MAX_BACKENDS, MAX_LOCAL_ADDRS, MAX_TABLES, MAX_VIP_ADDRS,
+    MAX_VIPS, Stats, TABLE_FLAGS, TABLE_TEMPLATE_SIZE, VIP_BLOOM_WORDS, VipKey, VipMeta, VipState,
 };
 
 /// VIPs. A hash map, so the agent's update of a VIP (new table index and size together) is seen
@@ -70,3 +70,8 @@ pub static XLB_VIP_STATE: Array<VipState, { MAX_VIPS as usize }> = Array::new();
 /// array lookup, so ordinary host traffic skips every hash-map lookup.
 #[btf_map]
 pub static XLB_VIP_BLOOM: Array<u64, { VIP_BLOOM_WORDS as usize }> = Array::new();
+
+/// This balancer's region tunnel addresses: tunnel packets addressed to one of them come from
+/// another region's xlb host (failed-over flows, capacity probes) and are stripped here.
+#[btf_map]
+pub static XLB_REGION_ADDRS: HashMap<LocalAddr, u8, { MAX_LOCAL_ADDRS as usize }> = HashMap::new();

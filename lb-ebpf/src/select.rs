@@ -5,10 +5,11 @@ use aya_log_ebpf::warn;
 use lb_common::{
     LogSite,
     counters::Counter,
-    flow::flow_hash,
+    flow::{flow_hash, region_point},
     types::{
-        BACKEND_F_UP, Backend, FlowKey, FlowValue, LocalAddr, Stats, VIP_ADDR_F_ANY_PORT,
-        VIP_BLOOM_BITS, VIP_F_L7, VIP_S_ACTIVE, VipKey, VipMeta, proto,
+        BACKEND_F_REGION, BACKEND_F_UP, Backend, FlowKey, FlowValue, LocalAddr, MAX_VIP_REGIONS,
+        REGION_LOCAL, Stats, VIP_ADDR_F_ANY_PORT, VIP_BLOOM_BITS, VIP_F_L7, VIP_F_LAST_RESORT,
+        VIP_S_ACTIVE, VipKey, VipMeta, proto,
     },
 };
 
@@ -69,10 +70,23 @@ pub fn opens_connection(pkt: &Packet) -> bool {
     pkt.key.proto == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// The backend `id` unless it stands for a remote region and the packet itself came from
+/// another region (a flow crosses at most one region boundary).
+#[inline(always)]
+fn usable(id: u32, from_region: bool) -> Option<&'static Backend> {
+    let b = backend(id)?;
+    if from_region && b.flags & BACKEND_F_REGION != 0 {
+        return None;
+    }
+    Some(b)
+}
+
 /// Picks the backend for flow `key` of `vip`: the connection table first (unless `syn`, or the
-/// remembered backend is down), else the Maglev slot of the flow's hash, which is remembered
-/// when `remember` (data packets; not ICMP errors, which must not create state). `None` means
-/// no backend can take it (counted).
+/// remembered backend is down), else the VIP's region split (a remote region's xlb host, or
+/// this host's own region) and in this region the Maglev slot of the flow's hash. The choice
+/// is remembered when `remember` (data packets; not ICMP errors, which must not create state).
+/// A packet `from_region` (failed over to this host by another region) is never sent to a
+/// region again. `None` means no backend can take it (counted).
 #[inline(always)]
 pub fn select(
     ctx: &XdpContext,
@@ -80,12 +94,13 @@ pub fn select(
     vip: &VipMeta,
     syn: bool,
     remember: bool,
+    from_region: bool,
 ) -> Option<Selected> {
     if !syn {
         // SAFETY: the value is copied out immediately.
         if let Some(v) = unsafe { XLB_FLOWS.get(key) }.copied() {
             let id = v.backend_id;
-            if let Some(b) = backend(id) {
+            if let Some(b) = usable(id, from_region) {
                 counters::add(Counter::CtHit, 1);
                 if remember && (v.vip_id != vip.vip_id || v.generation != vip.generation) {
                     // Pinned under another VIP or an earlier generation (the VIP set changed):
@@ -111,11 +126,25 @@ pub fn select(
         counters::add(Counter::CtMiss, 1);
     }
 
+    let hash = flow_hash(key);
+    if !from_region
+        && vip.region_count != 0
+        && let Some(id) = remote_region(vip, hash)
+        && let Some(b) = backend(id)
+    {
+        // A remote region that went down since the agent's last split falls through to this
+        // region's table rather than dropping the flow.
+        if remember {
+            pin(key, vip, id, hash);
+        }
+        counters::add(Counter::RegionForwarded, 1);
+        return Some(Selected { id, backend: b });
+    }
     if vip.table_size == 0 {
         counters::add(Counter::DropNoBackend, 1);
         return None;
     }
-    let slot = flow_hash(key) % vip.table_size;
+    let slot = hash % vip.table_size;
     let Some(id) = XLB_MAGLEV.get_value(vip.table_index, &slot).copied() else {
         counters::add(Counter::DropNoTable, 1);
         if log::allowed(LogSite::MissingTable) {
@@ -131,19 +160,44 @@ pub fn select(
         return None;
     };
     if remember {
-        let _ = XLB_FLOWS.insert(
-            key,
-            FlowValue {
-                backend_id: id,
-                vip_id: vip.vip_id,
-                generation: vip.generation,
-                hash: flow_hash(key),
-            },
-            0,
-        );
-        bump_new_flow(vip.vip_id, id);
+        pin(key, vip, id, hash);
+        if vip.flags & VIP_F_LAST_RESORT != 0 {
+            counters::add(Counter::RegionLastResort, 1);
+        }
     }
     Some(Selected { id, backend: b })
+}
+
+/// The remote region's backend id the VIP's split gives a flow of this hash, or `None` for
+/// this host's own region.
+#[inline(always)]
+fn remote_region(vip: &VipMeta, hash: u32) -> Option<u32> {
+    let point = region_point(hash);
+    let mut i = 0;
+    while i < MAX_VIP_REGIONS {
+        if (i as u32) < vip.region_count && point < vip.region_upto[i] {
+            let id = vip.region_backend[i];
+            return if id == REGION_LOCAL { None } else { Some(id) };
+        }
+        i += 1;
+    }
+    None
+}
+
+/// Remembers a new flow's backend and counts it.
+#[inline(always)]
+fn pin(key: &FlowKey, vip: &VipMeta, id: u32, hash: u32) {
+    let _ = XLB_FLOWS.insert(
+        key,
+        FlowValue {
+            backend_id: id,
+            vip_id: vip.vip_id,
+            generation: vip.generation,
+            hash,
+        },
+        0,
+    );
+    bump_new_flow(vip.vip_id, id);
 }
 
 #[inline(always)]
@@ -191,18 +245,18 @@ pub struct Established {
 }
 
 /// The fast path for established flows: a connection-table hit whose VIP is still the one the
-/// flow was pinned under (id active, same generation, not L7) and whose backend is up.
-/// Anything else returns `None` and the packet takes the full path, which decides exactly as
-/// if this shortcut did not exist.
+/// flow was pinned under (id active, same generation, not L7) and whose backend is up (and not
+/// a remote region, for a packet `from_region`). Anything else returns `None` and the packet
+/// takes the full path, which decides exactly as if this shortcut did not exist.
 #[inline(always)]
-pub fn established(key: &FlowKey) -> Option<Established> {
+pub fn established(key: &FlowKey, from_region: bool) -> Option<Established> {
     // SAFETY: the value is copied out immediately.
     let v = unsafe { XLB_FLOWS.get(key) }.copied()?;
     let st = XLB_VIP_STATE.get(v.vip_id)?;
     if st.flags & VIP_S_ACTIVE == 0 || st.flags & VIP_F_L7 != 0 || st.generation != v.generation {
         return None;
     }
-    let b = backend(v.backend_id)?;
+    let b = usable(v.backend_id, from_region)?;
     counters::add(Counter::CtHit, 1);
     Some(Established {
         vip_id: v.vip_id,

@@ -15,8 +15,9 @@ use lb_common::{
     maps as names,
     types::{
         Backend, FlowKey, FlowValue, FragKey, FragValue, LbConfig, LocalAddr, MAX_BACKENDS,
-        MAX_VIPS, Stats, TABLE_FLAGS, VIP_ADDR_F_ANY_PORT, VIP_ADDR_F_L4, VIP_ADDR_F_L7,
-        VIP_BLOOM_BITS, VIP_BLOOM_WORDS, VIP_F_L7, VIP_S_ACTIVE, VipKey, VipMeta, VipState,
+        MAX_LOCAL_ADDRS, MAX_VIP_REGIONS, MAX_VIPS, REGION_LOCAL, REGION_SCALE, Stats, TABLE_FLAGS,
+        VIP_ADDR_F_ANY_PORT, VIP_ADDR_F_L4, VIP_ADDR_F_L7, VIP_BLOOM_BITS, VIP_BLOOM_WORDS,
+        VIP_F_L7, VIP_S_ACTIVE, VipKey, VipMeta, VipState,
     },
 };
 
@@ -91,6 +92,58 @@ fn create_table(table: &[u32]) -> std::io::Result<MapData> {
     MapData::from_fd(fd).map_err(|e| std::io::Error::other(e.to_string()))
 }
 
+/// A VIP's region split of new flows (see [`VipMeta::region_upto`]): level `i` takes the flows
+/// whose region point lies below `upto[i]` and not below `upto[i - 1]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RegionSplit {
+    /// Levels in use (0: no regions, every flow from the VIP's table).
+    pub count: u32,
+    /// Cumulative upper bounds, out of [`REGION_SCALE`].
+    pub upto: [u32; MAX_VIP_REGIONS],
+    /// [`REGION_LOCAL`] or a remote region's backend id, per level.
+    pub backend: [u32; MAX_VIP_REGIONS],
+}
+
+impl RegionSplit {
+    /// No regions: every new flow is chosen from the VIP's own table.
+    pub const NONE: RegionSplit = RegionSplit {
+        count: 0,
+        upto: [0; MAX_VIP_REGIONS],
+        backend: [0; MAX_VIP_REGIONS],
+    };
+
+    /// Refuses splits the data path could misread: too many levels, bounds that decrease or do
+    /// not end at [`REGION_SCALE`], backend ids out of range.
+    pub fn check(&self) -> Result<(), String> {
+        let n = self.count as usize;
+        if n > MAX_VIP_REGIONS {
+            return Err(format!("{n} region levels; at most {MAX_VIP_REGIONS}"));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let used = &self.upto[..n];
+        if used.windows(2).any(|w| w[0] > w[1]) || used[n - 1] != REGION_SCALE {
+            return Err(format!(
+                "region bounds {used:?} must not decrease and must end at {REGION_SCALE}"
+            ));
+        }
+        if let Some(bad) = self.backend[..n]
+            .iter()
+            .find(|&&id| id != REGION_LOCAL && (id == 0 || id >= MAX_BACKENDS))
+        {
+            return Err(format!("region backend id {bad} out of range"));
+        }
+        Ok(())
+    }
+
+    fn write(&self, meta: &mut VipMeta) {
+        meta.region_count = self.count;
+        meta.region_upto = self.upto;
+        meta.region_backend = self.backend;
+    }
+}
+
 /// Whether a map error says the key is not there. aya reports a failed lookup as
 /// [`MapError::KeyNotFound`] but a failed delete as the syscall's `ENOENT`; both mean the same.
 pub fn is_missing(e: &MapError) -> bool {
@@ -107,6 +160,31 @@ fn local(key: &VipKey) -> LocalAddr {
         addr: key.addr,
         family: key.family,
         _pad: [0; 3],
+    }
+}
+
+/// The local-address key of an IP address.
+fn local_addr(a: std::net::IpAddr) -> LocalAddr {
+    let mut out = LocalAddr::default();
+    match a {
+        std::net::IpAddr::V4(v4) => {
+            out.addr[..4].copy_from_slice(&v4.octets());
+            out.family = lb_common::types::FAMILY_V4;
+        }
+        std::net::IpAddr::V6(v6) => {
+            out.addr = v6.octets();
+            out.family = lb_common::types::FAMILY_V6;
+        }
+    }
+    out
+}
+
+/// The IP address of a local-address key.
+fn ip_of(a: &LocalAddr) -> std::net::IpAddr {
+    if a.family == lb_common::types::FAMILY_V4 {
+        std::net::IpAddr::from([a.addr[0], a.addr[1], a.addr[2], a.addr[3]])
+    } else {
+        std::net::IpAddr::from(a.addr)
     }
 }
 
@@ -150,15 +228,28 @@ impl Balancer {
         map.set(id, backend, 0).map_err(map_err(name))
     }
 
-    /// Publishes a VIP with a new Maglev table (backend ids, prime length). The table goes into
-    /// the VIP's spare outer-map slot first; then the VIP entry switches to it in one update.
-    /// Returns the VIP entry now live.
+    /// Publishes a VIP without regions: [`Balancer::publish_vip_split`] with
+    /// [`RegionSplit::NONE`].
     pub fn publish_vip(
         &mut self,
         key: &VipKey,
         vip_id: u32,
         flags: u32,
         table: &[u32],
+    ) -> Result<VipMeta, LoaderError> {
+        self.publish_vip_split(key, vip_id, flags, table, &RegionSplit::NONE)
+    }
+
+    /// Publishes a VIP with a new Maglev table (backend ids, prime length) and region split.
+    /// The table goes into the VIP's spare outer-map slot first; then the VIP entry switches to
+    /// it (and to the split) in one update. Returns the VIP entry now live.
+    pub fn publish_vip_split(
+        &mut self,
+        key: &VipKey,
+        vip_id: u32,
+        flags: u32,
+        table: &[u32],
+        split: &RegionSplit,
     ) -> Result<VipMeta, LoaderError> {
         if vip_id >= MAX_VIPS {
             return Err(LoaderError::OutOfRange {
@@ -185,6 +276,9 @@ impl Balancer {
                 reason: format!("slot holds backend id {bad}, beyond {}", MAX_BACKENDS - 1),
             });
         }
+        split
+            .check()
+            .map_err(|reason| LoaderError::BadTable { reason })?;
         let current = self.vip(key)?;
         let first = 2 * vip_id;
         let table_index = match current {
@@ -211,7 +305,7 @@ impl Balancer {
             Some(meta) if meta.vip_id == vip_id => meta.generation,
             _ => self.vip_state(vip_id)?.generation.wrapping_add(1),
         };
-        let meta = VipMeta {
+        let mut meta = VipMeta {
             vip_id,
             flags,
             table_index,
@@ -220,6 +314,7 @@ impl Balancer {
             table_digest: crate::maglev::table_digest(table),
             ..VipMeta::default()
         };
+        split.write(&mut meta);
         let name = names::VIPS;
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
@@ -248,6 +343,83 @@ impl Balancer {
         }
         self.refresh_vip_addr(key)?;
         Ok(meta)
+    }
+
+    /// Changes a live VIP's flags and region split, keeping its table (one hash-map update, no
+    /// table written): a region failing over or back costs no Maglev build. Returns the VIP
+    /// entry now live.
+    pub fn set_vip_split(
+        &mut self,
+        key: &VipKey,
+        flags: u32,
+        split: &RegionSplit,
+    ) -> Result<VipMeta, LoaderError> {
+        split
+            .check()
+            .map_err(|reason| LoaderError::BadTable { reason })?;
+        let Some(mut meta) = self.vip(key)? else {
+            return Err(LoaderError::BadTable {
+                reason: format!("no VIP {key:?} to change the region split of"),
+            });
+        };
+        meta.flags = flags;
+        split.write(&mut meta);
+        let name = names::VIPS;
+        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
+            HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
+        vips.insert(key, meta, 0).map_err(map_err(name))?;
+        self.set_vip_state(
+            meta.vip_id,
+            VipState {
+                flags: flags | VIP_S_ACTIVE,
+                generation: meta.generation,
+            },
+        )?;
+        Ok(meta)
+    }
+
+    /// Makes `addrs` this balancer's region tunnel addresses (tunnel packets to them are
+    /// stripped and balanced, or passed to the agent when they are capacity probes), removing
+    /// any other. At most [`MAX_LOCAL_ADDRS`].
+    pub fn set_region_addrs(&mut self, addrs: &[std::net::IpAddr]) -> Result<(), LoaderError> {
+        if addrs.len() > MAX_LOCAL_ADDRS as usize {
+            return Err(LoaderError::OutOfRange {
+                what: "region tunnel addresses",
+                value: addrs.len() as u32,
+                max: MAX_LOCAL_ADDRS,
+            });
+        }
+        let want: Vec<LocalAddr> = addrs.iter().map(|a| local_addr(*a)).collect();
+        let name = names::REGION_ADDRS;
+        let mut map: HashMap<&mut MapData, LocalAddr, u8> =
+            HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
+        // New addresses first, then stale ones out: an address kept in both sets never blinks.
+        for a in &want {
+            map.insert(a, 1, 0).map_err(map_err(name))?;
+        }
+        let have: Vec<LocalAddr> = map.keys().filter_map(Result::ok).collect();
+        for a in have.iter().filter(|a| !want.contains(a)) {
+            match map.remove(a) {
+                Ok(()) => {}
+                Err(e) if is_missing(&e) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// This balancer's region tunnel addresses, as the map holds them.
+    pub fn region_addrs(&self) -> Result<Vec<std::net::IpAddr>, LoaderError> {
+        let name = names::REGION_ADDRS;
+        let map: HashMap<&MapData, LocalAddr, u8> =
+            HashMap::try_from(self.map_checked(name)?).map_err(map_err(name))?;
+        let mut out: Vec<std::net::IpAddr> = map
+            .keys()
+            .filter_map(Result::ok)
+            .map(|a| ip_of(&a))
+            .collect();
+        out.sort();
+        Ok(out)
     }
 
     /// Gives a VIP a new generation: its pinned flows leave the fast path until the full path

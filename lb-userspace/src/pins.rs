@@ -31,8 +31,8 @@ use lb_common::{
     maps as names,
     types::{
         Backend, FRAG_ENTRIES, FlowKey, FlowValue, FragKey, FragValue, LbConfig, LocalAddr,
-        MAX_BACKENDS, MAX_TABLES, MAX_VIP_ADDRS, MAX_VIPS, Stats, VIP_BLOOM_WORDS, VipKey, VipMeta,
-        VipState,
+        MAX_BACKENDS, MAX_LOCAL_ADDRS, MAX_TABLES, MAX_VIP_ADDRS, MAX_VIPS, Stats, VIP_BLOOM_WORDS,
+        VipKey, VipMeta, VipState,
     },
 };
 use thiserror::Error;
@@ -178,6 +178,14 @@ fn expected(flow_entries: u32) -> Vec<Expected> {
             size_of::<FragKey>(),
             size_of::<FragValue>(),
             FRAG_ENTRIES,
+            false,
+        ),
+        e(
+            names::REGION_ADDRS,
+            MapType::Hash,
+            size_of::<LocalAddr>(),
+            1,
+            MAX_LOCAL_ADDRS,
             false,
         ),
         e(

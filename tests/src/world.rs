@@ -225,6 +225,7 @@ pub fn install(b: &mut Balancer) -> Installed {
 /// whose live entry differs from the recorded one republished with its world table.
 pub fn reset(b: &mut Balancer, installed: &mut Installed) {
     b.set_config(&config()).expect("config");
+    b.set_region_addrs(&[]).expect("region addresses");
     for be in BACKENDS {
         b.set_backend(be.id, &backend_entry(be)).expect("backend");
     }

@@ -138,6 +138,8 @@ const STEPS: &[Step] = &[
                 "differential",
                 "--test",
                 "reconcile",
+                "--test",
+                "region_fixtures",
             ]);
             c
         },
