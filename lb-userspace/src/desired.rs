@@ -7,7 +7,7 @@ use lb_common::types::{FAMILY_V4, FAMILY_V6, LbConfig, VIP_F_DSR_L2, VIP_F_L7, V
 
 use crate::{
     config::{Config, VipMode},
-    reconcile::{Desired, DesiredBackend, DesiredVip},
+    reconcile::{Desired, DesiredBackend, DesiredRegions, DesiredVip},
 };
 
 /// The balancer-wide settings of a configuration, given the LB interface's MAC and the next
@@ -91,6 +91,7 @@ pub fn desired(
                     }
                 })
                 .collect(),
+            regions: DesiredRegions::default(),
         })
         .collect();
     Desired { config: lb, vips }

@@ -13,15 +13,15 @@ use std::{
 };
 
 use lb_common::types::{
-    BACKEND_F_UP, Backend, FAMILY_V4, FAMILY_V6, LbConfig, MAX_BACKENDS, MAX_VIPS, VIP_F_DSR_L2,
-    VipKey,
+    BACKEND_F_REGION, BACKEND_F_UP, Backend, FAMILY_V4, FAMILY_V6, LbConfig, MAX_BACKENDS,
+    MAX_VIP_REGIONS, MAX_VIPS, REGION_LOCAL, REGION_SCALE, VIP_F_DSR_L2, VIP_F_LAST_RESORT, VipKey,
 };
 use thiserror::Error;
 
 use crate::{
     loader::{Balancer, LoaderError},
     maglev::{self, MaglevBackend, MaglevError},
-    maps::MapContents,
+    maps::{MapContents, RegionSplit},
 };
 
 /// One backend of a desired VIP.
@@ -49,8 +49,46 @@ pub struct DesiredVip {
     /// Share (0.0..=1.0) of the weighted backends that must be healthy; below it every
     /// weighted backend takes traffic, healthy or not (rather than overloading the few left).
     pub panic_threshold: f64,
-    /// Its backends.
+    /// Its backends (of this host's region).
     pub backends: Vec<DesiredBackend>,
+    /// Its regions and how new flows split over them (none: every flow from its table).
+    pub regions: DesiredRegions,
+}
+
+/// One region level of a desired VIP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DesiredLevel {
+    /// This host's own region: the VIP's Maglev table.
+    Local,
+    /// A remote region, reached by encapsulating new flows to its xlb host.
+    Remote {
+        /// The tunnel address of the region's xlb host.
+        address: IpAddr,
+        /// Whether it can take flows (its capacity probes pass). Flows pinned to a region that
+        /// is down are re-selected, as for any backend that is down.
+        up: bool,
+    },
+}
+
+/// A desired VIP's regions, in priority order, and how its new flows split over them.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DesiredRegions {
+    /// The levels (at most [`MAX_VIP_REGIONS`]); empty: no regions.
+    pub levels: Vec<DesiredLevel>,
+    /// Per level, the cumulative upper bound of its share of new flows out of
+    /// [`REGION_SCALE`] (non-decreasing, the last one `REGION_SCALE`).
+    pub upto: Vec<u32>,
+    /// Every region is down: new flows go to the last resort (this region's table with every
+    /// backend in it, as in panic), counted by the data path.
+    pub last_resort: bool,
+}
+
+impl DesiredRegions {
+    fn has_remote(&self) -> bool {
+        self.levels
+            .iter()
+            .any(|l| matches!(l, DesiredLevel::Remote { .. }))
+    }
 }
 
 /// Everything the maps should hold.
@@ -79,6 +117,17 @@ pub enum MapOp {
         flags: u32,
         /// The Maglev table of backend ids.
         table: Vec<u32>,
+        /// Its region split.
+        split: RegionSplit,
+    },
+    /// Change a live VIP's flags and region split, keeping its table.
+    SetVipSplit {
+        /// The VIP.
+        key: VipKey,
+        /// `VIP_F_*`.
+        flags: u32,
+        /// The new split.
+        split: RegionSplit,
     },
     /// Remove a VIP.
     RemoveVip(VipKey),
@@ -96,6 +145,14 @@ pub enum PlanError {
     /// The same VIP twice.
     #[error("VIP {0:?} appears twice")]
     DuplicateVip(VipKey),
+    /// A VIP's regions cannot be written.
+    #[error("VIP {key:?}: {reason}")]
+    Regions {
+        /// The VIP.
+        key: VipKey,
+        /// What is wrong.
+        reason: String,
+    },
     /// A VIP's table cannot be built.
     #[error("VIP {key:?}: {source}")]
     Maglev {
@@ -119,6 +176,9 @@ struct AppliedVip {
     /// each backend in it, in order), so a plan where they are unchanged reuses the digest
     /// instead of rebuilding the table. `None` for a VIP adopted from pinned maps.
     table_input: Option<TableInput>,
+    /// Its region split as written.
+    split: RegionSplit,
+    /// Its backends and remote regions' entries, by address.
     backends: BTreeMap<IpAddr, (u32, Backend)>,
 }
 
@@ -246,6 +306,11 @@ impl Reconciler {
                     flags: meta.flags,
                     table_digest: meta.table_digest,
                     table_input: None,
+                    split: RegionSplit {
+                        count: meta.region_count,
+                        upto: meta.region_upto,
+                        backend: meta.region_backend,
+                    },
                     backends: BTreeMap::new(),
                 },
             );
@@ -355,7 +420,14 @@ impl Reconciler {
                     .pop_front()
                     .ok_or(PlanError::TooManyVips(desired.vips.len()))?,
             };
-            let panic = in_panic(vip);
+            // With another region to take the load, a failing region sheds it rather than
+            // panicking; panic is the last resort once every region is down.
+            let panic = vip.regions.last_resort || (!vip.regions.has_remote() && in_panic(vip));
+            let flags = if vip.regions.last_resort {
+                vip.flags | VIP_F_LAST_RESORT
+            } else {
+                vip.flags
+            };
             let mut backends = BTreeMap::new();
             let mut maglev_input = Vec::new();
             let mut input_key = Vec::new();
@@ -382,6 +454,14 @@ impl Reconciler {
                 }
                 backends.insert(b.address, (id, entry));
             }
+            let split = plan_regions(
+                vip,
+                vip_id,
+                old,
+                &mut backends,
+                &mut next.free_backend_ids,
+                &mut set_backends,
+            )?;
             let table_input: TableInput = (vip.table_size, input_key);
             let build = |tables_built: &mut usize| {
                 *tables_built += 1;
@@ -399,7 +479,7 @@ impl Reconciler {
                 }
             };
             let changed = match old {
-                Some(o) => o.flags != vip.flags || o.table_digest != table_digest,
+                Some(o) => o.flags != flags || o.table_digest != table_digest,
                 None => true,
             };
             if changed {
@@ -410,8 +490,16 @@ impl Reconciler {
                 publish.push(MapOp::PublishVip {
                     key: vip.key,
                     vip_id,
-                    flags: vip.flags,
+                    flags,
                     table,
+                    split,
+                });
+            } else if old.map(|o| o.split) != Some(split) {
+                // Only the split moved (a region failed over or back): no table is built.
+                publish.push(MapOp::SetVipSplit {
+                    key: vip.key,
+                    flags,
+                    split,
                 });
             }
             // Backends dropped from a VIP that stays: free their entries after the new table.
@@ -426,9 +514,10 @@ impl Reconciler {
                 vip.key,
                 AppliedVip {
                     vip_id,
-                    flags: vip.flags,
+                    flags,
                     table_digest,
                     table_input: Some(table_input),
+                    split,
                     backends,
                 },
             );
@@ -465,6 +554,76 @@ impl Reconciler {
     }
 }
 
+/// The region split of a VIP, with an entry per remote region (allocated like a backend, owned
+/// by the VIP, flagged [`BACKEND_F_REGION`], up when the region is) written before any split
+/// names it.
+fn plan_regions(
+    vip: &DesiredVip,
+    vip_id: u32,
+    old: Option<&AppliedVip>,
+    backends: &mut BTreeMap<IpAddr, (u32, Backend)>,
+    free_backend_ids: &mut VecDeque<u32>,
+    set_backends: &mut Vec<MapOp>,
+) -> Result<RegionSplit, PlanError> {
+    let r = &vip.regions;
+    if r.levels.is_empty() {
+        return Ok(RegionSplit::NONE);
+    }
+    let bad = |reason: String| PlanError::Regions {
+        key: vip.key,
+        reason,
+    };
+    if r.levels.len() > MAX_VIP_REGIONS || r.upto.len() != r.levels.len() {
+        return Err(bad(format!(
+            "{} region levels with {} bounds; at most {MAX_VIP_REGIONS}, one bound each",
+            r.levels.len(),
+            r.upto.len()
+        )));
+    }
+    let mut split = RegionSplit {
+        count: r.levels.len() as u32,
+        ..RegionSplit::NONE
+    };
+    for (i, level) in r.levels.iter().enumerate() {
+        split.upto[i] = r.upto[i];
+        split.backend[i] = match level {
+            DesiredLevel::Local => REGION_LOCAL,
+            DesiredLevel::Remote { address, up } => {
+                if backends.contains_key(address) {
+                    return Err(bad(format!(
+                        "region tunnel address {address} is also a backend or another region"
+                    )));
+                }
+                let id = match old.and_then(|o| o.backends.get(address)) {
+                    Some((id, _)) => *id,
+                    None => free_backend_ids
+                        .pop_front()
+                        .ok_or(PlanError::TooManyBackends)?,
+                };
+                let mut entry = backend_entry(
+                    &DesiredBackend {
+                        address: *address,
+                        weight: 0,
+                        healthy: *up,
+                        mac: None,
+                    },
+                    *up,
+                    vip_id,
+                );
+                entry.flags |= BACKEND_F_REGION;
+                if old.and_then(|o| o.backends.get(address)) != Some(&(id, entry)) {
+                    set_backends.push(MapOp::SetBackend(id, entry));
+                }
+                backends.insert(*address, (id, entry));
+                id
+            }
+        };
+    }
+    split.check().map_err(bad)?;
+    debug_assert_eq!(split.upto[split.count as usize - 1], REGION_SCALE);
+    Ok(split)
+}
+
 /// A backend's Maglev key: its address bytes, so every xlb host builds the same table.
 fn key_bytes(addr: &IpAddr) -> Vec<u8> {
     match addr {
@@ -486,8 +645,12 @@ pub fn apply(balancer: &mut Balancer, plan: &Plan) -> Result<(), LoaderError> {
                 vip_id,
                 flags,
                 table,
+                split,
             } => {
-                balancer.publish_vip(key, *vip_id, *flags, table)?;
+                balancer.publish_vip_split(key, *vip_id, *flags, table, split)?;
+            }
+            MapOp::SetVipSplit { key, flags, split } => {
+                balancer.set_vip_split(key, *flags, split)?;
             }
             MapOp::RemoveVip(key) => balancer.remove_vip(key)?,
         }
@@ -523,6 +686,7 @@ mod tests {
                     mac: None,
                 })
                 .collect(),
+            regions: DesiredRegions::default(),
         }
     }
 
@@ -868,6 +1032,7 @@ mod tests {
                         vip_id,
                         flags,
                         table,
+                        split,
                     } => {
                         vips.insert(
                             *key,
@@ -876,9 +1041,19 @@ mod tests {
                                 flags: *flags,
                                 table_size: table.len() as u32,
                                 table_digest: maglev::table_digest(table),
+                                region_count: split.count,
+                                region_upto: split.upto,
+                                region_backend: split.backend,
                                 ..Default::default()
                             },
                         );
+                    }
+                    MapOp::SetVipSplit { key, flags, split } => {
+                        let meta = vips.get_mut(key).expect("split of a published VIP");
+                        meta.flags = *flags;
+                        meta.region_count = split.count;
+                        meta.region_upto = split.upto;
+                        meta.region_backend = split.backend;
                     }
                     MapOp::RemoveVip(key) => {
                         vips.remove(key);
@@ -916,6 +1091,54 @@ mod tests {
             }
         }
         adopted.commit(plan);
+    }
+
+    #[test]
+    fn regions_survive_adoption_and_a_tunnel_address_may_not_be_a_backend() {
+        let mut r = Reconciler::new();
+        let mut v = vip(10, &[("10.0.0.1", 1, false), ("10.0.0.2", 1, false)]);
+        v.regions = DesiredRegions {
+            levels: vec![
+                DesiredLevel::Local,
+                DesiredLevel::Remote {
+                    address: "198.18.0.2".parse().unwrap(),
+                    up: true,
+                },
+            ],
+            upto: vec![0, REGION_SCALE],
+            last_resort: false,
+        };
+        let d = desired(vec![v.clone()]);
+        let first = applied(&mut r, &d);
+        // With a remote region to take the flows, the local backends that are down stay out
+        // (no panic), and the region's entry is flagged.
+        let table = first
+            .iter()
+            .find_map(|op| match op {
+                MapOp::PublishVip { table, split, .. } => Some((table.clone(), *split)),
+                _ => None,
+            })
+            .expect("published");
+        assert!(table.0.iter().all(|&id| id == crate::maglev::EMPTY_SLOT));
+        assert_eq!(table.1.count, 2);
+        assert_eq!(table.1.backend[0], REGION_LOCAL);
+        let region_id = table.1.backend[1];
+        assert!(first.iter().any(|op| matches!(op,
+            MapOp::SetBackend(id, e) if *id == region_id && e.flags == BACKEND_F_REGION | BACKEND_F_UP)));
+        let mut adopted = Reconciler::adopt(&written(&[first]));
+        let plan = adopted.plan(&d).unwrap();
+        assert!(plan.is_empty(), "{:?}", plan.ops);
+        adopted.commit(plan);
+
+        let mut clash = v;
+        clash.regions.levels[1] = DesiredLevel::Remote {
+            address: "10.0.0.2".parse().unwrap(),
+            up: true,
+        };
+        assert!(matches!(
+            adopted.plan(&desired(vec![clash])),
+            Err(PlanError::Regions { .. })
+        ));
     }
 
     #[test]

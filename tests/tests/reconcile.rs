@@ -1,10 +1,15 @@
 //! The reconciler's plans applied to the real maps through the typed map layer: packets follow
 //! each change, and re-applying the same desired state writes nothing. Needs root (CAP_BPF).
 
-use lb_common::types::{FAMILY_V4, VipKey, proto};
+use lb_common::{
+    counters::Counter,
+    types::{FAMILY_V4, REGION_SCALE, VipKey, proto},
+};
 use lb_userspace::{
     loader::Balancer,
-    reconcile::{Desired, DesiredBackend, DesiredVip, Reconciler, apply},
+    reconcile::{
+        Desired, DesiredBackend, DesiredLevel, DesiredRegions, DesiredVip, MapOp, Reconciler, apply,
+    },
 };
 use xlb_tests::{
     fixture::{XdpAction, pin_to_current_cpu, send},
@@ -51,6 +56,7 @@ fn plans_applied_to_the_maps_steer_traffic() {
             table_size: 251,
             panic_threshold: 0.5,
             backends: vec![backend("10.0.0.1", 1), backend("10.0.0.2", 1)],
+            regions: Default::default(),
         }],
     };
     let reconcile = |r: &mut Reconciler, b: &mut Balancer, d: &Desired| -> usize {
@@ -133,6 +139,7 @@ fn connection_table_entries_are_counted_per_backend() {
             table_size: 251,
             panic_threshold: 0.5,
             backends: vec![backend("10.0.0.1", 1), backend("10.0.0.2", 1)],
+            regions: Default::default(),
         }],
     };
     let plan = r.plan(&desired).expect("plan");
@@ -193,6 +200,7 @@ fn entries_derived_from_the_vips_are_repaired_after_an_interrupted_agent() {
         table_size: 251,
         panic_threshold: 0.5,
         backends: vec![backend("10.0.0.1", 1)],
+        regions: Default::default(),
     };
     let mut desired = Desired {
         config: world::config(),
@@ -305,4 +313,105 @@ fn entries_derived_from_the_vips_are_repaired_after_an_interrupted_agent() {
     b.remove_vip(&key())
         .expect("removing a VIP that is already gone");
     drop(b);
+}
+
+/// A VIP with a remote region: the split sends new flows to the region's xlb host or keeps them
+/// here; moving the split writes one VIP entry and builds no table; a flow pinned to the region
+/// stays there when the VIP fails back, and is re-selected here when the region goes down; the
+/// last resort counts its flows; dropping the region frees its entry.
+#[test]
+fn region_splits_applied_to_the_maps_steer_new_flows() {
+    pin_to_current_cpu();
+    let mut b = Balancer::load().expect("load");
+    let mut r = Reconciler::new();
+    let remote: std::net::IpAddr = "198.18.0.2".parse().unwrap();
+    let regions = |remote_up: bool, local_upto: u32, last_resort: bool| DesiredRegions {
+        levels: vec![
+            DesiredLevel::Local,
+            DesiredLevel::Remote {
+                address: remote,
+                up: remote_up,
+            },
+        ],
+        upto: vec![local_upto, REGION_SCALE],
+        last_resort,
+    };
+    let mut desired = Desired {
+        config: world::config(),
+        vips: vec![DesiredVip {
+            key: key(),
+            flags: 0,
+            table_size: 251,
+            panic_threshold: 0.5,
+            backends: vec![backend("10.0.0.1", 1)],
+            regions: regions(true, 0, false),
+        }],
+    };
+    let reconcile = |r: &mut Reconciler, b: &mut Balancer, d: &Desired| {
+        let plan = r.plan(d).expect("plan");
+        let ops = plan.ops.clone();
+        let built = plan.tables_built;
+        apply(b, &plan).expect("apply");
+        r.commit(plan);
+        (ops, built)
+    };
+    reconcile(&mut r, &mut b, &desired);
+    // Failed over: new flows go to the region's xlb host.
+    let (a, out) = send(&b, &frames::tcp4(VIP, 40000, 80, true, b""));
+    assert_eq!(a, XdpAction::Tx);
+    assert_eq!(outer_dst(&out), [198, 18, 0, 2]);
+
+    // Failing back moves only the split.
+    desired.vips[0].regions = regions(true, REGION_SCALE, false);
+    let (ops, built) = reconcile(&mut r, &mut b, &desired);
+    assert_eq!(built, 0, "no table for a split change");
+    assert!(
+        matches!(ops.as_slice(), [MapOp::SetVipSplit { .. }]),
+        "one VIP entry written: {ops:?}"
+    );
+    let (_, out) = send(&b, &frames::tcp4(VIP, 40001, 80, true, b""));
+    assert_eq!(outer_dst(&out), [10, 0, 0, 1], "new flows stay home");
+    let (_, out) = send(&b, &frames::tcp4(VIP, 40000, 80, false, b"more"));
+    assert_eq!(
+        outer_dst(&out),
+        [198, 18, 0, 2],
+        "an established flow stays in the region it went to"
+    );
+
+    // The region goes down: its flows come home.
+    desired.vips[0].regions = regions(false, REGION_SCALE, false);
+    reconcile(&mut r, &mut b, &desired);
+    let (_, out) = send(&b, &frames::tcp4(VIP, 40000, 80, false, b"again"));
+    assert_eq!(outer_dst(&out), [10, 0, 0, 1]);
+
+    // Every region down: the last resort uses the down backend, and counts.
+    desired.vips[0].backends[0].healthy = false;
+    desired.vips[0].regions = regions(false, REGION_SCALE, true);
+    reconcile(&mut r, &mut b, &desired);
+    let before = b.counters().expect("counters");
+    let (a, out) = send(&b, &frames::tcp4(VIP, 40002, 80, true, b""));
+    assert_eq!(a, XdpAction::Tx);
+    assert_eq!(outer_dst(&out), [10, 0, 0, 1]);
+    let after = b.counters().expect("counters");
+    assert_eq!(
+        after.get(Counter::RegionLastResort) - before.get(Counter::RegionLastResort),
+        1
+    );
+
+    // With a healthy remote region, a down local backend is not panicked into the table.
+    desired.vips[0].regions = regions(true, 0, false);
+    reconcile(&mut r, &mut b, &desired);
+    let (_, out) = send(&b, &frames::tcp4(VIP, 40003, 80, true, b""));
+    assert_eq!(outer_dst(&out), [198, 18, 0, 2]);
+
+    // Re-planning the same state writes nothing; dropping the region frees its entry.
+    assert!(reconcile(&mut r, &mut b, &desired).0.is_empty());
+    desired.vips[0].regions = DesiredRegions::default();
+    desired.vips[0].backends[0].healthy = true;
+    let (ops, _) = reconcile(&mut r, &mut b, &desired);
+    assert!(
+        ops.iter()
+            .any(|op| matches!(op, MapOp::SetBackend(_, e) if e.family == 0)),
+        "the region's entry is freed: {ops:?}"
+    );
 }

@@ -73,6 +73,7 @@ fn big_desired(vips: usize, backends: usize, table_size: u32) -> Desired {
                             mac: None,
                         })
                         .collect(),
+                    regions: Default::default(),
                 }
             })
             .collect(),
