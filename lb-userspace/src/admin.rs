@@ -463,6 +463,49 @@ pub struct VipStatus {
     pub origin: Origin,
     /// Its backends.
     pub backends: Vec<BackendStatus>,
+    /// Its regions, when it lists more than this host's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regions: Option<RegionStatus>,
+}
+
+/// A VIP's regions in `status`: where its new flows go, why, since when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionStatus {
+    /// The highest-priority region that takes new flows now (the active region).
+    pub active: String,
+    /// Seconds since the split of new flows last changed.
+    pub since_secs: f64,
+    /// Why it is what it is (the reason of the last transition).
+    pub reason: String,
+    /// Every region is down: new flows go to this region's backends, all of them (last
+    /// resort).
+    pub last_resort: bool,
+    /// `whole` or `proportional`.
+    pub mode: String,
+    /// Transitions since the agent started.
+    pub transitions: u64,
+    /// The regions in priority order.
+    pub levels: Vec<RegionLevelStatus>,
+}
+
+/// One region of a VIP in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionLevelStatus {
+    /// Region name.
+    pub name: String,
+    /// The tunnel address of its xlb host (`None`: this host's own region).
+    pub tunnel: Option<IpAddr>,
+    /// Healthy share of its backend weight now (a remote region's as its agent reports it; 0
+    /// while its probes fail).
+    pub healthy_share: f64,
+    /// Share of new flows it takes.
+    pub load: f64,
+    /// Remote regions: whether its capacity probes pass (through the tunnel).
+    pub reachable: bool,
+    /// Remote regions: why the last probe failed or "ok".
+    pub detail: String,
+    /// Flows sent to it since start (remote regions; this region's are its backends').
+    pub new_flows: u64,
 }
 
 /// The result of `status`.

@@ -500,7 +500,39 @@ fn render_status(s: &admin::Status) -> String {
             ]);
         }
         let _ = write!(out, "{t}");
+        if let Some(r) = &v.regions {
+            let _ = write!(out, "{}", regions_text(&v.name, r));
+        }
     }
+    out
+}
+
+/// The regions part of one VIP in `xlb status`.
+fn regions_text(vip: &str, r: &admin::RegionStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{vip} regions ({}): active {}{} for {:.1} s: {}",
+        r.mode,
+        r.active,
+        if r.last_resort { " (LAST RESORT)" } else { "" },
+        r.since_secs,
+        r.reason
+    );
+    let mut t = Table::new(&[
+        "  REGION", "TUNNEL", "HEALTHY", "LOAD", "PROBE", "NEW FLOWS",
+    ]);
+    for l in &r.levels {
+        t.row(vec![
+            format!("  {}", l.name),
+            l.tunnel.map_or("(this host)".to_owned(), |a| a.to_string()),
+            format!("{:.0}%", l.healthy_share * 100.0),
+            format!("{:.1}%", l.load * 100.0),
+            l.detail.clone(),
+            l.new_flows.to_string(),
+        ]);
+    }
+    let _ = write!(out, "{t}");
     out
 }
 

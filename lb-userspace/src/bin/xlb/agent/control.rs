@@ -444,6 +444,7 @@ impl Running {
                 new_flows: cur.map_or(0, |s| s.new_flows),
                 origin: overlay.vip_origin(&v.name),
                 backends,
+                regions: None,
             });
         }
         let agent = AgentInfo {
