@@ -311,6 +311,17 @@ impl RegionTopology {
                 router.run(&["ip", family, "route", "replace", &prefix, "via", &via]);
             }
         }
+        // Returns once the routers reach each other over the WAN, both families (bounded).
+        let (a, b) = (&self.a.router, Region::B);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(ping(a, IpAddr::V4(b.wan_v4())) && ping(a, IpAddr::V6(b.wan_v6()))) {
+            assert!(
+                Instant::now() < deadline,
+                "the WAN did not come up within 10 s:\n{}{}",
+                a.run(&["ip", "addr", "show", WAN_IF]),
+                a.run(&["ip", "-6", "route"])
+            );
+        }
     }
 
     /// Adds an nftables rule on router A's forward hook that drops (and counts) IPIP and
