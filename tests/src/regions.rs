@@ -26,7 +26,7 @@
 //! `...-b-backend1` and so on; everything goes away when the [`RegionTopology`] drops.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::PathBuf,
     process::ExitStatus,
@@ -36,7 +36,7 @@ use std::{
 
 use crate::{
     frames,
-    netns::{Netns, in_netns, veth_pair},
+    netns::{Netns, in_netns, sockaddr, veth_pair},
     servers::{Nginx, curl},
     topology::{Daemon, Options, Plan, Topology, VIP_V4, VIP_V6, run_cli},
 };
@@ -369,29 +369,47 @@ impl RegionTopology {
             .exec(&["nft", "delete", "table", "inet", BLOCK_TABLE]);
     }
 
-    /// Sends a raw IPIP packet (outer: `from`'s xlb host to `to`'s IPv4 tunnel address; inner:
-    /// a UDP datagram to [`VIP_V4`] port 80 carrying a fresh token) a few times within
-    /// `timeout` and reports whether `to`'s xlb host received it (a raw IPPROTO_IPIP socket
-    /// there sees it whatever the stack then does with it). Meaningful while no balancer on
-    /// `to`'s xlb host takes such packets first.
-    pub fn ipip_arrives(&self, from: Region, to: Region, timeout: Duration) -> bool {
+    /// Sends a raw tunnelled packet from `from`'s xlb host to `to`'s tunnel address a few
+    /// times within `timeout` and reports whether `to`'s xlb host received it (a raw socket
+    /// there sees it whatever the stack then does with it). IPv4 (`ipv6` false): IPIP, outer
+    /// IPv4 (protocol 4), inner a UDP datagram to [`VIP_V4`] port 80; IPv6: outer IPv6 with
+    /// next header 41, inner a UDP datagram to [`VIP_V6`]. The inner datagram carries a fresh
+    /// token. Meaningful while no balancer on `to`'s xlb host takes such packets first.
+    pub fn ipip_arrives(&self, from: Region, to: Region, ipv6: bool, timeout: Duration) -> bool {
         static TOKENS: AtomicU32 = AtomicU32::new(0);
         let token = format!(
             "xlbt-ipip-{}-{}",
             std::process::id(),
             TOKENS.fetch_add(1, Ordering::Relaxed)
         );
-        let inner =
-            frames::udp4(VIP_V4.octets(), 40_000, 80, token.as_bytes())[frames::L3..].to_vec();
-        let receiver = in_netns(&self.region(to).lb.ns, || raw_ipip_socket(true));
-        let sender = in_netns(&self.region(from).lb.ns, || raw_ipip_socket(false));
-        let dst = SocketAddrV4::new(self.tunnel_v4(to), 0);
+        let (frame, dst, family, protocol) = if ipv6 {
+            (
+                frames::udp6(VIP_V6.octets(), 40_000, 80, token.as_bytes()),
+                SocketAddr::from((self.tunnel_v6(to), 0)),
+                libc::AF_INET6,
+                libc::IPPROTO_IPV6,
+            )
+        } else {
+            (
+                frames::udp4(VIP_V4.octets(), 40_000, 80, token.as_bytes()),
+                SocketAddr::from((self.tunnel_v4(to), 0)),
+                libc::AF_INET,
+                libc::IPPROTO_IPIP,
+            )
+        };
+        let inner = &frame[frames::L3..];
+        let receiver = in_netns(&self.region(to).lb.ns, move || {
+            raw_socket(family, protocol, true)
+        });
+        let sender = in_netns(&self.region(from).lb.ns, move || {
+            raw_socket(family, protocol, false)
+        });
         let deadline = Instant::now() + timeout;
         let mut next_send = Instant::now();
         let mut buf = [0u8; 2048];
         while Instant::now() < deadline {
             if Instant::now() >= next_send {
-                send_raw(&sender, &inner, dst);
+                send_raw(&sender, inner, dst);
                 next_send = Instant::now() + Duration::from_millis(300);
             }
             // SAFETY: recv(2) into a buffer we own, on a socket we own (100 ms timeout).
@@ -416,15 +434,15 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// A raw IPv4 socket for IP protocol 4, in the calling thread's namespace; with a 100 ms
-/// receive timeout when it is for `receiving`.
-fn raw_ipip_socket(receiving: bool) -> OwnedFd {
+/// A raw socket of `family` for IP protocol `protocol`, in the calling thread's namespace;
+/// with a 100 ms receive timeout when it is for `receiving`.
+fn raw_socket(family: i32, protocol: i32, receiving: bool) -> OwnedFd {
     // SAFETY: socket(2) and setsockopt(2) with valid arguments; the fd is checked and owned.
     unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_IPIP);
+        let fd = libc::socket(family, libc::SOCK_RAW, protocol);
         assert!(
             fd >= 0,
-            "raw IPIP socket: {}",
+            "raw socket for protocol {protocol}: {}",
             std::io::Error::last_os_error()
         );
         let fd = OwnedFd::from_raw_fd(fd);
@@ -446,17 +464,10 @@ fn raw_ipip_socket(receiving: bool) -> OwnedFd {
     }
 }
 
-/// Sends `payload` (the inner packet; the kernel adds the outer IPv4 header) to `dst`.
-fn send_raw(socket: &OwnedFd, payload: &[u8], dst: SocketAddrV4) {
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(dst.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sendto(2) from a buffer we own to a valid sockaddr_in, on a socket we own.
+/// Sends `payload` (the inner packet; the kernel adds the outer header) to `dst`.
+fn send_raw(socket: &OwnedFd, payload: &[u8], dst: SocketAddr) {
+    let (addr, len) = sockaddr(dst);
+    // SAFETY: sendto(2) from a buffer we own to a valid sockaddr, on a socket we own.
     let sent = unsafe {
         libc::sendto(
             socket.as_raw_fd(),
@@ -464,7 +475,7 @@ fn send_raw(socket: &OwnedFd, payload: &[u8], dst: SocketAddrV4) {
             payload.len(),
             0,
             (&raw const addr).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as u32,
+            len,
         )
     };
     assert_eq!(

@@ -85,23 +85,18 @@ fn two_regions_route_plain_and_tunnelled_traffic() {
     // IPIP from A's xlb host reaches B's tunnel address until the tunnel is blocked; plain
     // traffic still flows while it is.
     let wait = Duration::from_secs(2);
-    assert!(t.ipip_arrives(Region::A, Region::B, wait), "IPIP A -> B");
+    let ipip = |ipv6| t.ipip_arrives(Region::A, Region::B, ipv6, wait);
+    assert!(ipip(false) && ipip(true), "IPIP and IPv6-in-IPv6 A -> B");
     t.block_tunnel();
-    assert!(
-        !t.ipip_arrives(Region::A, Region::B, wait),
-        "IPIP A -> B blocked"
-    );
-    assert!(
-        t.tunnel_drops() > 0,
-        "the drop rule counted the IPIP packets"
-    );
+    assert!(!ipip(false), "IPIP A -> B blocked");
+    let dropped = t.tunnel_drops();
+    assert!(dropped > 0, "the drop rule counted the IPIP packets");
+    assert!(!ipip(true), "IPv6-in-IPv6 A -> B blocked");
+    assert!(t.tunnel_drops() > dropped, "and counted them");
     assert!(tunnel_addresses_reachable(&t), "ping still crosses");
     assert_every_backend_reachable(&t, Region::A);
     t.unblock_tunnel();
-    assert!(
-        t.ipip_arrives(Region::A, Region::B, wait),
-        "IPIP A -> B again"
-    );
+    assert!(ipip(false) && ipip(true), "tunnels A -> B again");
 
     // Cutting the WAN separates the regions (each still works inside); restoring it rejoins.
     t.cut_wan();
