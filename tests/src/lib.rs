@@ -6,6 +6,7 @@ pub mod fixture;
 pub mod frames;
 pub mod r#gen;
 pub mod netns;
+pub mod regions;
 pub mod render;
 pub mod servers;
 pub mod topology;

@@ -16,7 +16,9 @@
 //! [`Topology::build_with_l2_segment`] adds backends on the xlb host's own link (a bridge in the
 //! router), 10.99.2.(10+i) / fd00:99:2::(10+i). The root namespace is never a host or a
 //! hop; every namespace, link, process and pin goes away when the [`Topology`] drops, and
-//! [`crate::netns::sweep_stale`] removes what a killed run left.
+//! [`crate::netns::sweep_stale`] removes what a killed run left. These are the addresses of
+//! [`Plan::DEFAULT`]; [`Topology::build_with_plan`] numbers and names the same shape from
+//! another [`Plan`] (one region of [`crate::regions::RegionTopology`]).
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -222,6 +224,16 @@ impl Drop for Daemon {
     }
 }
 
+/// The `xlb` binary under test: `$XLB_BIN`, else the workspace's debug build (which must exist).
+pub fn xlb_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("XLB_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb");
+    assert!(p.is_file(), "{} not found; build it first", p.display());
+    p
+}
+
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -255,31 +267,89 @@ pub struct Topology {
     pub router: Netns,
     /// Admin socket, state and pin directories for the xlb host's agent.
     pub dirs: AgentDirs,
+    /// The addresses and names it was built with.
+    pub plan: Plan,
 }
 
-/// Router-side IPv4 address of link `net` (10.99.net.1) and a host's (10.99.net.2).
-fn v4(net: usize, host: u8) -> Ipv4Addr {
-    Ipv4Addr::new(10, 99, u8::try_from(net).expect("net < 256"), host)
+/// Where a topology's addresses and names come from: every link is numbered
+/// 10.`site`.net.0/24 and fd00:`site`:net::/64, and every namespace's tag starts with `tag`.
+/// [`Plan::DEFAULT`] is the single-region plan (10.99.x.x / fd00:99:...); the two-region
+/// topology ([`crate::regions`]) numbers region B from another site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Second octet of every IPv4 address: 10.`site_v4`.net.host.
+    pub site_v4: u8,
+    /// Second group of every IPv6 address: fd00:`site_v6`:net::host.
+    pub site_v6: u16,
+    /// Prefix of every namespace's tag (`"a-"` names the router `a-router`); also the role in
+    /// daemon log file names.
+    pub tag: &'static str,
 }
 
-/// The same for IPv6: fd00:99:net::host.
-fn v6(net: usize, host: u16) -> Ipv6Addr {
-    Ipv6Addr::new(0xfd00, 0x99, net as u16, 0, 0, 0, 0, host)
+impl Plan {
+    /// The single-region plan: 10.99.x.x, fd00:99:..., bare tags.
+    pub const DEFAULT: Plan = Plan {
+        site_v4: 99,
+        site_v6: 0x99,
+        tag: "",
+    };
+
+    /// IPv4 address `host` on link `net` (the router is `.1`, the host `.2`).
+    pub fn v4(&self, net: usize, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(
+            10,
+            self.site_v4,
+            u8::try_from(net).expect("net < 256"),
+            host,
+        )
+    }
+
+    /// The same for IPv6: fd00:site:net::host.
+    pub fn v6(&self, net: usize, host: u16) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, self.site_v6, net as u16, 0, 0, 0, 0, host)
+    }
+
+    /// Every IPv4 address of the plan: 10.site.0.0/16.
+    pub fn prefix_v4(&self) -> String {
+        format!("10.{}.0.0/16", self.site_v4)
+    }
+
+    /// Every IPv6 address of the plan: fd00:site::/32.
+    pub fn prefix_v6(&self) -> String {
+        format!("fd00:{:x}::/32", self.site_v6)
+    }
+
+    /// A namespace named after `role` under this plan.
+    fn netns(&self, role: &str) -> Netns {
+        Netns::create(&format!("{}{role}", self.tag))
+    }
 }
 
 /// Joins `host` to the router over `eth0` <-> `router_if` on link `net`, with a default route.
-fn attach(router: &Netns, host: Netns, router_if: &str, net: usize) -> Host {
-    attach_via(router, host, router_if, router_if, net)
+fn attach(plan: &Plan, router: &Netns, host: Netns, router_if: &str, net: usize) -> Host {
+    attach_via(plan, router, host, router_if, router_if, net)
 }
 
 /// As [`attach`], with the router's addresses on `router_l3` (`router_if` itself, or a bridge
 /// that `router_if` is then made a port of).
-fn attach_via(router: &Netns, host: Netns, router_if: &str, router_l3: &str, net: usize) -> Host {
+fn attach_via(
+    plan: &Plan,
+    router: &Netns,
+    host: Netns,
+    router_if: &str,
+    router_l3: &str,
+    net: usize,
+) -> Host {
     veth_pair(&host, "eth0", router, router_if);
     if router_l3 != router_if {
         router.run(&["ip", "link", "set", router_if, "master", router_l3]);
     }
-    let (h4, h6, r4, r6) = (v4(net, 2), v6(net, 2), v4(net, 1), v6(net, 1));
+    let (h4, h6, r4, r6) = (
+        plan.v4(net, 2),
+        plan.v6(net, 2),
+        plan.v4(net, 1),
+        plan.v6(net, 1),
+    );
     router.run(&["ip", "addr", "add", &format!("{r4}/24"), "dev", router_l3]);
     router.run(&[
         "ip",
@@ -371,21 +441,28 @@ impl Topology {
     /// suppressed (`arp_ignore` 1, `arp_announce` 2, as a DSR backend needs) and no
     /// decapsulator. The XDP pass program stays on `l0`, the peer of the xlb host's `eth0`.
     pub fn build_with_l2_segment(options: &Options, l2_backends: usize) -> Topology {
+        Topology::build_with_plan(options, l2_backends, Plan::DEFAULT)
+    }
+
+    /// [`Topology::build_with_l2_segment`] numbered and named by `plan` (one region of
+    /// [`crate::regions::RegionTopology`]).
+    pub fn build_with_plan(options: &Options, l2_backends: usize, plan: Plan) -> Topology {
         sweep_stale();
-        let router = Netns::create("router");
+        let router = plan.netns("router");
         forwarding(&router);
         let clients: Vec<Host> = (0..options.clients)
             .map(|i| {
                 attach(
+                    &plan,
                     &router,
-                    Netns::create(&format!("client{i}")),
+                    plan.netns(&format!("client{i}")),
                     &format!("c{i}"),
                     100 + i,
                 )
             })
             .collect();
         let lb = if l2_backends == 0 {
-            attach(&router, Netns::create("lb"), "l0", 2)
+            attach(&plan, &router, plan.netns("lb"), "l0", 2)
         } else {
             // No multicast snooping: without a querier it could starve IPv6 neighbour
             // discovery between the hosts on the segment.
@@ -400,7 +477,7 @@ impl Topology {
                 "0",
             ]);
             router.run(&["ip", "link", "set", SEGMENT_BRIDGE, "up"]);
-            attach_via(&router, Netns::create("lb"), "l0", SEGMENT_BRIDGE, 2)
+            attach_via(&plan, &router, plan.netns("lb"), "l0", SEGMENT_BRIDGE, 2)
         };
         for (vip, via) in [
             (format!("{VIP_V4}/32"), lb.v4.to_string()),
@@ -412,8 +489,9 @@ impl Topology {
         let backends: Vec<Host> = (0..options.backends)
             .map(|i| {
                 let b = attach(
+                    &plan,
                     &router,
-                    Netns::create(&format!("backend{i}")),
+                    plan.netns(&format!("backend{i}")),
                     &format!("b{i}"),
                     3 + i,
                 );
@@ -424,13 +502,13 @@ impl Topology {
             .collect();
         let l2_backends: Vec<Host> = (0..l2_backends)
             .map(|i| {
-                let ns = Netns::create(&format!("l2backend{i}"));
+                let ns = plan.netns(&format!("l2backend{i}"));
                 let port = format!("s{i}");
                 veth_pair(&ns, "eth0", &router, &port);
                 router.run(&["ip", "link", "set", &port, "master", SEGMENT_BRIDGE]);
                 let host = u8::try_from(10 + i).expect("fewer than 246 L2 backends");
-                let (h4, h6) = (v4(2, host), v6(2, u16::from(host)));
-                host_addresses(&ns, h4, h6, v4(2, 1), v6(2, 1));
+                let (h4, h6) = (plan.v4(2, host), plan.v6(2, u16::from(host)));
+                host_addresses(&ns, h4, h6, plan.v4(2, 1), plan.v6(2, 1));
                 forwarding(&ns);
                 // The VIP is on loopback, so without these the backend would answer ARP for
                 // it on the segment and announce it as a source, stealing the VIP from the
@@ -495,7 +573,8 @@ impl Topology {
             backends,
             l2_backends,
             router,
-            dirs: AgentDirs::create("lb"),
+            dirs: AgentDirs::create(&format!("{}lb", plan.tag)),
+            plan,
         }
     }
 

@@ -19,7 +19,7 @@ use std::{
 };
 
 use xlb_tests::{
-    netns::{Netns, in_netns, spawn_in_netns},
+    netns::{Netns, in_netns, sockaddr, spawn_in_netns},
     servers::{Nginx, UdpEcho, curl},
     topology::{Daemon, Host, Options, Topology, VIP_V4, VIP_V6, run_cli},
 };
@@ -308,42 +308,6 @@ fn next_port() -> u16 {
     let p = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
     assert!(p < 32_768, "out of source ports");
     p
-}
-
-/// The `sockaddr` of `addr`, for bind(2) and connect(2).
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(a) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is larger than and aligned for every sockaddr type.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
-            std::mem::size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(a) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: 0,
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: 0,
-            };
-            // SAFETY: as above.
-            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
-            std::mem::size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
 }
 
 /// A TCP connection to `to` from source port `port`, within `timeout`. Bound explicitly

@@ -146,7 +146,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "netns",
-        what: "network-namespace and end-to-end tests: the real xlb, nginx, curl, wrk (serial)",
+        what: "network-namespace, end-to-end and two-region tests: the real xlb, nginx, curl, wrk (serial)",
         needs_root: true,
         command: || {
             let mut c = cargo();
@@ -158,6 +158,8 @@ const STEPS: &[Step] = &[
                 "netns",
                 "--test",
                 "e2e",
+                "--test",
+                "regions",
                 "--",
             ])
             .args(["--test-threads=1"]);
