@@ -71,13 +71,34 @@ pub const DEFAULT_HTTP_PATH: &str = "/";
 pub const DEFAULT_EXPECTED_STATUS: u16 = 200;
 /// Default of `health_check.panic_threshold`, as a share of the pool.
 pub const DEFAULT_PANIC_THRESHOLD: f64 = 0.5;
+/// Default of `agent.capacity_port` (and of `region.capacity_port`): the UDP port of an agent's
+/// capacity endpoint, which other regions' agents probe.
+pub const DEFAULT_CAPACITY_PORT: u16 = 9301;
+/// Default of `region.check_interval_ms`, in milliseconds (valid as `health_check.interval_ms`).
+pub const DEFAULT_REGION_INTERVAL_MS: u32 = 1000;
+/// Default of `region.timeout_ms`, in milliseconds; must be below the interval.
+pub const DEFAULT_REGION_TIMEOUT_MS: u32 = 500;
+/// Default of `region.rise`, in consecutive answered probes (valid as `health_check.rise`).
+pub const DEFAULT_REGION_RISE: u8 = 2;
+/// Default of `region.fall`, in consecutive failed probes (valid as `health_check.fall`).
+pub const DEFAULT_REGION_FALL: u8 = 2;
+/// Default of `vip.failover.min_healthy`: the healthy share of a region's backend weight below
+/// which it sheds load (its overprovisioning factor, as Envoy calls it, is 1 / 0.7, about 1.4).
+pub const DEFAULT_MIN_HEALTHY: f64 = 0.7;
+/// Default of `vip.failover.hold_down_ms`, in milliseconds: how long a higher-priority region
+/// must have been healthy before traffic returns to it.
+pub const DEFAULT_HOLD_DOWN_MS: u32 = 30_000;
+/// Valid `vip.failover.hold_down_ms`, in milliseconds (up to one day).
+pub const HOLD_DOWN_MS_RANGE: RangeInclusive<u32> = 0..=86_400_000;
+/// Most regions one VIP lists (the data path's region levels).
+pub const MAX_VIP_REGIONS: usize = lb_common::types::MAX_VIP_REGIONS;
 
 /// Longest unix socket path the kernel accepts (`sun_path` holds 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// Longest Linux interface name (`IFNAMSIZ` less the NUL).
 const MAX_INTERFACE_NAME: usize = 15;
 
-const ROOT_KEYS: &[&str] = &["agent", "vip"];
+const ROOT_KEYS: &[&str] = &["agent", "vip", "region"];
 const AGENT_KEYS: &[&str] = &[
     "interface",
     "xdp_mode",
@@ -90,7 +111,20 @@ const AGENT_KEYS: &[&str] = &[
     "state_dir",
     "bpffs_dir",
     "flow_table_entries",
+    "region",
+    "tunnel_addresses",
+    "capacity_port",
 ];
+const REGION_KEYS: &[&str] = &[
+    "name",
+    "tunnel",
+    "capacity_port",
+    "check_interval_ms",
+    "timeout_ms",
+    "rise",
+    "fall",
+];
+const FAILOVER_KEYS: &[&str] = &["mode", "min_healthy", "hold_down_ms"];
 const VIP_KEYS: &[&str] = &[
     "name",
     "address",
@@ -100,6 +134,7 @@ const VIP_KEYS: &[&str] = &[
     "table_size",
     "health_check",
     "regions",
+    "failover",
     "backend",
 ];
 const BACKEND_KEYS: &[&str] = &["address", "weight", "region", "mac", "health_check"];
@@ -128,12 +163,19 @@ pub struct Config {
     pub agent: Agent,
     /// The `[[vip]]` tables, in file order. Default: none.
     pub vips: Vec<Vip>,
+    /// The `[[region]]` tables: the other regions' xlb hosts, in file order. Default: none.
+    pub regions: Vec<Region>,
 }
 
 impl Config {
     /// Number of backends over all VIPs.
     pub fn backend_count(&self) -> usize {
         self.vips.iter().map(|vip| vip.backends.len()).sum()
+    }
+
+    /// The `[[region]]` named `name` (never this host's own region, which has none).
+    pub fn region(&self, name: &str) -> Option<&Region> {
+        self.regions.iter().find(|r| r.name == name)
     }
 }
 
@@ -173,6 +215,89 @@ pub struct Agent {
     /// `flow_table_entries`: connection-table entries over all CPUs (about 100 bytes of kernel
     /// memory each). Default 1048576; valid 1024..=16777216.
     pub flow_table_entries: u32,
+    /// `region`: the region this host is in (a name as VIP names are); a VIP's level of this
+    /// region is balanced here, from the VIP's own backends. Default `"local"`.
+    pub region: String,
+    /// `tunnel_addresses`: this host's addresses on which other regions' xlb hosts send
+    /// failed-over flows and capacity probes (unicast, not loopback or link-local, none a VIP
+    /// address, each once). Default: none.
+    pub tunnel_addresses: Vec<IpAddr>,
+    /// `capacity_port`: the UDP port of this agent's capacity endpoint, 1..=65535.
+    /// Default 9301.
+    pub capacity_port: u16,
+}
+
+/// One `[[region]]` table: another region's xlb host, to which a VIP's new flows are
+/// encapsulated when that region's level of the VIP takes load, and whose capacity endpoint
+/// this agent probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// `name`: the region's name, unique among `[[region]]` tables and not `agent.region`
+    /// (this host's own region has no table). Required.
+    pub name: String,
+    /// `tunnel`: the address of that region's xlb host (unicast, not loopback or link-local,
+    /// not a VIP address nor one of `agent.tunnel_addresses`). Required.
+    pub tunnel: IpAddr,
+    /// `capacity_port`: the UDP port of that host's capacity endpoint, 1..=65535.
+    /// Default: `agent.capacity_port`.
+    pub capacity_port: u16,
+    /// `check_interval_ms`: time between capacity probes. Default 1000 ms; valid
+    /// 100..=3600000 ms.
+    pub check_interval: Duration,
+    /// `timeout_ms`: how long one probe may take; must be below the interval. Default 500 ms.
+    pub timeout: Duration,
+    /// `rise`: consecutive answered probes that make the region reachable. Default 2; valid
+    /// 1..=100.
+    pub rise: u8,
+    /// `fall`: consecutive failed probes that make the region unreachable (its healthy share
+    /// is then 0). Default 2; valid 1..=100.
+    pub fall: u8,
+}
+
+/// How a VIP's new flows are spread over its regions (`vip.failover.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailoverMode {
+    /// `"whole"`: every new flow goes to the first region whose healthy share is at least
+    /// `min_healthy`.
+    #[default]
+    Whole,
+    /// `"proportional"`: each region in priority order takes as much of the rest as its
+    /// healthy share carries (share / `min_healthy`), the next region the remainder.
+    Proportional,
+}
+
+impl fmt::Display for FailoverMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FailoverMode::Whole => "whole",
+            FailoverMode::Proportional => "proportional",
+        })
+    }
+}
+
+/// A VIP's `[vip.failover]` table, with every default filled in: when its regions shed load
+/// to lower-priority ones, and when it comes back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Failover {
+    /// `mode`: `"whole"` or `"proportional"`. Default `"whole"`.
+    pub mode: FailoverMode,
+    /// `min_healthy`: the healthy share of a region's backend weight (above 0.0, at most 1.0)
+    /// below which it sheds load. Default 0.7.
+    pub min_healthy: f64,
+    /// `hold_down_ms`: how long a higher-priority region must have been continuously healthy
+    /// before traffic returns to it (failover itself is immediate). Default 30000 ms; valid
+    /// 0..=86400000 ms.
+    pub hold_down: Duration,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Self {
+            mode: FailoverMode::default(),
+            min_healthy: DEFAULT_MIN_HEALTHY,
+            hold_down: Duration::from_millis(u64::from(DEFAULT_HOLD_DOWN_MS)),
+        }
+    }
 }
 
 /// How the XDP program is attached (`agent.xdp_mode`).
@@ -270,9 +395,13 @@ pub struct Vip {
     /// below it the VIP keeps sending to every backend rather than overloading the few that
     /// pass. Default 0.5.
     pub panic_threshold: f64,
-    /// `regions`: region names in priority order (the first is the primary). Default: none, and
-    /// then backends' regions are not checked.
+    /// `regions`: region names in priority order (the first is the primary), each once, at
+    /// most 4; each is `agent.region` or has a `[[region]]` table. Default: none, and then
+    /// backends' regions are not checked.
     pub regions: Vec<String>,
+    /// `failover`: how new flows move between `regions`. Always present: the table's defaults
+    /// when it is left out (it may only be written on a VIP with at least two regions).
+    pub failover: Failover,
     /// The `[[vip.backend]]` tables, in file order. Default: none.
     pub backends: Vec<Backend>,
 }
@@ -1024,6 +1153,25 @@ impl<'a> Ctx<'a> {
 
     /// A share in 0.0..=1.0 (integers 0 and 1 accepted too).
     fn fraction(&mut self, table: &TableRef<'_, '_>, name: &str) -> Field<f64> {
+        self.number(
+            table,
+            name,
+            |n| rules::SHARE_RANGE.contains(&n),
+            "a number in 0.0..=1.0 (a share of the pool)",
+            "0.0..=1.0",
+        )
+    }
+
+    /// A number (float, or integer written as one) that `accept`s; `expected` describes the
+    /// number for a wrong type, `bounds` the valid values for one out of range.
+    fn number(
+        &mut self,
+        table: &TableRef<'_, '_>,
+        name: &str,
+        accept: impl Fn(f64) -> bool,
+        expected: &str,
+        bounds: &str,
+    ) -> Field<f64> {
         let Some(value) = table.get(name) else {
             return Field::Absent;
         };
@@ -1036,19 +1184,16 @@ impl<'a> Ctx<'a> {
                 .and_then(|n| i32::try_from(n).ok())
                 .map(f64::from),
             other => {
-                let message = format!(
-                    "expected a number in 0.0..=1.0 (a share of the pool), found {}",
-                    describe(other)
-                );
+                let message = format!("expected {expected}, found {}", describe(other));
                 self.report(ConfigErrorKind::WrongType, &span, &key, message);
                 return Field::Invalid;
             }
         };
-        match number.filter(|n| rules::SHARE_RANGE.contains(n)) {
+        match number.filter(|n| accept(*n)) {
             Some(value) => Field::Valid(Loc { value, span, key }),
             None => {
                 let shown = &self.text[span.clone()];
-                let message = format!("{shown} is out of range; expected 0.0..=1.0");
+                let message = format!("{shown} is out of range; expected {bounds}");
                 self.report(ConfigErrorKind::OutOfRange, &span, &key, message);
                 Field::Invalid
             }
@@ -1188,6 +1333,17 @@ fn parse_mode(s: &str) -> Result<VipMode, Bad> {
             ("dsr-ipip", VipMode::DsrIpip),
             ("dsr-l2", VipMode::DsrL2),
             ("l7", VipMode::L7),
+        ],
+    )
+}
+
+fn parse_failover_mode(s: &str) -> Result<FailoverMode, Bad> {
+    parse_choice(
+        "failover mode",
+        s,
+        &[
+            ("whole", FailoverMode::Whole),
+            ("proportional", FailoverMode::Proportional),
         ],
     )
 }
@@ -1496,6 +1652,29 @@ struct AgentDraft {
     state_dir: Field<PathBuf>,
     bpffs_dir: Field<PathBuf>,
     flow_table_entries: Field<u32>,
+    region: Field<String>,
+    tunnel_addresses: Field<Vec<Loc<IpAddr>>>,
+    capacity_port: Field<u16>,
+}
+
+struct RegionDraft {
+    path: String,
+    span: Range<usize>,
+    name: Field<String>,
+    tunnel: Field<IpAddr>,
+    capacity_port: Field<u16>,
+    interval_ms: Field<u32>,
+    timeout_ms: Field<u32>,
+    rise: Field<u8>,
+    fall: Field<u8>,
+}
+
+struct FailoverDraft {
+    path: String,
+    span: Range<usize>,
+    mode: Field<FailoverMode>,
+    min_healthy: Field<f64>,
+    hold_down_ms: Field<u32>,
 }
 
 struct VipDraft {
@@ -1509,6 +1688,7 @@ struct VipDraft {
     table_size: Field<u32>,
     check: Option<PartialCheck>,
     regions: Field<Vec<Loc<String>>>,
+    failover: Option<FailoverDraft>,
     backends: Vec<BackendDraft>,
     /// Filled in by validation.
     resolved_check: Option<HealthCheck>,
@@ -1554,7 +1734,7 @@ fn read_config(cx: &mut Ctx<'_>, root: &TableRef<'_, '_>) -> Option<Config> {
         .collect();
     for (name, span) in root_value_keys {
         let message = format!(
-            "unknown key; {}allowed at the top level: [agent], [[vip]]",
+            "unknown key; {}allowed at the top level: [agent], [[vip]], [[region]]",
             suggestion(&name, ROOT_KEYS)
         );
         cx.report(ConfigErrorKind::UnknownKey, &span, &name, message);
@@ -1567,13 +1747,27 @@ fn read_config(cx: &mut Ctx<'_>, root: &TableRef<'_, '_>) -> Option<Config> {
         .flatten()
         .map(|table| read_vip(cx, &table))
         .collect();
+    let region_tables = cx.tables(root, "region", REGION_KEYS, "[[region]]");
+    // Whether every [[region]] could be read: if not (already reported), a VIP's region
+    // without a table may be the unreadable one.
+    let regions_read = match root.get("region").map(Spanned::get_ref) {
+        None => true,
+        Some(DeValue::Array(_)) => region_tables.iter().all(Option::is_some),
+        Some(_) => false,
+    };
+    let regions: Vec<RegionDraft> = region_tables
+        .into_iter()
+        .flatten()
+        .map(|table| read_region(cx, &table))
+        .collect();
 
     for vip in &mut vips {
         validate_vip(cx, vip);
     }
     validate_across_vips(cx, agent.as_ref(), &vips);
+    validate_region_tables(cx, agent.as_ref(), &regions, regions_read, &vips);
 
-    build(agent?, vips)
+    build(agent?, vips, regions)
 }
 
 fn read_agent(cx: &mut Ctx<'_>, root: &TableRef<'_, '_>) -> Option<AgentDraft> {
@@ -1664,6 +1858,9 @@ fn read_agent(cx: &mut Ctx<'_>, root: &TableRef<'_, '_>) -> Option<AgentDraft> {
             i128::from(*FLOW_TABLE_ENTRIES_RANGE.start())
                 ..=i128::from(*FLOW_TABLE_ENTRIES_RANGE.end()),
         ),
+        region: cx.parsed(&t, "region", Optional, NAME_EXPECTED, parse_name),
+        tunnel_addresses: read_tunnel_addresses(cx, &t),
+        capacity_port: cx.int(&t, "capacity_port", Optional, 1..=65535),
         path: t.path,
         span: t.span,
     })
@@ -1693,6 +1890,9 @@ fn read_vip(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> VipDraft {
         .get("health_check")
         .and_then(|value| read_check(cx, value, t.key("health_check")));
     let regions = read_regions(cx, t);
+    let failover = t
+        .get("failover")
+        .and_then(|value| read_failover(cx, value, t.key("failover")));
     let backends = cx
         .tables(t, "backend", BACKEND_KEYS, "[[vip.backend]]")
         .into_iter()
@@ -1710,8 +1910,130 @@ fn read_vip(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> VipDraft {
         table_size,
         check,
         regions,
+        failover,
         backends,
         resolved_check: None,
+    }
+}
+
+fn read_failover(
+    cx: &mut Ctx<'_>,
+    value: &Spanned<DeValue<'_>>,
+    path: String,
+) -> Option<FailoverDraft> {
+    use Presence::Optional;
+    let t = cx.table(value, path, FAILOVER_KEYS, "a table of failover settings")?;
+    Some(FailoverDraft {
+        mode: cx.parsed(
+            &t,
+            "mode",
+            Optional,
+            "\"whole\" or \"proportional\"",
+            parse_failover_mode,
+        ),
+        min_healthy: cx.number(
+            &t,
+            "min_healthy",
+            |n| n > 0.0 && n <= 1.0,
+            "a number above 0.0 and at most 1.0 (a share of a region's backend weight)",
+            "a number above 0.0 and at most 1.0",
+        ),
+        hold_down_ms: cx.int(&t, "hold_down_ms", Optional, range_of(HOLD_DOWN_MS_RANGE)),
+        path: t.path,
+        span: t.span,
+    })
+}
+
+fn read_region(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> RegionDraft {
+    use Presence::{Optional, Required};
+    let interval = range_of(CHECK_INTERVAL_MS_RANGE);
+    let rise_fall = i128::from(*RISE_FALL_RANGE.start())..=i128::from(*RISE_FALL_RANGE.end());
+    RegionDraft {
+        name: cx.parsed(t, "name", Required, NAME_EXPECTED, parse_name),
+        tunnel: cx.parsed(
+            t,
+            "tunnel",
+            Required,
+            "the IP address of that region's xlb host",
+            parse_tunnel,
+        ),
+        capacity_port: cx.int(t, "capacity_port", Optional, 1..=65535),
+        interval_ms: cx.int(t, "check_interval_ms", Optional, interval.clone()),
+        timeout_ms: cx.int(t, "timeout_ms", Optional, 1..=*interval.end()),
+        rise: cx.int(t, "rise", Optional, rise_fall.clone()),
+        fall: cx.int(t, "fall", Optional, rise_fall),
+        path: t.path.clone(),
+        span: t.span.clone(),
+    }
+}
+
+/// A tunnel address (`agent.tunnel_addresses`, `region.tunnel`): an address as a backend's,
+/// and reachable across the network (not loopback or link-local).
+fn parse_tunnel(s: &str) -> Result<IpAddr, Bad> {
+    let ip = parse_ip(s)?;
+    match rules::tunnel_scope(ip) {
+        Some(v) => Err(Bad {
+            kind: v.kind,
+            message: v.message,
+        }),
+        None => Ok(ip),
+    }
+}
+
+fn read_tunnel_addresses(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> Field<Vec<Loc<IpAddr>>> {
+    let Some(value) = t.get("tunnel_addresses") else {
+        return Field::Absent;
+    };
+    let key = t.key("tunnel_addresses");
+    let DeValue::Array(items) = value.get_ref() else {
+        let message = format!(
+            "expected an array of this host's IP addresses, e.g. [\"198.51.100.1\"], found {}",
+            describe(value.get_ref())
+        );
+        cx.report(ConfigErrorKind::WrongType, &value.span(), &key, message);
+        return Field::Invalid;
+    };
+    let mut addresses: Vec<Loc<IpAddr>> = Vec::new();
+    let mut valid = true;
+    for (i, item) in items.iter().enumerate() {
+        let item_key = format!("{key}[{i}]");
+        let DeValue::String(s) = item.get_ref() else {
+            let message = format!("expected {IP_EXPECTED}, found {}", describe(item.get_ref()));
+            cx.report(ConfigErrorKind::WrongType, &item.span(), &item_key, message);
+            valid = false;
+            continue;
+        };
+        match parse_tunnel(s) {
+            Err(bad) => {
+                cx.report(bad.kind, &item.span(), &item_key, bad.message);
+                valid = false;
+            }
+            Ok(ip) => {
+                if let Some(first) = addresses.iter().find(|a| a.value == ip) {
+                    let message = format!(
+                        "{ip} is listed twice (first as {}); list each address once",
+                        first.key
+                    );
+                    cx.report(ConfigErrorKind::Duplicate, &item.span(), &item_key, message);
+                    valid = false;
+                } else {
+                    addresses.push(Loc {
+                        value: ip,
+                        span: item.span(),
+                        key: item_key,
+                    });
+                }
+            }
+        }
+    }
+    if valid {
+        Field::Valid(Loc {
+            value: addresses,
+            span: value.span(),
+            key,
+        })
+    } else {
+        Field::Invalid
     }
 }
 
@@ -1929,9 +2251,23 @@ fn validate_table_size(cx: &mut Ctx<'_>, vip: &VipDraft) {
 }
 
 fn validate_regions(cx: &mut Ctx<'_>, vip: &VipDraft) {
+    if let Some(failover) = &vip.failover {
+        let count = match &vip.regions {
+            Field::Valid(list) => Some(list.value.len()),
+            Field::Absent => Some(0),
+            Field::Invalid => None,
+        };
+        if let Some(v) = count.and_then(|n| rules::failover_regions(n, &vip.path)) {
+            cx.violation(v, &failover.span, &failover.path);
+        }
+    }
     let Some(regions) = vip.regions.loc() else {
         return;
     };
+    if let Some(v) = rules::region_count(regions.value.len()) {
+        let extra = &regions.value[MAX_VIP_REGIONS];
+        cx.violation(v, &extra.span, &extra.key);
+    }
     let names: Vec<&str> = regions.value.iter().map(|r| r.value.as_str()).collect();
     for backend in &vip.backends {
         match &backend.region {
@@ -2274,11 +2610,180 @@ fn validate_across_vips(cx: &mut Ctx<'_>, agent: Option<&AgentDraft>, vips: &[Vi
     }
 }
 
+/// The checks of `[[region]]` tables and of what VIPs' region lists need from them and from
+/// `[agent]`: unique names and tunnels, no table for this host's own region, a table for every
+/// remote region a VIP lists, tunnel addresses apart from VIP addresses, and the outer sources
+/// that encapsulating to remote regions needs.
+fn validate_region_tables(
+    cx: &mut Ctx<'_>,
+    agent: Option<&AgentDraft>,
+    regions: &[RegionDraft],
+    regions_read: bool,
+    vips: &[VipDraft],
+) {
+    let names = regions.iter().map(|r| r.name.value().map(String::as_str));
+    for (i, first_index) in rules::first_duplicates(names) {
+        let Some(name) = regions[i].name.loc() else {
+            continue;
+        };
+        let first = &regions[first_index];
+        let first = format!("{} (line {})", first.path, cx.line_of(first.span.start));
+        cx.violation(
+            rules::duplicate_region(&name.value, &first),
+            &name.span,
+            &name.key,
+        );
+    }
+    let tunnels = regions.iter().map(|r| r.tunnel.value().copied());
+    for (i, first_index) in rules::first_duplicates(tunnels) {
+        let Some(tunnel) = regions[i].tunnel.loc() else {
+            continue;
+        };
+        let first = &regions[first_index];
+        let first = format!(
+            "{} ({:?}, line {})",
+            first.path,
+            first.name.value().map_or("", String::as_str),
+            cx.line_of(first.span.start)
+        );
+        cx.violation(
+            rules::duplicate_tunnel(tunnel.value, &first),
+            &tunnel.span,
+            &tunnel.key,
+        );
+    }
+
+    // The first VIP of each address, for "is a VIP address" conflicts.
+    let mut vip_addresses: std::collections::HashMap<IpAddr, String> = Default::default();
+    for vip in vips {
+        if let Some(address) = vip.address.value() {
+            vip_addresses.entry(*address).or_insert_with(|| {
+                format!(
+                    "{} ({:?})",
+                    vip.path,
+                    vip.name.value().map_or("", String::as_str)
+                )
+            });
+        }
+    }
+    let own_tunnels: &[Loc<IpAddr>] = agent
+        .and_then(|a| a.tunnel_addresses.value())
+        .map_or(&[], Vec::as_slice);
+    for address in own_tunnels {
+        if let Some(vip) = vip_addresses.get(&address.value) {
+            let v = rules::tunnel_is_vip(address.value, vip);
+            cx.violation(v, &address.span, &address.key);
+        }
+    }
+
+    let local = agent.and_then(|a| a.region.or(DEFAULT_REGION.to_owned()));
+    for region in regions {
+        if let (Some(name), Some(local)) = (region.name.loc(), &local)
+            && name.value == *local
+        {
+            cx.violation(rules::region_is_local(local), &name.span, &name.key);
+        }
+        if let Some(tunnel) = region.tunnel.loc() {
+            if let Some(vip) = vip_addresses.get(&tunnel.value) {
+                let v = rules::tunnel_is_vip(tunnel.value, vip);
+                cx.violation(v, &tunnel.span, &tunnel.key);
+            }
+            if let Some(own) = own_tunnels.iter().find(|a| a.value == tunnel.value) {
+                let v = rules::tunnel_is_own(tunnel.value, &own.key);
+                cx.violation(v, &tunnel.span, &tunnel.key);
+            }
+        }
+        let interval = region.interval_ms.or(DEFAULT_REGION_INTERVAL_MS);
+        let timeout = region.timeout_ms.or(DEFAULT_REGION_TIMEOUT_MS);
+        if let (Some(interval), Some(timeout)) = (interval, timeout)
+            && timeout >= interval
+        {
+            let message = format!(
+                "timeout_ms {timeout} is not below check_interval_ms {interval}; expected \
+                 timeout_ms < check_interval_ms (a probe must end before the next one starts)"
+            );
+            let (span, key) = span_key(&region.timeout_ms)
+                .or(span_key(&region.interval_ms))
+                .map_or_else(
+                    || (region.span.clone(), format!("{}.timeout_ms", region.path)),
+                    |(span, key)| (span.clone(), key.to_owned()),
+                );
+            cx.report(ConfigErrorKind::Conflict, &span, &key, message);
+        }
+    }
+
+    // What VIPs' region lists need: only judged when this host's region is known.
+    let Some(local) = local else { return };
+    // A table whose name is missing or invalid (already reported) may be the one a VIP means.
+    let every_name_valid = regions_read && regions.iter().all(|r| r.name.value().is_some());
+    let tunnel_of = |name: &str| {
+        regions
+            .iter()
+            .find(|r| r.name.value().is_some_and(|n| n == name))
+    };
+    for vip in vips {
+        let Some(list) = vip.regions.loc() else {
+            continue;
+        };
+        if vip.mode.value() == Some(&VipMode::L7) {
+            if let Some(remote) = list.value.iter().find(|r| r.value != local) {
+                let v = rules::l7_regions(&remote.value, &local);
+                cx.violation(v, &remote.span, &remote.key);
+            }
+            continue;
+        }
+        for region in &list.value {
+            if region.value != local && every_name_valid && tunnel_of(&region.value).is_none() {
+                let v = rules::region_undefined(&region.value, &local);
+                cx.violation(v, &region.span, &region.key);
+            }
+        }
+    }
+
+    let Some(agent) = agent else { return };
+    for (v6, absent) in [
+        (false, agent.encap_source_v4.is_absent()),
+        (true, agent.encap_source_v6.is_absent()),
+    ] {
+        // One error per missing key: the backends' rule already named it.
+        let backends_need = vips.iter().any(|vip| {
+            vip.mode.or(VipMode::default()).is_some_and(|mode| {
+                vip.backends.iter().any(|b| {
+                    b.address
+                        .value()
+                        .is_some_and(|a| rules::needs_encap_source(mode, *a, v6))
+                })
+            })
+        });
+        if !absent || backends_need {
+            continue;
+        }
+        let needing = vips.iter().find_map(|vip| {
+            let mode = vip.mode.or(VipMode::default())?;
+            vip.regions.value()?.iter().find_map(|name| {
+                let tunnel = *tunnel_of(&name.value)?.tunnel.value()?;
+                (name.value != local && rules::needs_region_encap_source(mode, tunnel, v6))
+                    .then_some((vip, &name.value, tunnel))
+            })
+        });
+        let Some((vip, region, tunnel)) = needing else {
+            continue;
+        };
+        let vip_name = format!(
+            "{} ({:?})",
+            vip.path,
+            vip.name.value().map_or("", String::as_str)
+        );
+        let (key, v) = rules::region_encap_source_missing(v6, &vip_name, region, tunnel);
+        cx.violation(v, &agent.span, &format!("{}.{key}", agent.path));
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Building the typed configuration (only reached when nothing was reported)
 // ---------------------------------------------------------------------------------------------
 
-fn build(agent: AgentDraft, vips: Vec<VipDraft>) -> Option<Config> {
+fn build(agent: AgentDraft, vips: Vec<VipDraft>, regions: Vec<RegionDraft>) -> Option<Config> {
     let agent = Agent {
         interface: agent.interface.value()?.clone(),
         xdp_mode: agent.xdp_mode.or(XdpMode::default())?,
@@ -2293,7 +2798,33 @@ fn build(agent: AgentDraft, vips: Vec<VipDraft>) -> Option<Config> {
         state_dir: agent.state_dir.or(DEFAULT_STATE_DIR.into())?,
         bpffs_dir: agent.bpffs_dir.or(DEFAULT_BPFFS_DIR.into())?,
         flow_table_entries: agent.flow_table_entries.or(DEFAULT_FLOW_TABLE_ENTRIES)?,
+        region: agent.region.or(DEFAULT_REGION.to_owned())?,
+        tunnel_addresses: agent
+            .tunnel_addresses
+            .or(Vec::new())?
+            .into_iter()
+            .map(|a| a.value)
+            .collect(),
+        capacity_port: agent.capacity_port.or(DEFAULT_CAPACITY_PORT)?,
     };
+    let regions = regions
+        .into_iter()
+        .map(|r| {
+            Some(Region {
+                name: r.name.value()?.clone(),
+                tunnel: *r.tunnel.value()?,
+                capacity_port: r.capacity_port.or(agent.capacity_port)?,
+                check_interval: Duration::from_millis(u64::from(
+                    r.interval_ms.or(DEFAULT_REGION_INTERVAL_MS)?,
+                )),
+                timeout: Duration::from_millis(u64::from(
+                    r.timeout_ms.or(DEFAULT_REGION_TIMEOUT_MS)?,
+                )),
+                rise: r.rise.or(DEFAULT_REGION_RISE)?,
+                fall: r.fall.or(DEFAULT_REGION_FALL)?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
     let vips = vips
         .into_iter()
         .map(|vip| {
@@ -2310,6 +2841,16 @@ fn build(agent: AgentDraft, vips: Vec<VipDraft>) -> Option<Config> {
                     })
                 })
                 .collect::<Option<Vec<_>>>()?;
+            let failover = match &vip.failover {
+                Some(f) => Failover {
+                    mode: f.mode.or(FailoverMode::default())?,
+                    min_healthy: f.min_healthy.or(DEFAULT_MIN_HEALTHY)?,
+                    hold_down: Duration::from_millis(u64::from(
+                        f.hold_down_ms.or(DEFAULT_HOLD_DOWN_MS)?,
+                    )),
+                },
+                None => Failover::default(),
+            };
             let panic_threshold = match &vip.check {
                 Some(check) => check.panic_threshold.or(DEFAULT_PANIC_THRESHOLD)?,
                 None => DEFAULT_PANIC_THRESHOLD,
@@ -2329,11 +2870,16 @@ fn build(agent: AgentDraft, vips: Vec<VipDraft>) -> Option<Config> {
                     .into_iter()
                     .map(|r| r.value)
                     .collect(),
+                failover,
                 backends,
             })
         })
         .collect::<Option<Vec<_>>>()?;
-    Some(Config { agent, vips })
+    Some(Config {
+        agent,
+        vips,
+        regions,
+    })
 }
 
 #[cfg(test)]
@@ -2586,7 +3132,7 @@ wieght = 1
         assert_eq!(
             all[1],
             "xlb.toml:6: vips: unknown key; did you mean `vip`? allowed at the top level: \
-             [agent], [[vip]]"
+             [agent], [[vip]], [[region]]"
         );
         assert!(all[2].starts_with(
             "xlb.toml:14: vip[0].health_check.intervall_ms: unknown key; did you mean \
@@ -2647,7 +3193,8 @@ vip = 3
                  string \"1500\"",
                 "xlb.toml:4: agent.vip: unknown key; allowed keys here: interface, xdp_mode, \
                  next_hop_mac, encap_source_v4, encap_source_v6, egress_mtu, admin_socket, \
-                 metrics_listen, state_dir, bpffs_dir, flow_table_entries",
+                 metrics_listen, state_dir, bpffs_dir, flow_table_entries, region, \
+                 tunnel_addresses, capacity_port",
             ]
         );
         assert_only_error(
@@ -3233,6 +3780,14 @@ region = "us-east"
 
 [[vip.backend]]
 address = "10.0.0.2"
+
+[[region]]
+name = "eu-west"
+tunnel = "198.51.100.1"
+
+[[region]]
+name = "eu-north"
+tunnel = "198.51.100.2"
 "#,
         );
         let all = errors(&text);
@@ -3512,6 +4067,466 @@ mode = "l7"
                 .iter()
                 .any(|e| e.contains("never reaches the balancer")),
             "run-time changes are held to the same rule"
+        );
+    }
+
+    /// A valid multi-region file: the agent (lines 1-6), one [[region]] (8-10) and a VIP
+    /// (12-17) with a failover table (19-20) and one backend (22-24).
+    const REGIONS: &str = r#"[agent]
+interface = "eth0"
+encap_source_v4 = "10.255.0.0/16"
+encap_source_v6 = "fd00:ff::/96"
+region = "eu-west"
+tunnel_addresses = ["198.51.100.1"]
+
+[[region]]
+name = "eu-north"
+tunnel = "198.51.100.2"
+
+[[vip]]
+name = "web"
+address = "192.0.2.10"
+port = 80
+protocol = "tcp"
+regions = ["eu-west", "eu-north"]
+
+[vip.failover]
+mode = "proportional"
+
+[[vip.backend]]
+address = "10.0.0.1"
+region = "eu-west"
+"#;
+
+    /// `REGIONS` with `from` replaced by `to` (exactly once).
+    fn regions_with(from: &str, to: &str) -> String {
+        assert_eq!(REGIONS.matches(from).count(), 1, "{from:?}");
+        REGIONS.replace(from, to)
+    }
+
+    #[test]
+    fn region_settings_have_defaults() {
+        let config = ok(&with_agent(
+            "[[vip]]\nname = \"web\"\naddress = \"192.0.2.10\"\nport = 80\nprotocol = \"tcp\"\n",
+        ));
+        assert_eq!(config.agent.region, "local");
+        assert!(config.agent.tunnel_addresses.is_empty());
+        assert_eq!(config.agent.capacity_port, 9301);
+        assert!(config.regions.is_empty());
+        let failover = config.vips[0].failover;
+        assert_eq!(failover, Failover::default());
+        assert_eq!(failover.mode, FailoverMode::Whole);
+        assert_eq!(failover.min_healthy, 0.7);
+        assert_eq!(failover.hold_down, Duration::from_secs(30));
+
+        let config = ok(REGIONS);
+        assert_eq!(config.agent.region, "eu-west");
+        assert_eq!(
+            config.agent.tunnel_addresses,
+            ["198.51.100.1".parse::<IpAddr>().unwrap()]
+        );
+        let region = config.region("eu-north").expect("the [[region]]");
+        assert_eq!(
+            region,
+            &Region {
+                name: "eu-north".into(),
+                tunnel: "198.51.100.2".parse().unwrap(),
+                capacity_port: 9301,
+                check_interval: Duration::from_millis(1000),
+                timeout: Duration::from_millis(500),
+                rise: 2,
+                fall: 2,
+            }
+        );
+        assert_eq!(
+            config.region("eu-west"),
+            None,
+            "this host's region has no table"
+        );
+        let vip = &config.vips[0];
+        assert_eq!(vip.regions, ["eu-west", "eu-north"]);
+        assert_eq!(vip.failover.mode, FailoverMode::Proportional);
+        assert_eq!(vip.failover.min_healthy, 0.7);
+        assert_eq!(vip.failover.hold_down, Duration::from_secs(30));
+        assert_eq!(rules::check(&config), Vec::<String>::new());
+    }
+
+    #[test]
+    fn region_settings_are_parsed() {
+        let text = regions_with(
+            "tunnel_addresses = [\"198.51.100.1\"]\n",
+            "tunnel_addresses = [\"198.51.100.1\", \"2001:db8:ff::1\"]\ncapacity_port = 9400\n",
+        )
+        .replace(
+            "tunnel = \"198.51.100.2\"\n",
+            "tunnel = \"2001:db8:ff::2\"\ncheck_interval_ms = 250\ntimeout_ms = 100\nrise = 3\n\
+             fall = 5\n",
+        )
+        .replace(
+            "mode = \"proportional\"\n",
+            "mode = \"whole\"\nmin_healthy = 1\nhold_down_ms = 0\n",
+        );
+        let config = ok(&text);
+        assert_eq!(config.agent.capacity_port, 9400);
+        assert_eq!(config.agent.tunnel_addresses.len(), 2);
+        let region = &config.regions[0];
+        assert_eq!(region.tunnel, "2001:db8:ff::2".parse::<IpAddr>().unwrap());
+        assert_eq!(region.capacity_port, 9400, "the agent's port by default");
+        assert_eq!(region.check_interval, Duration::from_millis(250));
+        assert_eq!(region.timeout, Duration::from_millis(100));
+        assert_eq!((region.rise, region.fall), (3, 5));
+        let failover = config.vips[0].failover;
+        assert_eq!(failover.mode, FailoverMode::Whole);
+        assert_eq!(failover.min_healthy, 1.0);
+        assert_eq!(failover.hold_down, Duration::ZERO);
+        let config = ok(&regions_with(
+            "tunnel = \"198.51.100.2\"\n",
+            "tunnel = \"198.51.100.2\"\ncapacity_port = 1\n",
+        ));
+        assert_eq!(config.regions[0].capacity_port, 1);
+        // A VIP may list only other regions: this host is then an ingress.
+        let config = ok(&regions_with("\"eu-west\", \"eu-north\"", "\"eu-north\"")
+            .replace("[vip.failover]\nmode = \"proportional\"\n", "")
+            .replace(
+                "address = \"10.0.0.1\"\nregion = \"eu-west\"",
+                "address = \"10.0.0.1\"\nregion = \"eu-north\"",
+            ));
+        assert_eq!(config.vips[0].regions, ["eu-north"]);
+    }
+
+    #[test]
+    fn agent_region_keys_are_validated() {
+        assert_only_error(
+            &regions_with("region = \"eu-west\"\ntunnel", "region = \"EU\"\ntunnel"),
+            "xlb.toml:5: agent.region: \"EU\" contains 'E'",
+        );
+        for (tunnel, what) in [
+            ("127.0.0.1", "is a loopback address"),
+            ("::1", "is the loopback address"),
+            ("169.254.0.1", "is a link-local address"),
+            ("fe80::1", "is a link-local address"),
+            ("0.0.0.0", "is the unspecified address"),
+            ("224.0.0.1", "is a multicast address"),
+            ("198.51.100", "is not an IP address"),
+        ] {
+            assert_only_error(
+                &regions_with(
+                    "[\"198.51.100.1\"]",
+                    &format!("[\"198.51.100.1\", \"{tunnel}\"]"),
+                ),
+                &format!("xlb.toml:6: agent.tunnel_addresses[1]: \"{tunnel}\" {what}")
+                    .replace("\"::1\" is the loopback", "::1 is the loopback")
+                    .replace("\"127.0.0.1\" is a loopback", "127.0.0.1 is a loopback")
+                    .replace("\"169.254.0.1\" is a link", "169.254.0.1 is a link")
+                    .replace("\"fe80::1\" is a link", "fe80::1 is a link"),
+            );
+        }
+        assert_only_error(
+            &regions_with("[\"198.51.100.1\"]", "[\"198.51.100.1\", \"198.51.100.1\"]"),
+            "xlb.toml:6: agent.tunnel_addresses[1]: 198.51.100.1 is listed twice (first as \
+             agent.tunnel_addresses[0]); list each address once",
+        );
+        assert_only_error(
+            &regions_with("[\"198.51.100.1\"]", "\"198.51.100.1\""),
+            "xlb.toml:6: agent.tunnel_addresses: expected an array of this host's IP addresses",
+        );
+        assert_only_error(
+            &regions_with("[\"198.51.100.1\"]", "[\"192.0.2.10\"]"),
+            "xlb.toml:6: agent.tunnel_addresses[0]: 192.0.2.10 is the address of vip[0] \
+             (\"web\"); expected a tunnel address that is no VIP's",
+        );
+        assert_only_error(
+            &regions_with(
+                "region = \"eu-west\"\ntunnel",
+                "capacity_port = 0\nregion = \"eu-west\"\ntunnel",
+            ),
+            "xlb.toml:5: agent.capacity_port: 0 is out of range; expected 1..=65535",
+        );
+        // Empty: none.
+        ok(&regions_with("[\"198.51.100.1\"]", "[]"));
+    }
+
+    #[test]
+    fn region_tables_are_validated() {
+        assert_only_error(
+            &regions_with("name = \"eu-north\"\n", ""),
+            "xlb.toml:8: region[0].name: required key is missing",
+        );
+        assert_only_error(
+            &regions_with("tunnel = \"198.51.100.2\"\n", ""),
+            "xlb.toml:8: region[0].tunnel: required key is missing; expected the IP address of \
+             that region's xlb host",
+        );
+        assert_only_error(
+            &regions_with(
+                "tunnel = \"198.51.100.2\"\n",
+                "tunnel = \"198.51.100.2\"\nweight = 1\n",
+            ),
+            "xlb.toml:11: region[0].weight: unknown key; allowed keys here: name, tunnel, \
+             capacity_port, check_interval_ms, timeout_ms, rise, fall",
+        );
+        let all = errors(&regions_with("name = \"eu-north\"", "name = \"eu-west\""));
+        assert!(
+            all[0].starts_with(
+                "xlb.toml:9: region[0].name: \"eu-west\" is this host's own region \
+                 (agent.region)"
+            ),
+            "{all:#?}"
+        );
+        assert_eq!(all.len(), 2, "and eu-north has no table: {all:#?}");
+        let second = "[[region]]\nname = \"eu-north\"\ntunnel = \"198.51.100.3\"\n\n[[vip]]";
+        assert_only_error(
+            &regions_with("[[vip]]", second),
+            "xlb.toml:13: region[1].name: region \"eu-north\" is already described by region[0] \
+             (line 8); expected each region once",
+        );
+        let second = "[[region]]\nname = \"us-east\"\ntunnel = \"198.51.100.2\"\n\n[[vip]]";
+        assert_only_error(
+            &regions_with("[[vip]]", second),
+            "xlb.toml:14: region[1].tunnel: 198.51.100.2 is already the tunnel of region[0] \
+             (\"eu-north\", line 8)",
+        );
+        assert_only_error(
+            &regions_with("tunnel = \"198.51.100.2\"", "tunnel = \"127.0.0.2\""),
+            "xlb.toml:10: region[0].tunnel: 127.0.0.2 is a loopback address, which other \
+             regions' hosts cannot reach",
+        );
+        assert_only_error(
+            &regions_with("tunnel = \"198.51.100.2\"", "tunnel = \"192.0.2.10\""),
+            "xlb.toml:10: region[0].tunnel: 192.0.2.10 is the address of vip[0] (\"web\")",
+        );
+        assert_only_error(
+            &regions_with("tunnel = \"198.51.100.2\"", "tunnel = \"198.51.100.1\""),
+            "xlb.toml:10: region[0].tunnel: 198.51.100.1 is this host's own tunnel address \
+             (agent.tunnel_addresses[0])",
+        );
+        let probe = |keys: &str| {
+            regions_with(
+                "tunnel = \"198.51.100.2\"\n",
+                &format!("tunnel = \"198.51.100.2\"\n{keys}"),
+            )
+        };
+        assert_only_error(
+            &probe("check_interval_ms = 50\n"),
+            "xlb.toml:11: region[0].check_interval_ms: 50 is out of range; expected \
+             100..=3600000",
+        );
+        assert_only_error(
+            &probe("timeout_ms = 1000\n"),
+            "xlb.toml:11: region[0].timeout_ms: timeout_ms 1000 is not below check_interval_ms \
+             1000; expected timeout_ms < check_interval_ms",
+        );
+        assert_only_error(
+            &probe("check_interval_ms = 400\n"),
+            "xlb.toml:11: region[0].check_interval_ms: timeout_ms 500 is not below \
+             check_interval_ms 400",
+        );
+        assert_only_error(
+            &probe("rise = 0\n"),
+            "xlb.toml:11: region[0].rise: 0 is out of range; expected 1..=100",
+        );
+        assert_only_error(
+            &probe("fall = 101\n"),
+            "xlb.toml:11: region[0].fall: 101 is out of range; expected 1..=100",
+        );
+        assert_only_error(
+            &probe("capacity_port = 65536\n"),
+            "xlb.toml:11: region[0].capacity_port: 65536 is out of range; expected 1..=65535",
+        );
+        assert_only_error(
+            &regions_with("[[region]]\n", "[region]\n"),
+            "xlb.toml:8: region: expected an array of tables ([[region]]), found a table",
+        );
+    }
+
+    #[test]
+    fn vip_regions_are_validated_against_the_region_tables() {
+        assert_only_error(
+            &regions_with("\"eu-west\", \"eu-north\"", "\"eu-west\", \"us-east\""),
+            "xlb.toml:17: vip[0].regions[1]: region \"us-east\" has no [[region]] table and is \
+             not this host's region (\"eu-west\", agent.region); expected a [[region]] with \
+             name = \"us-east\"",
+        );
+        let all = errors(&regions_with(
+            "\"eu-west\", \"eu-north\"",
+            "\"eu-west\", \"eu-north\", \"a\", \"b\", \"c\"",
+        ));
+        assert!(
+            all.iter().any(|e| e.starts_with(
+                "xlb.toml:17: vip[0].regions[4]: 5 regions; expected at most 4 per VIP"
+            )),
+            "{all:#?}"
+        );
+        assert_only_error(
+            &regions_with("\"eu-west\", \"eu-north\"", "\"eu-west\", \"eu-west\""),
+            "xlb.toml:17: vip[0].regions[1]: region \"eu-west\" is listed twice",
+        );
+        assert_only_error(
+            &regions_with("\"eu-west\", \"eu-north\"", "\"eu-west\""),
+            "xlb.toml:19: vip[0].failover: failover needs at least two regions, and \
+             vip[0].regions lists 1",
+        );
+        assert_only_error(
+            &regions_with("regions = [\"eu-west\", \"eu-north\"]\n", ""),
+            "xlb.toml:18: vip[0].failover: failover needs at least two regions, and \
+             vip[0].regions lists 0",
+        );
+        // Backends' regions are still held to the list.
+        assert_only_error(
+            &regions_with(
+                "address = \"10.0.0.1\"\nregion = \"eu-west\"",
+                "address = \"10.0.0.1\"\nregion = \"us-east\"",
+            ),
+            "xlb.toml:24: vip[0].backend[0].region: region \"us-east\" is not in vip[0].regions",
+        );
+    }
+
+    #[test]
+    fn failover_tables_are_validated() {
+        let failover = |keys: &str| regions_with("mode = \"proportional\"\n", keys);
+        assert_only_error(
+            &failover("mode = \"active\"\n"),
+            "xlb.toml:20: vip[0].failover.mode: \"active\" is not a valid failover mode; \
+             expected one of \"whole\", \"proportional\"",
+        );
+        for value in ["0", "0.0", "1.5", "-0.1", "nan"] {
+            assert_only_error(
+                &failover(&format!("min_healthy = {value}\n")),
+                &format!(
+                    "xlb.toml:20: vip[0].failover.min_healthy: {value} is out of range; expected \
+                     a number above 0.0 and at most 1.0"
+                ),
+            );
+        }
+        assert_only_error(
+            &failover("min_healthy = \"70%\"\n"),
+            "xlb.toml:20: vip[0].failover.min_healthy: expected a number above 0.0 and at most \
+             1.0 (a share of a region's backend weight), found the string \"70%\"",
+        );
+        assert_only_error(
+            &failover("hold_down_ms = 86400001\n"),
+            "xlb.toml:20: vip[0].failover.hold_down_ms: 86400001 is out of range; expected \
+             0..=86400000",
+        );
+        assert_only_error(
+            &failover("hold = 1\n"),
+            "xlb.toml:20: vip[0].failover.hold: unknown key; allowed keys here: mode, \
+             min_healthy, hold_down_ms",
+        );
+        assert_only_error(
+            &regions_with(
+                "[vip.failover]\nmode = \"proportional\"\n",
+                "failover = 3\n",
+            ),
+            "xlb.toml:19: vip[0].failover: expected a table of failover settings, found the \
+             integer 3",
+        );
+        ok(&regions_with(
+            "[vip.failover]\nmode = \"proportional\"\n",
+            "failover = { min_healthy = 0.5, hold_down_ms = 86400000 }\n",
+        ));
+    }
+
+    #[test]
+    fn l7_vips_list_only_this_hosts_region() {
+        let l7 = regions_with(
+            "protocol = \"tcp\"\n",
+            "protocol = \"tcp\"\nmode = \"l7\"\n",
+        );
+        assert_only_error(
+            &l7,
+            "xlb.toml:18: vip[0].regions[1]: an l7 VIP is served by this host's HTTP gateway \
+             and cannot fail over to region \"eu-north\"",
+        );
+        ok(&l7
+            .replace("\"eu-west\", \"eu-north\"", "\"eu-west\"")
+            .replace("[vip.failover]\nmode = \"proportional\"\n", ""));
+    }
+
+    #[test]
+    fn remote_regions_need_an_encap_source_of_the_tunnels_family() {
+        // dsr-l2 to a same-family backend needs no source; its remote region still does.
+        let l2 = regions_with("encap_source_v4 = \"10.255.0.0/16\"\n", "")
+            .replace(
+                "protocol = \"tcp\"\n",
+                "protocol = \"tcp\"\nmode = \"dsr-l2\"\n",
+            )
+            .replace("address = \"10.0.0.1\"", "address = \"192.0.2.11\"");
+        assert_only_error(
+            &l2,
+            "xlb.toml:1: agent.encap_source_v4: required key is missing: vip[0] (\"web\") lists \
+             region \"eu-north\", whose xlb host 198.51.100.2 is reached by IPIP, which needs an \
+             outer IPv4 source; expected an IPv4 address or prefix such as \"10.255.0.0/16\"",
+        );
+        let v6 = regions_with("encap_source_v6 = \"fd00:ff::/96\"\n", "")
+            .replace("tunnel = \"198.51.100.2\"", "tunnel = \"2001:db8:ff::2\"");
+        assert_only_error(
+            &v6,
+            "xlb.toml:1: agent.encap_source_v6: required key is missing: vip[0] (\"web\") lists \
+             region \"eu-north\", whose xlb host 2001:db8:ff::2 is reached by IPv6-in-IP",
+        );
+        // The backends' rule names the key first; one error per key.
+        let all = errors(&regions_with("encap_source_v4 = \"10.255.0.0/16\"\n", ""));
+        assert_eq!(all.len(), 1, "{all:#?}");
+        assert!(all[0].contains("forwards to IPv4 backends"), "{all:#?}");
+    }
+
+    #[test]
+    fn run_time_changes_are_held_to_the_region_rules() {
+        let mut cfg = ok(REGIONS);
+        let mut backend = cfg.vips[0].backends[0].clone();
+        backend.address = "10.0.0.2".parse().unwrap();
+        backend.region = "us-east".into();
+        cfg.vips[0].backends.push(backend);
+        let found = rules::check(&cfg);
+        assert!(
+            found.iter().any(|e| e.contains(
+                "region \"us-east\" is not in the regions of VIP \"web\"; expected one of \
+                 \"eu-west\", \"eu-north\""
+            )),
+            "{found:#?}"
+        );
+        let mut cfg = ok(REGIONS);
+        cfg.vips[0].regions.push("us-east".into());
+        cfg.regions[0].tunnel = "192.0.2.10".parse().unwrap();
+        cfg.agent.encap_source_v4 = None;
+        let found = rules::check(&cfg).join("\n");
+        for needle in [
+            "vip \"web\": regions: region \"us-east\" has no [[region]] table",
+            "region \"eu-north\": 192.0.2.10 is the address of VIP \"web\"",
+            "agent.encap_source_v4: required key is missing",
+        ] {
+            assert!(found.contains(needle), "{needle}: {found}");
+        }
+    }
+
+    #[test]
+    fn xlb_check_reports_region_errors_with_file_and_line() {
+        // `xlb check` is `load` plus printing; `load` is `parse` of the file's text.
+        let dir = std::env::temp_dir().join(format!("xlb-regions-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("xlb.toml");
+        std::fs::write(
+            &path,
+            regions_with("name = \"eu-north\"", "name = \"eu-west\""),
+        )
+        .unwrap();
+        let errors = load(&path).expect_err("invalid");
+        std::fs::remove_dir_all(&dir).ok();
+        let all: Vec<String> = errors.errors().iter().map(ToString::to_string).collect();
+        assert_eq!(all.len(), 2, "{all:#?}");
+        let file = path.display().to_string();
+        assert!(
+            all[0].starts_with(&format!(
+                "{file}:9: region[0].name: \"eu-west\" is this host's own region"
+            )),
+            "{all:#?}"
+        );
+        assert!(
+            all[1].starts_with(&format!(
+                "{file}:17: vip[0].regions[1]: region \"eu-north\" has no [[region]] table"
+            )),
+            "{all:#?}"
         );
     }
 }

@@ -1,5 +1,6 @@
 //! The xlb agent's library: loading the XDP programs, reading their counters, and (as the
-//! product grows) the typed map layer, configuration, reconciler, health checks and gateway.
+//! product grows) the typed map layer, configuration, reconciler, health checks, region
+//! failover and gateway.
 //!
 //! The `xlb` binary is a thin shell over this crate; tests use the same loader the agent uses.
 
@@ -18,5 +19,6 @@ pub mod metrics;
 pub mod netlink;
 pub mod pins;
 pub mod reconcile;
+pub mod region;
 pub mod runtime;
 pub mod sim;

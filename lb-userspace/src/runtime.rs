@@ -119,6 +119,7 @@ impl VipSpec {
             health_check: None,
             panic_threshold: self.panic_threshold,
             regions: Vec::new(),
+            failover: Default::default(),
             backends: Vec::new(),
         }
     }

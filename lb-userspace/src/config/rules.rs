@@ -278,6 +278,128 @@ pub fn region(names: &[&str], regions_key: &str, region: Option<&str>) -> Option
     })
 }
 
+/// A VIP lists at most [`super::MAX_VIP_REGIONS`] regions (the data path's region levels).
+pub fn region_count(count: usize) -> Option<Violation> {
+    let limit = super::MAX_VIP_REGIONS;
+    (count > limit).then(|| {
+        Violation::new(
+            ConfigErrorKind::OutOfRange,
+            format!("{count} regions; expected at most {limit} per VIP"),
+        )
+    })
+}
+
+/// A `[vip.failover]` table on a VIP (at `vip`) with fewer than two regions has nothing to
+/// fail over between.
+pub fn failover_regions(count: usize, vip: &str) -> Option<Violation> {
+    (count < 2).then(|| {
+        Violation::new(
+            ConfigErrorKind::Conflict,
+            format!(
+                "failover needs at least two regions, and {vip}.regions lists {count}; expected \
+                 regions = [\"primary\", \"fallback\", ...] in priority order, or no \
+                 failover table"
+            ),
+        )
+    })
+}
+
+/// An l7 VIP is served by this host's gateway: it cannot list a region other than this
+/// host's own (`local`).
+pub fn l7_regions(region: &str, local: &str) -> Violation {
+    Violation::new(
+        ConfigErrorKind::Conflict,
+        format!(
+            "an l7 VIP is served by this host's HTTP gateway and cannot fail over to region \
+             {region:?}; expected only this host's region ({local:?}, agent.region), or an L4 \
+             mode (\"dsr-ipip\", \"dsr-l2\") for multi-region failover"
+        ),
+    )
+}
+
+/// A region a VIP lists is neither this host's (`local`) nor described by a `[[region]]`
+/// table, so there is no host to send its flows to.
+pub fn region_undefined(region: &str, local: &str) -> Violation {
+    Violation::new(
+        ConfigErrorKind::MissingKey,
+        format!(
+            "region {region:?} has no [[region]] table and is not this host's region ({local:?}, \
+             agent.region); expected a [[region]] with name = {region:?} and the tunnel address \
+             of its xlb host"
+        ),
+    )
+}
+
+/// A `[[region]]` table for this host's own region (`agent.region`).
+pub fn region_is_local(local: &str) -> Violation {
+    Violation::new(
+        ConfigErrorKind::Conflict,
+        format!(
+            "{local:?} is this host's own region (agent.region), which is balanced here and has \
+             no [[region]] table; expected the name of another region"
+        ),
+    )
+}
+
+/// Two `[[region]]` tables of one name; `first` says where the first is.
+pub fn duplicate_region(name: &str, first: &str) -> Violation {
+    Violation::new(
+        ConfigErrorKind::Duplicate,
+        format!("region {name:?} is already described by {first}; expected each region once"),
+    )
+}
+
+/// Two regions with one tunnel address (one xlb host serves one region); `first` says which.
+pub fn duplicate_tunnel(tunnel: IpAddr, first: &str) -> Violation {
+    Violation::new(
+        ConfigErrorKind::Duplicate,
+        format!("{tunnel} is already the tunnel of {first}; expected each region's own xlb host"),
+    )
+}
+
+/// A tunnel address must be reachable from other hosts: not loopback or link-local (the
+/// unspecified, multicast and broadcast addresses are refused as for any address).
+pub fn tunnel_scope(tunnel: IpAddr) -> Option<Violation> {
+    let what = match tunnel {
+        IpAddr::V4(a) if a.is_loopback() => "a loopback address",
+        IpAddr::V4(a) if a.is_link_local() => "a link-local address",
+        IpAddr::V6(a) if a.is_loopback() => "the loopback address",
+        IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80 => "a link-local address",
+        _ => return None,
+    };
+    Some(Violation::new(
+        ConfigErrorKind::InvalidValue,
+        format!(
+            "{tunnel} is {what}, which other regions' hosts cannot reach; expected a unicast \
+             address routed between the regions"
+        ),
+    ))
+}
+
+/// A tunnel address that is also a VIP's (`vip` names it): packets to it would be balanced
+/// as the VIP's, not taken as tunnelled or capacity traffic.
+pub fn tunnel_is_vip(tunnel: IpAddr, vip: &str) -> Violation {
+    Violation::new(
+        ConfigErrorKind::Conflict,
+        format!(
+            "{tunnel} is the address of {vip}; expected a tunnel address that is no VIP's \
+             (the balancer takes packets to a VIP address as the VIP's traffic)"
+        ),
+    )
+}
+
+/// A region's tunnel that is one of this host's own (`own` names the key): flows sent there
+/// would come straight back.
+pub fn tunnel_is_own(tunnel: IpAddr, own: &str) -> Violation {
+    Violation::new(
+        ConfigErrorKind::Conflict,
+        format!(
+            "{tunnel} is this host's own tunnel address ({own}), so flows failed over to the \
+             region would come back here; expected the address of that region's xlb host"
+        ),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // Across VIPs
 // ---------------------------------------------------------------------------------------------
@@ -345,6 +467,34 @@ pub fn backend_limit(total: usize) -> Option<Violation> {
 /// outer header has the backend's family, whatever the VIP's.
 pub fn needs_encap_source(mode: VipMode, backend: IpAddr, v6: bool) -> bool {
     mode.encapsulates() && backend.is_ipv6() == v6
+}
+
+/// Whether a VIP in `mode` that lists a remote region whose xlb host is at `tunnel` needs the
+/// tunnel source of family `v6`: flows to another region are always encapsulated (dsr-l2
+/// VIPs too), with the tunnel's family.
+pub fn needs_region_encap_source(mode: VipMode, tunnel: IpAddr, v6: bool) -> bool {
+    mode != VipMode::L7 && tunnel.is_ipv6() == v6
+}
+
+/// The tunnel source of family `v6` is missing although `vip` fails over to `region`, whose
+/// xlb host is at `tunnel`. Returns the `[agent]` key that is missing, and the violation.
+pub fn region_encap_source_missing(
+    v6: bool,
+    vip: &str,
+    region: &str,
+    tunnel: IpAddr,
+) -> (&'static str, Violation) {
+    let (family, key, example, how) = if v6 {
+        ("IPv6", "encap_source_v6", "\"fd00:ff::/96\"", "IPv6-in-IP")
+    } else {
+        ("IPv4", "encap_source_v4", "\"10.255.0.0/16\"", "IPIP")
+    };
+    let message = format!(
+        "required key is missing: {vip} lists region {region:?}, whose xlb host {tunnel} is \
+         reached by {how}, which needs an outer {family} source; expected an {family} address \
+         or prefix such as {example}"
+    );
+    (key, Violation::new(ConfigErrorKind::MissingKey, message))
 }
 
 /// The tunnel source of family `v6` is missing although `vip` forwards to `backend` by
@@ -428,6 +578,32 @@ pub fn check(cfg: &Config) -> Vec<String> {
                 table_size(vip.table_size, weighted),
             );
         }
+        let local = cfg.agent.region.as_str();
+        let at_regions = format!("{at}: regions");
+        say(&at_regions, region_count(vip.regions.len()));
+        for region in vip.regions.iter().filter(|r| *r != local) {
+            if vip.mode == VipMode::L7 {
+                say(&at_regions, Some(l7_regions(region, local)));
+            } else if cfg.region(region).is_none() {
+                say(&at_regions, Some(region_undefined(region, local)));
+            }
+        }
+    }
+    for region in &cfg.regions {
+        let at = format!("region {:?}", region.name);
+        if region.name == cfg.agent.region {
+            out.push(format!("{at}: {}", region_is_local(&region.name).message));
+        }
+        for vip in cfg.vips.iter().filter(|v| v.address == region.tunnel) {
+            let v = tunnel_is_vip(region.tunnel, &format!("VIP {:?}", vip.name));
+            out.push(format!("{at}: {}", v.message));
+        }
+    }
+    for tunnel in &cfg.agent.tunnel_addresses {
+        for vip in cfg.vips.iter().filter(|v| v.address == *tunnel) {
+            let v = tunnel_is_vip(*tunnel, &format!("VIP {:?}", vip.name));
+            out.push(format!("agent.tunnel_addresses: {}", v.message));
+        }
     }
 
     for (i, _) in first_duplicates(cfg.vips.iter().map(|v| Some(v.name.as_str()))) {
@@ -472,6 +648,24 @@ pub fn check(cfg: &Config) -> Vec<String> {
                 v6,
                 &format!("VIP {:?}", vip.name),
                 &backend.address.to_string(),
+            );
+            out.push(format!("agent.{key}: {}", v.message));
+            continue;
+        }
+        let needing = cfg.vips.iter().find_map(|vip| {
+            vip.regions
+                .iter()
+                .filter(|r| **r != cfg.agent.region)
+                .filter_map(|r| cfg.region(r))
+                .find(|r| needs_region_encap_source(vip.mode, r.tunnel, v6))
+                .map(|r| (vip, r))
+        });
+        if let Some((vip, region)) = needing {
+            let (key, v) = region_encap_source_missing(
+                v6,
+                &format!("VIP {:?}", vip.name),
+                &region.name,
+                region.tunnel,
             );
             out.push(format!("agent.{key}: {}", v.message));
         }
