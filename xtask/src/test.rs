@@ -156,6 +156,8 @@ const STEPS: &[Step] = &[
                 "netns",
                 "--test",
                 "e2e",
+                "--test",
+                "capacity",
                 "--",
             ])
             .args(["--test-threads=1"]);
