@@ -279,9 +279,9 @@ fn capacity_probes_go_through_the_tunnel_and_a_broken_tunnel_counts_as_down() {
                         .args(["netns", "exec", &router, "sh", "-c"])
                         .arg(
                             "nft add table inet xlbt && \
-                             nft add chain inet xlbt fwd \
+                             nft add chain inet xlbt tunnels \
                                '{ type filter hook forward priority 0; policy accept; }' && \
-                             nft add rule inet xlbt fwd meta l4proto '{ 4, 41 }' counter drop",
+                             nft add rule inet xlbt tunnels meta l4proto '{ 4, 41 }' counter drop",
                         )
                         .status()
                         .expect("running nft")
