@@ -834,19 +834,21 @@ pub struct RegionReport {
 /// Probes one remote region every `config.interval` through the tunnel ([`probe`]) for the VIPs
 /// currently in `vips` (the agent sends a new list on reload), applies rise/fall with
 /// [`HealthState`], and sends a [`RegionReport`] on `tx` after every probe. Runs until the
-/// returned handle is aborted or `tx`'s receiver is dropped.
+/// returned handle is aborted or `tx`'s receiver is dropped. Must be called inside a tokio
+/// runtime; needs CAP_NET_RAW (as [`probe`]).
 pub fn spawn_region_prober(
     config: RegionProbeConfig,
     vips: watch::Receiver<Vec<VipKey>>,
     tx: mpsc::Sender<RegionReport>,
 ) -> JoinHandle<()> {
-    tokio::spawn(run_region_prober(config, vips, tx))
+    tokio::spawn(run_region_prober(config, vips, tx, Path::Tunnel))
 }
 
 async fn run_region_prober(
     config: RegionProbeConfig,
     vips: watch::Receiver<Vec<VipKey>>,
     tx: mpsc::Sender<RegionReport>,
+    path: Path,
 ) {
     let mut state = if config.start_up {
         HealthState::new(config.rise, config.fall)
@@ -860,7 +862,7 @@ async fn run_region_prober(
     loop {
         ticker.tick().await;
         let list = vips.borrow().clone();
-        let result = probe(config.tunnel, config.port, &list, config.timeout).await;
+        let result = exchange(path, config.tunnel, config.port, &list, config.timeout).await;
         let probe_ok = result.is_ok();
         let transition = state.record(probe_ok, Instant::now());
         let (detail, rtt) = match result {
@@ -1111,7 +1113,7 @@ mod tests {
                     let i = (rng.next() as usize) % b.len();
                     b[i] = rng.next() as u8;
                 }
-                if rng.next() % 4 == 0 {
+                if rng.next().is_multiple_of(4) {
                     b.truncate((rng.next() as usize) % (b.len() + 1));
                 }
                 b
@@ -1335,5 +1337,84 @@ mod tests {
             }
         }
         server.abort();
+    }
+
+    async fn next_report(rx: &mut mpsc::Receiver<RegionReport>) -> RegionReport {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a report within 5 s")
+            .expect("the prober is running")
+    }
+
+    #[tokio::test]
+    async fn the_region_task_applies_rise_and_fall_follows_the_vip_list_and_stops() {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let vips = sample_vips(2);
+        let known = vips[0];
+        let server = tokio::spawn(serve(
+            socket,
+            move |k| (*k == known).then_some(0.5),
+            Arc::new(ServerStats::default()),
+        ));
+        let config = RegionProbeConfig {
+            region: "eu".to_owned(),
+            tunnel: Ipv4Addr::LOCALHOST.into(),
+            port,
+            interval: Duration::from_millis(30),
+            timeout: Duration::from_millis(100),
+            rise: 2,
+            fall: 2,
+            start_up: false,
+        };
+        let (vips_tx, vips_rx) = watch::channel(vips.clone());
+        let (tx, mut rx) = mpsc::channel(8);
+        let task = tokio::spawn(run_region_prober(config, vips_rx, tx, Path::Plain));
+
+        // Starts down: the first passed probe is not enough (rise 2), shares 0 while down.
+        let r = next_report(&mut rx).await;
+        assert_eq!((r.region.as_str(), r.up, r.probe_ok), ("eu", false, true));
+        assert_eq!(r.detail, "ok");
+        assert!(r.rtt.is_some());
+        assert_eq!(r.shares[0].share, 0.0);
+        let r = next_report(&mut rx).await;
+        assert_eq!((r.up, r.transition), (true, Some(Transition::Up)));
+        let shares: Vec<_> = r.shares.iter().map(|s| (s.vip, s.known, s.share)).collect();
+        assert_eq!(shares, vec![(vips[0], true, 0.5), (vips[1], false, 0.0)]);
+
+        // A new VIP list (a reload) is used from the next probe on, in its order.
+        vips_tx.send(vec![vips[1], vips[0]]).unwrap();
+        let r = loop {
+            let r = next_report(&mut rx).await;
+            if r.shares.first().map(|s| s.vip) == Some(vips[1]) {
+                break r;
+            }
+        };
+        let shares: Vec<_> = r.shares.iter().map(|s| (s.vip, s.known, s.share)).collect();
+        assert_eq!(shares, vec![(vips[1], false, 0.0), (vips[0], true, 0.5)]);
+
+        // The endpoint goes away: one failure keeps the region up with the last shares, the
+        // second (fall 2) takes it down with every share 0.
+        server.abort();
+        let _ = server.await;
+        let r = loop {
+            let r = next_report(&mut rx).await;
+            if !r.probe_ok {
+                break r;
+            }
+        };
+        assert!(r.up);
+        assert_eq!(r.detail, "timeout after 100ms");
+        assert_eq!(r.shares[1].share, 0.5, "last good shares stand while up");
+        let r = next_report(&mut rx).await;
+        assert_eq!((r.up, r.transition), (false, Some(Transition::Down)));
+        assert!(r.shares.iter().all(|s| s.share == 0.0));
+
+        // Dropping the receiver stops the task.
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the task ends once nobody listens")
+            .unwrap();
     }
 }
