@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod capacity;
 pub mod config;
 pub mod counters;
 pub mod desired;

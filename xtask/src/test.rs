@@ -160,6 +160,8 @@ const STEPS: &[Step] = &[
                 "e2e",
                 "--test",
                 "regions",
+                "--test",
+                "capacity",
                 "--",
             ])
             .args(["--test-threads=1"]);
