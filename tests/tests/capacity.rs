@@ -134,6 +134,17 @@ fn lab() -> Lab {
          echo 1 > /proc/sys/net/ipv6/conf/all/forwarding",
     ]);
 
+    // Neighbour discovery and link-local DAD take a moment on fresh links: the first probe
+    // must test the tunnel, not race the links coming up. Both directions, both families.
+    for (ns, dst) in [
+        (&prober, REMOTE_V4),
+        (&prober, REMOTE_V6),
+        (&remote, "10.98.0.1"),
+        (&remote, "fd00:98::1"),
+    ] {
+        ns.run(&["ping", "-c", "1", "-w", "10", dst]);
+    }
+
     let mut decap = Daemon::start(
         &remote,
         &xlb_bin(),
