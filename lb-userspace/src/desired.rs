@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use lb_common::types::{FAMILY_V4, FAMILY_V6, LbConfig, VIP_F_DSR_L2, VIP_F_L7, VipKey};
 
 use crate::{
-    config::{Config, VipMode},
+    config::{Config, Vip, VipMode},
     reconcile::{Desired, DesiredBackend, DesiredRegions, DesiredVip},
 };
 
@@ -50,14 +50,23 @@ pub fn vip_key(address: IpAddr, port: u16, proto: u8) -> VipKey {
     key
 }
 
+/// Whether this host serves a backend of `v` itself: a VIP that lists regions is served here
+/// only by the backends of this host's region (`agent.region`); the others belong to their
+/// own region's xlb host. A VIP without regions is served by all of its backends.
+pub fn serves_here(cfg: &Config, v: &Vip, backend_region: &str) -> bool {
+    v.regions.is_empty() || backend_region == cfg.agent.region
+}
+
 /// The desired state of a configuration. `healthy(vip_index, backend_index)` says whether a
 /// backend currently passes its checks; `mac_of` resolves dsr-l2 backends without a configured
-/// MAC (a dsr-l2 backend whose MAC is unknown counts as down).
+/// MAC (a dsr-l2 backend whose MAC is unknown counts as down); `regions(vip)` gives a VIP's
+/// region levels and split. Only the backends this host serves ([`serves_here`]) are included.
 pub fn desired(
     cfg: &Config,
     lb: LbConfig,
     healthy: impl Fn(usize, usize) -> bool,
     mac_of: impl Fn(IpAddr) -> Option<[u8; 6]>,
+    regions: impl Fn(&Vip) -> DesiredRegions,
 ) -> Desired {
     let vips = cfg
         .vips
@@ -76,6 +85,7 @@ pub fn desired(
                 .backends
                 .iter()
                 .enumerate()
+                .filter(|(_, b)| serves_here(cfg, v, &b.region))
                 .map(|(bi, b)| {
                     let mac = match v.mode {
                         VipMode::DsrL2 => b.mac.map(|m| m.0).or_else(|| mac_of(b.address)),
@@ -91,7 +101,7 @@ pub fn desired(
                     }
                 })
                 .collect(),
-            regions: DesiredRegions::default(),
+            regions: regions(v),
         })
         .collect();
     Desired { config: lb, vips }
@@ -107,7 +117,13 @@ mod tests {
             .expect("example parses");
         let lb = lb_config(&cfg, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
         assert_eq!(lb.egress_mtu, cfg.agent.egress_mtu);
-        let d = desired(&cfg, lb, |_, _| true, |_| None);
+        let d = desired(
+            &cfg,
+            lb,
+            |_, _| true,
+            |_| None,
+            |_| DesiredRegions::default(),
+        );
         assert_eq!(d.vips.len(), cfg.vips.len());
         for (dv, cv) in d.vips.iter().zip(&cfg.vips) {
             assert_eq!(dv.key, vip_key(cv.address, cv.port, cv.protocol.number()));
@@ -140,14 +156,26 @@ mac = "02:00:00:00:00:22"
 "#;
         let cfg = crate::config::parse("xlb.toml", text).expect("parses");
         let lb = lb_config(&cfg, [2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
-        let d = desired(&cfg, lb, |_, _| true, |_| None);
+        let d = desired(
+            &cfg,
+            lb,
+            |_, _| true,
+            |_| None,
+            |_| DesiredRegions::default(),
+        );
         let b = &d.vips[0].backends;
         assert!(
             !b[0].healthy && b[0].mac.is_none(),
             "unresolvable MAC: down"
         );
         assert!(b[1].healthy && b[1].mac == Some([2, 0, 0, 0, 0, 0x22]));
-        let resolved = desired(&cfg, lb, |_, _| true, |_| Some([2, 0, 0, 0, 0, 0x21]));
+        let resolved = desired(
+            &cfg,
+            lb,
+            |_, _| true,
+            |_| Some([2, 0, 0, 0, 0, 0x21]),
+            |_| DesiredRegions::default(),
+        );
         assert!(resolved.vips[0].backends[0].healthy);
     }
 }

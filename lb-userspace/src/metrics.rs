@@ -138,6 +138,32 @@ pub struct VipMetrics {
     pub traffic: Traffic,
     /// Its backends.
     pub backends: Vec<BackendMetrics>,
+    /// Its regions, when it lists a remote one.
+    pub regions: Option<VipRegionMetrics>,
+}
+
+/// A VIP's multi-region state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VipRegionMetrics {
+    /// Per region in priority order: (name, healthy share, share of new flows).
+    pub levels: Vec<(String, f64, f64)>,
+    /// The active region (highest-priority one taking new flows).
+    pub active: String,
+    /// Every region is down (last resort).
+    pub last_resort: bool,
+    /// Changes of the split since start.
+    pub transitions: u64,
+}
+
+/// A remote region's capacity probes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RemoteRegionMetrics {
+    /// Region name.
+    pub name: String,
+    /// Its probes pass (rise/fall applied).
+    pub up: bool,
+    /// Round-trip time of the latest successful probe.
+    pub rtt: Option<Duration>,
 }
 
 /// Everything one scrape shows.
@@ -153,6 +179,8 @@ pub struct Snapshot {
     pub reconciles: u64,
     /// Configuration reloads refused (invalid file or failed apply).
     pub reloads_refused: u64,
+    /// Remote regions probed.
+    pub remote_regions: Vec<RemoteRegionMetrics>,
 }
 
 /// Escapes a label value (backslash, double quote, newline).
@@ -257,6 +285,7 @@ pub fn render(s: &Snapshot) -> String {
         }
     }
     render_check_durations(&mut out, s);
+    render_regions(&mut out, s);
     header(
         &mut out,
         "xlb_reconcile_duration_seconds",
@@ -285,6 +314,120 @@ pub fn render(s: &Snapshot) -> String {
         s.reloads_refused
     );
     out
+}
+
+/// The multi-region families: per VIP and region the healthy share and the share of new flows,
+/// the active region, the last-resort flag and transitions; per remote region its probe state.
+fn render_regions(out: &mut String, s: &Snapshot) {
+    let with = || s.vips.iter().filter_map(|v| Some((v, v.regions.as_ref()?)));
+    header(
+        out,
+        "xlb_region_healthy_share",
+        "gauge",
+        "Healthy share of a VIP's capacity in each of its regions (a remote region's as its \
+         agent reports it, 0 while its probes fail).",
+    );
+    for (v, r) in with() {
+        for (name, share, _) in &r.levels {
+            let _ = writeln!(
+                out,
+                "xlb_region_healthy_share{{vip=\"{}\",region=\"{}\"}} {share}",
+                label(&v.name),
+                label(name)
+            );
+        }
+    }
+    header(
+        out,
+        "xlb_region_load",
+        "gauge",
+        "Share of a VIP's new flows each of its regions takes.",
+    );
+    for (v, r) in with() {
+        for (name, _, load) in &r.levels {
+            let _ = writeln!(
+                out,
+                "xlb_region_load{{vip=\"{}\",region=\"{}\"}} {load}",
+                label(&v.name),
+                label(name)
+            );
+        }
+    }
+    header(
+        out,
+        "xlb_region_active",
+        "gauge",
+        "1 for the VIP's active region (the highest-priority one taking new flows), else 0.",
+    );
+    for (v, r) in with() {
+        for (name, _, _) in &r.levels {
+            let _ = writeln!(
+                out,
+                "xlb_region_active{{vip=\"{}\",region=\"{}\"}} {}",
+                label(&v.name),
+                label(name),
+                u8::from(*name == r.active)
+            );
+        }
+    }
+    header(
+        out,
+        "xlb_region_last_resort",
+        "gauge",
+        "1 while every region of the VIP is down and its new flows go to the last resort.",
+    );
+    for (v, r) in with() {
+        let _ = writeln!(
+            out,
+            "xlb_region_last_resort{{vip=\"{}\"}} {}",
+            label(&v.name),
+            u8::from(r.last_resort)
+        );
+    }
+    header(
+        out,
+        "xlb_region_transitions_total",
+        "counter",
+        "Changes of a VIP's split of new flows over its regions (failovers and failbacks).",
+    );
+    for (v, r) in with() {
+        let _ = writeln!(
+            out,
+            "xlb_region_transitions_total{{vip=\"{}\"}} {}",
+            label(&v.name),
+            r.transitions
+        );
+    }
+    header(
+        out,
+        "xlb_remote_region_up",
+        "gauge",
+        "1 while a remote region's capacity probes (through the tunnel) pass, else 0.",
+    );
+    for r in &s.remote_regions {
+        let _ = writeln!(
+            out,
+            "xlb_remote_region_up{{region=\"{}\"}} {}",
+            label(&r.name),
+            u8::from(r.up)
+        );
+    }
+    header(
+        out,
+        "xlb_remote_region_probe_rtt_seconds",
+        "gauge",
+        "Round-trip time of the latest successful capacity probe of a remote region.",
+    );
+    for r in &s.remote_regions {
+        if let Some(rtt) = r.rtt {
+            let _ = writeln!(
+                out,
+                "xlb_remote_region_probe_rtt_seconds{{region=\"{}\"}} {}",
+                label(&r.name),
+                rtt.as_secs_f64()
+            );
+        }
+    }
 }
 
 /// The `xlb_health_check_duration_seconds` histogram family: both results of every checked
@@ -412,8 +555,10 @@ mod tests {
     #[test]
     fn renders_every_family_with_help_type_and_labels() {
         let s = Snapshot {
+            remote_regions: Vec::new(),
             counters: CounterSnapshot::from_pairs([(Counter::FwdEncapV4, 7)]),
             vips: vec![VipMetrics {
+                regions: None,
                 name: "web".into(),
                 traffic: Traffic {
                     packets: 10,
@@ -775,8 +920,10 @@ mod tests {
     #[test]
     fn rendered_histograms_pass_the_text_format_check() {
         let s = Snapshot {
+            remote_regions: Vec::new(),
             vips: vec![
                 VipMetrics {
+                    regions: None,
                     name: "web".into(),
                     traffic: Traffic::default(),
                     backends: vec![
@@ -789,6 +936,7 @@ mod tests {
                     ],
                 },
                 VipMetrics {
+                    regions: None,
                     name: "dns \"v6\"".into(),
                     traffic: Traffic::default(),
                     backends: vec![checked_backend("2001:db8::1", &[7_000_000], &[])],
@@ -873,8 +1021,10 @@ mod tests {
     #[test]
     fn the_whole_scrape_passes_the_text_format_check() {
         let s = Snapshot {
+            remote_regions: Vec::new(),
             counters: CounterSnapshot::from_pairs([(Counter::FwdEncapV4, 7)]),
             vips: vec![VipMetrics {
+                regions: None,
                 name: "web".into(),
                 traffic: Traffic::default(),
                 backends: vec![checked_backend("10.0.0.1", &[300], &[200_000])],

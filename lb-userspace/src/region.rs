@@ -306,6 +306,11 @@ impl VipFailover {
         &self.levels
     }
 
+    /// The levels' healthy shares as last given.
+    pub fn shares(&self) -> &[f64] {
+        &self.shares
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> &Failover {
         &self.policy

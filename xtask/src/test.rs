@@ -162,6 +162,8 @@ const STEPS: &[Step] = &[
                 "regions",
                 "--test",
                 "capacity",
+                "--test",
+                "failover",
                 "--",
             ])
             .args(["--test-threads=1"]);

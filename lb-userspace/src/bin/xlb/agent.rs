@@ -2,6 +2,7 @@
 //! on SIGHUP, serve the admin API, report counters, detach on exit.
 
 mod control;
+mod regions;
 
 use std::{
     path::{Path, PathBuf},
@@ -143,6 +144,10 @@ struct Running {
     pins: Option<(PinDir, AttachMode)>,
     /// Why the balancer is not attached right now, as last logged (logged once per change).
     attachment_problem: Option<String>,
+    /// Multi-region failover: capacity endpoint, remote regions' probers, per-VIP state.
+    regions: regions::Regions,
+    /// Where the remote regions' probers report.
+    region_tx: mpsc::Sender<lb_userspace::capacity::RegionReport>,
 }
 
 /// The backends of `cfg` that have a health check (the VIP's, with the backend's overrides).
@@ -150,6 +155,10 @@ fn targets(cfg: &Config) -> Vec<Target> {
     let mut out = Vec::new();
     for (vi, v) in cfg.vips.iter().enumerate() {
         for (bi, b) in v.backends.iter().enumerate() {
+            // Another region's backends are that region's xlb host's to check.
+            if !desired::serves_here(cfg, v, &b.region) {
+                continue;
+            }
             if let Some(check) = &b.health_check {
                 out.push(Target {
                     id: TargetId {
@@ -189,31 +198,40 @@ impl Running {
     fn reconcile(&mut self, cfg: &Config) -> anyhow::Result<usize> {
         let started = std::time::Instant::now();
         let down = self.down.clone();
+        let healthy = |vip, backend| !down.contains(&TargetId { vip, backend });
+        self.regions.configure(cfg, &self.region_tx);
+        let transitions = self.regions.evaluate(cfg, healthy, started);
         let lb = desired::lb_config(cfg, self.facts.lb_mac, self.facts.nexthop(cfg)?);
         let neighbours = &self.facts.neighbours;
+        let regions = &self.regions;
         let want = desired::desired(
             cfg,
             lb,
-            |vip, backend| !down.contains(&TargetId { vip, backend }),
+            healthy,
             |addr| neighbours.get(&addr).copied(),
+            |v| regions.desired(cfg, v),
         );
         for (dv, cv) in want.vips.iter().zip(&cfg.vips) {
             if cv.mode != config::VipMode::DsrL2 {
                 continue;
             }
-            for (db, cb) in dv.backends.iter().zip(&cv.backends) {
-                if db.mac.is_none() {
-                    if let Some(r) = self.resolver.as_mut() {
-                        r.prompt(cb.address);
-                    }
-                    tracing::warn!(
-                        vip = %cv.name,
-                        backend = %cb.address,
-                        "dsr-l2 backend has no MAC (not in the neighbour table): treated as down; \
-                         set its mac in the file"
-                    );
+            for db in dv.backends.iter().filter(|b| b.mac.is_none()) {
+                if let Some(r) = self.resolver.as_mut() {
+                    r.prompt(db.address);
                 }
+                tracing::warn!(
+                    vip = %cv.name,
+                    backend = %db.address,
+                    "dsr-l2 backend has no MAC (not in the neighbour table): treated as down; \
+                     set its mac in the file"
+                );
             }
+        }
+        if let Some(addrs) = self.regions.addrs_to_write(cfg)
+            && let Err(e) = self.balancer.set_region_addrs(&addrs)
+        {
+            self.regions.forget_addrs();
+            return Err(e).context("writing the region tunnel addresses (agent.tunnel_addresses)");
         }
         let plan = self
             .reconciler
@@ -223,9 +241,56 @@ impl Running {
         reconcile::apply(&mut self.balancer, &plan).context("writing the maps")?;
         self.reconciler.commit(plan);
         self.log_panic_changes(cfg, &want);
+        // Logged once the maps carry the new split.
+        for t in transitions {
+            if t.last_resort {
+                tracing::error!(
+                    vip = %t.vip,
+                    active = %t.active,
+                    loads = %t.loads,
+                    reason = %t.reason,
+                    "VIP in LAST RESORT: every region is down; new flows go to this region's \
+                     backends, all of them, healthy or not"
+                );
+            } else if t.initial {
+                tracing::info!(
+                    vip = %t.vip,
+                    active = %t.active,
+                    loads = %t.loads,
+                    reason = %t.reason,
+                    "region split"
+                );
+            } else {
+                tracing::warn!(
+                    vip = %t.vip,
+                    active = %t.active,
+                    loads = %t.loads,
+                    reason = %t.reason,
+                    "region split changed"
+                );
+            }
+        }
         self.last_reconcile = Some(started.elapsed());
         self.reconciles += 1;
         Ok(writes)
+    }
+
+    /// A remote region's probe report: reconciles when it changes what the failover decides.
+    fn on_region_report(&mut self, report: lb_userspace::capacity::RegionReport) {
+        if !self.regions.on_report(report) {
+            return;
+        }
+        self.reconcile_now("applying a remote region's change");
+    }
+
+    /// Reconciles the configuration in force, logging a failure with `what`.
+    fn reconcile_now(&mut self, what: &str) {
+        let Some(cfg) = self.config.clone() else {
+            return;
+        };
+        if let Err(e) = self.reconcile(&cfg) {
+            tracing::error!("{what}: {e:#}");
+        }
     }
 
     /// Logs VIPs entering or leaving panic (fewer healthy backends than their
@@ -413,10 +478,15 @@ impl Running {
                             }
                         })
                         .collect(),
+                    regions: self
+                        .config
+                        .as_ref()
+                        .and_then(|c| self.regions.metrics(c, v)),
                 }
             })
             .collect();
         metrics::Snapshot {
+            remote_regions: self.regions.remote_metrics(),
             counters: self.balancer.counters().unwrap_or_default(),
             vips,
             last_reconcile: self.last_reconcile,
@@ -600,6 +670,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             HashMap::new(),
         ),
     };
+    let (region_tx, mut region_rx) = mpsc::channel::<lb_userspace::capacity::RegionReport>(64);
     let mut running = Running {
         balancer,
         reconciler,
@@ -616,6 +687,8 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         control,
         pins: None,
         attachment_problem: None,
+        regions: regions::Regions::default(),
+        region_tx,
     };
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::ScrapeRequest>(16);
     if let Some(c) = &cfg {
@@ -701,6 +774,10 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             }
             _ = samples.tick() => running.sample_traffic(),
             Some(ev) = health_rx.recv() => running.on_health(ev),
+            Some(report) = region_rx.recv() => running.on_region_report(report),
+            () = until(running.regions.next_deadline()) => {
+                running.reconcile_now("applying a region failback after its hold-down");
+            }
             Some(()) = next_change(&mut changes) => running.refresh_facts().await,
             _ = facts_timer.tick(), if cfg.is_some() => running.refresh_facts().await,
             Some(reply) = scrape_rx.recv() => {
@@ -729,6 +806,14 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         None => tracing::info!(counters = %totals, "stopping; detaching xlb_balancer"),
     }
     Ok(())
+}
+
+/// Sleeps until `deadline`; never, without one.
+async fn until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The next burst of route/neighbour changes; never, without a subscription.

@@ -520,7 +520,12 @@ fn regions_text(vip: &str, r: &admin::RegionStatus) -> String {
         r.reason
     );
     let mut t = Table::new(&[
-        "  REGION", "TUNNEL", "HEALTHY", "LOAD", "PROBE", "NEW FLOWS",
+        "  REGION",
+        "TUNNEL",
+        "HEALTHY",
+        "LOAD",
+        "PROBE",
+        "NEW FLOWS",
     ]);
     for l in &r.levels {
         t.row(vec![

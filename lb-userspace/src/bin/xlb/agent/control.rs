@@ -323,15 +323,25 @@ impl Running {
             vips: HashMap::new(),
             backends: HashMap::new(),
         };
-        for v in self.config.iter().flat_map(|c| &c.vips) {
+        for (cfg, v) in self
+            .config
+            .iter()
+            .flat_map(|c| c.vips.iter().map(move |v| (c, v)))
+        {
             let key = desired::vip_key(v.address, v.port, v.protocol.number());
             if let Some(id) = self.reconciler.vip_id(&key)
                 && let Ok(s) = self.balancer.vip_stats(id)
             {
                 sample.vips.insert(id, s);
             }
-            for b in &v.backends {
-                if let Some(id) = self.reconciler.backend_id(&key, &b.address)
+            // Backends, and the entries of remote regions' xlb hosts.
+            let tunnels = v
+                .regions
+                .iter()
+                .filter_map(|r| cfg.region(r))
+                .map(|r| r.tunnel);
+            for address in v.backends.iter().map(|b| b.address).chain(tunnels) {
+                if let Some(id) = self.reconciler.backend_id(&key, &address)
                     && let Ok(s) = self.balancer.backend_stats(id)
                 {
                     sample.backends.insert(id, s);
@@ -444,7 +454,12 @@ impl Running {
                 new_flows: cur.map_or(0, |s| s.new_flows),
                 origin: overlay.vip_origin(&v.name),
                 backends,
-                regions: None,
+                regions: self.regions.status(cfg, v, |tunnel| {
+                    self.reconciler
+                        .backend_id(&key, &tunnel)
+                        .and_then(|id| now.backends.get(&id))
+                        .map_or(0, |s| s.new_flows)
+                }),
             });
         }
         let agent = AgentInfo {
