@@ -2,6 +2,7 @@
 //! BPF_PROG_TEST_RUN against the real object and loader), frame builders, mismatch rendering,
 //! and network-namespace guards for the end-to-end tests.
 
+pub mod failover;
 pub mod fixture;
 pub mod frames;
 pub mod r#gen;
