@@ -10,7 +10,7 @@ use std::{
 
 use xlb_tests::{
     failover::{Policy, build, new_connection, poll, region_state, start},
-    regions::Region,
+    regions::{Region, RegionTopology},
     servers::HttpConn,
     topology::VIP_V4,
 };
@@ -86,4 +86,151 @@ fn whole_failover_to_b_and_back_after_the_hold_down() {
     let (active, _, r) = region_state(&t);
     assert_eq!(active, "a", "{r}");
     assert!(r["transitions"].as_u64() >= Some(2), "{r}");
+}
+
+/// Which backend answers one new keep-alive-less connection (its name).
+fn served_by(t: &RegionTopology) -> std::io::Result<String> {
+    let vip = SocketAddr::new(IpAddr::V4(VIP_V4), 80);
+    let mut c = HttpConn::open(&t.region(Region::A).clients[0].ns, vip)?;
+    Ok(c.get("/")?.1.trim().to_string())
+}
+
+/// Proportional spill-over: half of A's weight down with min_healthy 0.7 -> A takes
+/// 0.5 / 0.7 = 71.4 % of new connections (all on its healthy backend), B the other 28.6 %.
+#[test]
+fn proportional_spill_over_sends_the_expected_share_to_b() {
+    let mut t = build(2);
+    let p = Policy {
+        mode: "proportional",
+        min_healthy: 0.7,
+        hold_down_ms: 2000,
+    };
+    start(&mut t, &p);
+    t.stop_backend(Region::A, 0);
+    poll(Duration::from_secs(5), || {
+        let (_, _, r) = region_state(&t);
+        (r["levels"][1]["load"].as_f64().unwrap_or(0.0) > 0.2).then_some(())
+    })
+    .expect("region b takes part of the load");
+    let n = 1000;
+    let (mut a, mut b) = (0, 0);
+    for i in 0..n {
+        let who = served_by(&t).unwrap_or_else(|e| panic!("new connection {i}: {e}"));
+        match who.as_str() {
+            "a-backend1" => a += 1,
+            w if w.starts_with("b-") => b += 1,
+            w => panic!("connection {i} served by {w}, which is down or unknown"),
+        }
+    }
+    let share_b = f64::from(b) / f64::from(n);
+    let expected = 1.0 - 0.5 / 0.7;
+    eprintln!("proportional: a {a}, b {b} of {n}: b {share_b:.3} (expected {expected:.3})");
+    assert!(
+        (share_b - expected).abs() <= 0.05,
+        "region b took {share_b:.3} of {n} new connections, expected {expected:.3} within 5 points"
+    );
+}
+
+/// A backend flapping every second for 30 s: one failover at its first fall, no failback while
+/// it flaps (the home region is never healthy for the hold-down), one failback once it is
+/// stable for the hold-down.
+#[test]
+fn a_backend_flapping_every_second_for_30_s_causes_no_region_flap() {
+    let mut t = build(2);
+    let p = Policy {
+        mode: "whole",
+        min_healthy: 0.75,
+        hold_down_ms: 5000,
+    };
+    start(&mut t, &p);
+    let transitions = |t: &RegionTopology| region_state(t).2["transitions"].as_u64().unwrap_or(0);
+    assert_eq!(transitions(&t), 0);
+    let flapping = Instant::now();
+    let mut active_seen = std::collections::BTreeSet::new();
+    while flapping.elapsed() < Duration::from_secs(30) {
+        t.stop_backend(Region::A, 0);
+        std::thread::sleep(Duration::from_millis(1000));
+        active_seen.insert(region_state(&t).0);
+        t.start_backend(Region::A, 0);
+        std::thread::sleep(Duration::from_millis(1000));
+        active_seen.insert(region_state(&t).0);
+    }
+    let (active, _, r) = region_state(&t);
+    assert_eq!(
+        transitions(&t),
+        1,
+        "one failover and no failback during 30 s of flapping: {r}"
+    );
+    assert_eq!(active, "b", "{r}");
+    // Stable now: home after the hold-down.
+    let back = poll(Duration::from_secs(10), || {
+        (region_state(&t).0 == "a").then_some(())
+    });
+    assert!(back.is_some(), "fails back once the backend is stable");
+    assert_eq!(transitions(&t), 2);
+    eprintln!("flapping: active regions seen {active_seen:?}");
+}
+
+/// The tunnel to B cut (IPIP dropped on the WAN, plain traffic still passing) -> B counts as
+/// down; with A's backends dead too, the VIP is in the last resort: logged, shown, counted,
+/// never a silent black hole. Restoring the tunnel sends new flows to B again.
+#[test]
+fn a_cut_tunnel_counts_b_down_and_every_region_down_is_the_counted_last_resort() {
+    let mut t = build(2);
+    let p = Policy {
+        mode: "whole",
+        min_healthy: 0.5,
+        hold_down_ms: 2000,
+    };
+    start(&mut t, &p);
+    t.block_tunnel();
+    let down = poll(Duration::from_secs(5), || {
+        let (_, reachable, r) = region_state(&t);
+        (!reachable).then_some(r)
+    })
+    .expect("region b counts as down when the tunnel drops its probes");
+    assert!(
+        down["levels"][1]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("timeout")),
+        "{down}"
+    );
+    assert!(t.tunnel_drops() > 0, "the probes went into the tunnel");
+
+    // Every region down: last resort.
+    t.stop_backend(Region::A, 0);
+    t.stop_backend(Region::A, 1);
+    let r = poll(Duration::from_secs(5), || {
+        let (_, _, r) = region_state(&t);
+        r["last_resort"].as_bool().unwrap_or(false).then_some(r)
+    })
+    .expect("the VIP goes to the last resort");
+    assert_eq!(r["active"], "a", "last resort is this host's region: {r}");
+    t.agent(Region::A)
+        .wait_for("VIP in LAST RESORT", Duration::from_secs(2));
+    let counted = |t: &RegionTopology| {
+        let (code, out, err) = t.cli(Region::A, &["stats", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+        v["region_last_resort"].as_u64().unwrap_or(0)
+    };
+    let before = counted(&t);
+    assert!(
+        new_connection(&t).is_err(),
+        "no backend anywhere can answer"
+    );
+    assert!(
+        counted(&t) > before,
+        "the last resort's new flows are counted"
+    );
+
+    // The tunnel back: B takes the new flows.
+    t.unblock_tunnel();
+    let who = poll(Duration::from_secs(10), || {
+        new_connection(&t).ok().filter(|w| w.starts_with("b-"))
+    });
+    assert!(who.is_some(), "region b serves once its tunnel works again");
+    let (active, _, r) = region_state(&t);
+    assert_eq!(active, "b", "{r}");
+    assert_eq!(r["last_resort"], false);
 }
