@@ -84,7 +84,8 @@ pub struct DesiredRegions {
 }
 
 impl DesiredRegions {
-    fn has_remote(&self) -> bool {
+    /// Whether a level is a remote region (another region can take the VIP's flows).
+    pub fn has_remote(&self) -> bool {
         self.levels
             .iter()
             .any(|l| matches!(l, DesiredLevel::Remote { .. }))

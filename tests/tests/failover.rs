@@ -9,10 +9,10 @@ use std::{
 };
 
 use xlb_tests::{
-    failover::{Policy, build, new_connection, poll, region_state, start},
+    failover::{CHECK, Policy, build, new_connection, poll, region_state, start},
     regions::{Region, RegionTopology},
     servers::HttpConn,
-    topology::VIP_V4,
+    topology::{VIP_V4, VIP_V6},
 };
 
 /// Whole failover: A's healthy share falls below min_healthy -> new connections are served by
@@ -233,4 +233,84 @@ fn a_cut_tunnel_counts_b_down_and_every_region_down_is_the_counted_last_resort()
     let (active, _, r) = region_state(&t);
     assert_eq!(active, "b", "{r}");
     assert_eq!(r["last_resort"], false);
+}
+
+/// The tunnel over IPv6: region b's xlb host is reached at its IPv6 tunnel address, so the IPv4
+/// VIP's flows cross as IPv4-in-IPv6 and the IPv6 VIP's as IP6IP6; both are served by B's
+/// backends once every backend of A is dead.
+#[test]
+fn failover_through_an_ipv6_tunnel_serves_both_families() {
+    use std::fmt::Write as _;
+    let mut t = build(2);
+    let vips = [("web4", IpAddr::V4(VIP_V4)), ("web6", IpAddr::V6(VIP_V6))];
+    let vip_tables = |r: Region, regions: &str| {
+        let mut text = String::new();
+        for (name, address) in vips {
+            let _ = write!(
+                text,
+                "\n[[vip]]\nname = \"{name}\"\naddress = \"{address}\"\nport = 80\n\
+                 protocol = \"tcp\"\nmode = \"dsr-ipip\"\n{regions}{CHECK}"
+            );
+            for b in &t.region(r).backends {
+                let a = if address.is_ipv4() {
+                    IpAddr::V4(b.v4)
+                } else {
+                    IpAddr::V6(b.v6)
+                };
+                let _ = write!(
+                    text,
+                    "[[vip.backend]]\naddress = \"{a}\"\nregion = \"{}\"\n",
+                    if r == Region::A { "a" } else { "b" }
+                );
+            }
+        }
+        text
+    };
+    let b = format!(
+        "{}region = \"b\"\ntunnel_addresses = [\"{}\"]\n{}",
+        t.region(Region::B).agent_table(),
+        t.tunnel_v6(Region::B),
+        vip_tables(Region::B, "")
+    );
+    let a = format!(
+        "{}region = \"a\"\n\n[[region]]\nname = \"b\"\ntunnel = \"{}\"\n\
+         check_interval_ms = 200\ntimeout_ms = 150\n{}",
+        t.region(Region::A).agent_table(),
+        t.tunnel_v6(Region::B),
+        vip_tables(
+            Region::A,
+            "regions = [\"a\", \"b\"]\n[vip.failover]\nmin_healthy = 0.5\nhold_down_ms = 2000\n"
+        )
+    );
+    t.start_agent(Region::B, &b);
+    t.start_agent(Region::A, &a);
+    poll(Duration::from_secs(10), || region_state(&t).1.then_some(()))
+        .expect("region b reachable through the IPv6 tunnel");
+    t.stop_backend(Region::A, 0);
+    t.stop_backend(Region::A, 1);
+    for (name, address) in vips {
+        let url = match address {
+            IpAddr::V4(a) => format!("http://{a}/"),
+            IpAddr::V6(a) => format!("http://[{a}]/"),
+        };
+        let who = poll(Duration::from_secs(5), || {
+            match t.curl(Region::A, 0, &["--max-time", "2", &url]) {
+                (0, body) if body.trim().starts_with("b-") => Some(body.trim().to_string()),
+                _ => None,
+            }
+        });
+        assert!(
+            who.is_some(),
+            "{name} served by region b through the IPv6 tunnel"
+        );
+    }
+    let (code, out, _) = t.cli(Region::B, &["stats", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("stats json");
+    assert!(
+        v["region_decap"].as_u64() > Some(0),
+        "B stripped the tunnel: {v}"
+    );
+    assert!(v["region_probe_passed"].as_u64() > Some(0), "{v}");
+    assert_eq!(v["drop_region_not_vip"].as_u64(), Some(0), "{v}");
 }

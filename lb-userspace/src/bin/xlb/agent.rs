@@ -298,7 +298,9 @@ impl Running {
     fn log_panic_changes(&mut self, cfg: &Config, want: &reconcile::Desired) {
         let mut now = HashSet::new();
         for (dv, cv) in want.vips.iter().zip(&cfg.vips) {
-            if !reconcile::in_panic(dv) {
+            // A VIP another region can take flows from sheds load instead of panicking; its
+            // last resort is logged as such.
+            if !reconcile::in_panic(dv) || dv.regions.has_remote() {
                 continue;
             }
             now.insert(cv.name.clone());
