@@ -585,7 +585,14 @@ fn hostile_cases() -> Vec<Case> {
         frames::icmp4_error([198, 51, 100, 1], VIP, 3, 4, [0, 0, 5, 0xdc], &q)
     };
     let mut layers = outer_layers(&TUNNEL_V4).to_vec();
-    layers.extend([L3Ipv4, L4Other, RegionDecap, CtMiss, IcmpErrorForwarded, FwdEncapV4]);
+    layers.extend([
+        L3Ipv4,
+        L4Other,
+        RegionDecap,
+        CtMiss,
+        IcmpErrorForwarded,
+        FwdEncapV4,
+    ]);
     cases.push(with_regions(Case::forwards(
         "an inner icmp error quoting a vip flow goes to that flow's backend",
         arriving(&reply, 0, &TUNNEL_V4),
