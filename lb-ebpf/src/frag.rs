@@ -58,6 +58,7 @@ pub fn later(pkt: &Packet) -> Later {
         counters::add(Counter::DropFragUnknown, 1);
         return Later::Drop;
     }
-    counters::add(Counter::PassNotVip, 1);
+    // Not counted here: the caller counts it (pass for the stack, or a drop when the fragment
+    // came through another region's tunnel, where nothing but VIP flows may arrive).
     Later::Pass
 }

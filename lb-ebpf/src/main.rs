@@ -99,7 +99,7 @@ fn balance(ctx: &XdpContext) -> u32 {
     // A later fragment follows its first fragment's record even if its address has lost its
     // VIPs since: the datagram is completed where it started.
     if pkt.later_fragment {
-        return later_fragment(ctx, pkt, cfg);
+        return later_fragment(ctx, pkt, cfg, from_region);
     }
 
     // Traffic to addresses that are certainly not VIPs (ordinary host traffic) is settled by
@@ -177,14 +177,20 @@ fn not_vip(from_region: bool) -> u32 {
 }
 
 /// A fragment without ports follows its datagram's first fragment, or is passed or dropped.
+/// One that came `from_region` is never handed to the stack nor sent to a region again.
 #[inline(always)]
-fn later_fragment(ctx: &XdpContext, pkt: &parse::Packet, cfg: &LbConfig) -> u32 {
+fn later_fragment(ctx: &XdpContext, pkt: &parse::Packet, cfg: &LbConfig, from_region: bool) -> u32 {
     match frag::later(pkt) {
         frag::Later::Follow(rec) => {
             let Some(backend) = select::backend(rec.backend_id) else {
                 counters::add(Counter::DropNoBackend, 1);
                 return xdp_action::XDP_DROP;
             };
+            if from_region && backend.flags & BACKEND_F_REGION != 0 {
+                // A flow crosses at most one region boundary, fragments included.
+                counters::add(Counter::DropNoBackend, 1);
+                return xdp_action::XDP_DROP;
+            }
             counters::add(Counter::FragForwarded, 1);
             let reader = reader::PacketReader::new(ctx);
             select::account(rec.vip_id, rec.backend_id, reader.len() as u64);
@@ -198,7 +204,7 @@ fn later_fragment(ctx: &XdpContext, pkt: &parse::Packet, cfg: &LbConfig) -> u32 
                 fragment_hash(pkt),
             )
         }
-        frag::Later::Pass => xdp_action::XDP_PASS,
+        frag::Later::Pass => not_vip(from_region),
         frag::Later::Drop => xdp_action::XDP_DROP,
     }
 }

@@ -14,8 +14,9 @@ use crate::{counters, l2::L2, parse::Packet, reader::PacketReader};
 pub struct Inner {
     /// The inner packet is IPv4 (else IPv6).
     pub v4: bool,
-    /// The inner destination address is the outer one (IPv4 in the first 4 bytes): a packet
-    /// for this host itself rather than for something behind it (a capacity probe).
+    /// The inner packet is UDP and its destination address is the outer one (IPv4 in the
+    /// first 4 bytes): a packet for this host itself rather than for something behind it (a
+    /// capacity probe).
     #[allow(
         dead_code,
         reason = "read by the balancer only; `expect` would fail in the crate root that uses it"
@@ -40,8 +41,8 @@ pub fn destination(pkt: &Packet) -> LocalAddr {
     }
 }
 
-/// The inner header of a tunnel packet ([`is_tunnel`]): `None` when it is missing, cut short or
-/// not of the version the outer protocol announces.
+/// The inner header of a tunnel packet ([`is_tunnel`]): `None` when it is missing, cut short,
+/// not of the version the outer protocol announces, or longer than the outer packet carries.
 #[inline(always)]
 pub fn inner(reader: &PacketReader, pkt: &Packet) -> Option<Inner> {
     let v4 = pkt.key.proto == proto::IPIP;
@@ -57,11 +58,28 @@ pub fn inner(reader: &PacketReader, pkt: &Packet) -> Option<Inner> {
     if (h[0] >> 4) != if v4 { 4 } else { 6 } {
         return None;
     }
-    let to_outer_dst = if v4 {
-        pkt.key.family == FAMILY_V4 && h[16..20] == pkt.key.dst[..4]
+    // The inner packet must end inside the outer one: bytes after the outer packet (padding,
+    // or anything a sender appended) are not part of the tunnel packet and must not be
+    // forwarded as part of a VIP flow. A kernel tunnel drops such a packet too (the outer
+    // length trims the frame before the inner header is read).
+    let inner_len = if v4 {
+        u16::from_be_bytes([h[2], h[3]]) as usize
     } else {
-        pkt.key.family == FAMILY_V6 && reader.read::<[u8; 16]>(at + 24)? == pkt.key.dst
+        40 + u16::from_be_bytes([h[4], h[5]]) as usize
     };
+    if at + inner_len > outer_end {
+        return None;
+    }
+    // A capacity probe is UDP (the port is the endpoint's business): any other inner packet to
+    // this host's own address (a nested tunnel, TCP to a local service) is no probe and is
+    // dropped after the strip like every other non-VIP packet.
+    let udp = (if v4 { h[9] } else { h[6] }) == proto::UDP;
+    let to_outer_dst = udp
+        && if v4 {
+            pkt.key.family == FAMILY_V4 && h[16..20] == pkt.key.dst[..4]
+        } else {
+            pkt.key.family == FAMILY_V6 && reader.read::<[u8; 16]>(at + 24)? == pkt.key.dst
+        };
     Some(Inner { v4, to_outer_dst })
 }
 

@@ -2676,6 +2676,34 @@ fn validate_region_tables(
         }
     }
 
+    // No backend at a tunnel address: this host's own (a loop through the router) or another
+    // region's xlb host (a region hop behind the failover's back, a loop if mirrored).
+    for vip in vips {
+        for backend in &vip.backends {
+            let Some(address) = backend.address.loc() else {
+                continue;
+            };
+            let what = if let Some(own) = own_tunnels.iter().find(|a| a.value == address.value) {
+                Some(format!("this host's own tunnel address ({})", own.key))
+            } else {
+                regions
+                    .iter()
+                    .find(|r| r.tunnel.value() == Some(&address.value))
+                    .map(|r| {
+                        format!(
+                            "the tunnel of {} ({:?})",
+                            r.path,
+                            r.name.value().map_or("", String::as_str)
+                        )
+                    })
+            };
+            if let Some(what) = what {
+                let v = rules::backend_is_tunnel(address.value, &what);
+                cx.violation(v, &address.span, &address.key);
+            }
+        }
+    }
+
     let local = agent.and_then(|a| a.region.or(DEFAULT_REGION.to_owned()));
     for region in regions {
         if let (Some(name), Some(local)) = (region.name.loc(), &local)
@@ -4244,6 +4272,43 @@ region = "eu-west"
         );
         // Empty: none.
         ok(&regions_with("[\"198.51.100.1\"]", "[]"));
+    }
+
+    /// A backend at a tunnel address would have its flows balanced again by the host that
+    /// strips the tunnel: to this host's own address a loop through the router (the outer
+    /// header is new at every round, the inner TTL never decremented), to another region's
+    /// host a region hop the failover never chose.
+    #[test]
+    fn a_backend_at_a_tunnel_address_is_refused() {
+        assert_only_error(
+            &regions_with("address = \"10.0.0.1\"", "address = \"198.51.100.1\""),
+            "xlb.toml:23: vip[0].backend[0].address: 198.51.100.1 is this host's own tunnel \
+             address (agent.tunnel_addresses[0]), so the flows sent to it would be balanced \
+             again there",
+        );
+        assert_only_error(
+            &regions_with("address = \"10.0.0.1\"", "address = \"198.51.100.2\""),
+            "xlb.toml:23: vip[0].backend[0].address: 198.51.100.2 is the tunnel of region[0] \
+             (\"eu-north\"), so the flows sent to it would be balanced again there",
+        );
+        // Run-time changes are held to the same rule.
+        let mut cfg = ok(REGIONS);
+        cfg.vips[0].backends[0].address = "198.51.100.2".parse().unwrap();
+        assert!(
+            rules::check(&cfg)
+                .iter()
+                .any(|e| e.contains("the tunnel of region \"eu-north\"")),
+            "{:?}",
+            rules::check(&cfg)
+        );
+        cfg.vips[0].backends[0].address = "198.51.100.1".parse().unwrap();
+        assert!(
+            rules::check(&cfg)
+                .iter()
+                .any(|e| e.contains("this host's own tunnel address")),
+            "{:?}",
+            rules::check(&cfg)
+        );
     }
 
     #[test]

@@ -314,3 +314,170 @@ fn failover_through_an_ipv6_tunnel_serves_both_families() {
     assert!(v["region_probe_passed"].as_u64() > Some(0), "{v}");
     assert_eq!(v["drop_region_not_vip"].as_u64(), Some(0), "{v}");
 }
+
+/// What one probe of the timeline saw: a new connection's answer and the established one's.
+fn sample_flows(t: &RegionTopology, conn: &mut Option<HttpConn>) -> String {
+    let new = match new_connection(t) {
+        Ok(who) => who,
+        Err(e) => format!("FAIL({})", e.lines().next().unwrap_or_default()),
+    };
+    let est = match conn.as_mut().map(|c| c.get("/")) {
+        Some(Ok((200, body))) => body.trim().to_owned(),
+        Some(Ok((status, _))) => format!("HTTP {status}"),
+        Some(Err(e)) => {
+            *conn = None;
+            format!("BROKEN({e})")
+        }
+        None => "-".to_owned(),
+    };
+    format!("new {new} / established {est}")
+}
+
+/// Region A's VIP is wholly failed over to B (every A backend dead) and an established
+/// connection runs through B; A's agent is killed (-9) and started again. The established
+/// connection through B must survive, and no dead backend may answer.
+/// A new agent starts its remote region down until `rise` probes pass: before the fix it also
+/// wrote B's region entry down at once, which moved the established flow to a dead local
+/// backend (reset). New connections are still refused while the VIP is in last resort (bounded
+/// below; see the report).
+#[test]
+fn restarting_a_failed_over_agent_is_hitless() {
+    let mut t = build(2);
+    let p = Policy {
+        mode: "whole",
+        min_healthy: 0.5,
+        hold_down_ms: 4000,
+    };
+    start(&mut t, &p);
+    t.stop_backend(Region::A, 0);
+    t.stop_backend(Region::A, 1);
+    poll(Duration::from_secs(5), || {
+        new_connection(&t).ok().filter(|w| w.starts_with("b-"))
+    })
+    .expect("failed over to b");
+    let vip = SocketAddr::new(IpAddr::V4(VIP_V4), 80);
+    let mut conn = Some(HttpConn::open(&t.region(Region::A).clients[0].ns, vip).expect("connect"));
+    let kept = sample_flows(&t, &mut conn);
+    assert!(kept.contains("established b-"), "{kept}");
+
+    let restart = Instant::now();
+    t.agent(Region::A).kill();
+    let config = xlb_tests::failover::config_a(&t, &p);
+    t.start_agent(Region::A, &config);
+    eprintln!("agent a restarted in {:?}", restart.elapsed());
+    let mut timeline = Vec::new();
+    while restart.elapsed() < Duration::from_secs(5) {
+        let s = sample_flows(&t, &mut conn);
+        timeline.push(format!("{:>6} ms  {s}", restart.elapsed().as_millis()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let timeline = timeline.join("\n");
+    eprintln!("after the restart:\n{timeline}");
+    assert!(
+        !timeline.contains("BROKEN") && !timeline.contains("established -"),
+        "the established connection through B did not survive the restart:\n{timeline}"
+    );
+    assert!(
+        !timeline.contains(" a-"),
+        "no dead backend answers:\n{timeline}"
+    );
+    // Known and not fixed (see the breaker's report): a new agent starts B down until `rise`
+    // probes pass (2 x 200 ms here) and A's own backends are adopted down, so the VIP is in
+    // last resort for that long and new connections are refused. Bounded here so that it
+    // cannot grow unnoticed; a fix (adopting the pinned split until B's first probe) would
+    // make it zero.
+    let refused = timeline.matches("new FAIL").count();
+    eprintln!("new connections refused after the restart: {refused} (100 ms apart)");
+    assert!(
+        refused <= 8,
+        "new connections refused for too long:\n{timeline}"
+    );
+}
+
+/// Each region fails over to the other (A: regions [a, b]; B: regions [b, a]) and every backend
+/// of both dies: no packet may bounce between the regions; each side applies its last resort
+/// (counted in `region_last_resort`), status says LAST RESORT and the metric is 1.
+#[test]
+fn mutual_failover_with_every_backend_dead_is_last_resort_without_a_loop() {
+    let mut t = build(2);
+    let p = Policy {
+        mode: "whole",
+        min_healthy: 0.5,
+        hold_down_ms: 1000,
+    };
+    // B lists A as its fallback, probed like A probes B.
+    let mut b = xlb_tests::failover::config_b(&t);
+    b = b.replace(
+        &format!("tunnel_addresses = [\"{}\"]\n", t.tunnel_v4(Region::B)),
+        &format!(
+            "tunnel_addresses = [\"{}\"]\n\n[[region]]\nname = \"a\"\ntunnel = \"{}\"\n\
+             check_interval_ms = 200\ntimeout_ms = 150\nrise = 2\nfall = 2\n",
+            t.tunnel_v4(Region::B),
+            t.tunnel_v4(Region::A)
+        ),
+    );
+    b = b.replace(
+        "mode = \"dsr-ipip\"\n",
+        "mode = \"dsr-ipip\"\nregions = [\"b\", \"a\"]\n[vip.failover]\nmode = \"whole\"\n\
+         min_healthy = 0.5\nhold_down_ms = 1000\n",
+    );
+    b = b.replace(
+        "[[vip.backend]]\naddress",
+        "[[vip.backend]]\nregion = \"b\"\naddress",
+    );
+    t.start_agent(Region::B, &b);
+    let a = xlb_tests::failover::config_a(&t, &p);
+    t.start_agent(Region::A, &a);
+    poll(Duration::from_secs(10), || region_state(&t).1.then_some(()))
+        .expect("region b reachable from a");
+    for r in Region::ALL {
+        for i in 0..2 {
+            t.stop_backend(r, i);
+        }
+    }
+    let last_resort = |t: &xlb_tests::regions::RegionTopology, r: Region| {
+        let (code, out, _) = t.cli(r, &["status"]);
+        code == 0 && out.contains("LAST RESORT")
+    };
+    poll(Duration::from_secs(10), || {
+        (last_resort(&t, Region::A) && last_resort(&t, Region::B)).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "both regions in last resort; a:\n{}\nb:\n{}",
+            t.cli(Region::A, &["status"]).1,
+            t.cli(Region::B, &["status"]).1
+        )
+    });
+    let stats = |t: &xlb_tests::regions::RegionTopology, r: Region| {
+        let (code, out, err) = t.cli(r, &["stats", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).expect("stats json")
+    };
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"));
+    let (a0, b0) = (stats(&t, Region::A), stats(&t, Region::B));
+    for _ in 0..5 {
+        assert!(new_connection(&t).is_err(), "no backend is alive anywhere");
+    }
+    let (a1, b1) = (stats(&t, Region::A), stats(&t, Region::B));
+    for k in ["region_forwarded", "region_decap"] {
+        assert_eq!(n(&a1, k), n(&a0, k), "a {k}: nothing crosses a region");
+        assert_eq!(n(&b1, k), n(&b0, k), "b {k}: nothing crosses a region");
+    }
+    assert!(
+        n(&a1, "region_last_resort") > n(&a0, "region_last_resort"),
+        "a counts its last resort: {a1}"
+    );
+    let metrics = t.region(Region::A).lb.ns.exec(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "3",
+        "http://127.0.0.1:9641/metrics",
+    ]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("xlb_region_last_resort{vip=\"web4\"} 1"),
+        "{metrics}"
+    );
+}

@@ -409,11 +409,206 @@ fn split_cases() -> Vec<Case> {
     cases
 }
 
+/// Tunnel packets built to confuse the decapsulation: odd outer headers, inner packets that
+/// are not ordinary VIP flows, lengths that disagree. Each states the verdict, the frame left
+/// behind and the counters that say why.
+fn hostile_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let syn = frames::tcp4(VIP, 40000, 80, true, b"");
+    let key = world::key_v4(VIP, 40000, 80, proto::TCP);
+    let v4_layers = || {
+        let mut l = outer_layers(&TUNNEL_V4).to_vec();
+        l.extend([L3Ipv4, L4Tcp, RegionDecap, CtMiss, FwdEncapV4]);
+        l
+    };
+
+    // Outer IPv4 header with 4 bytes of options (IHL 6): stripped whole, balanced.
+    let plain = arriving(&syn, 0, &TUNNEL_V4);
+    let mut opts = plain[..34].to_vec();
+    opts.extend_from_slice(&[1, 1, 1, 0]);
+    opts.extend_from_slice(&plain[34..]);
+    frames::set_ipv4_ihl(&mut opts, 6);
+    let len = u16::from_be_bytes([opts[16], opts[17]]) + 4;
+    frames::set_ipv4_total_len(&mut opts, len);
+    frames::fix_ipv4_checksum(&mut opts);
+    cases.push(with_regions(Case::forwards(
+        "v4 outer with ip options: the options go with the outer header",
+        opts,
+        world::encapsulated(&syn, 0, &key, &B1),
+        &v4_layers(),
+    )));
+
+    // Outer IPv6 header with a destination-options extension header.
+    let plain6 = arriving(&syn, 0, &TUNNEL_V6);
+    let ext = frames::with_ipv6_ext(&plain6, 60, &frames::ext_8n(0));
+    let mut layers = outer_layers(&TUNNEL_V6).to_vec();
+    layers.extend([L3Ipv4, L4Tcp, RegionDecap, CtMiss, FwdEncapV4]);
+    cases.push(with_regions(Case::forwards(
+        "v6 outer with an extension header: the whole chain goes",
+        ext,
+        world::encapsulated(&syn, 0, &key, &B1),
+        &layers,
+    )));
+
+    // Ethernet padding after the outer packet: balanced; the padding rides along at the end
+    // (the new outer header's length is the inner packet's, so receivers ignore it).
+    let mut padded = arriving(&syn, 0, &TUNNEL_V4);
+    padded.extend_from_slice(&[0; 6]);
+    let mut out = world::encapsulated(&syn, 0, &key, &B1);
+    out.extend_from_slice(&[0; 6]);
+    cases.push(with_regions(Case::forwards(
+        "v4 outer followed by ethernet padding: balanced",
+        padded,
+        out,
+        &v4_layers(),
+    )));
+
+    // Inner TTL 0 and 1: the balancer is no router hop; the inner packet is forwarded as is.
+    for ttl in [0u8, 1] {
+        let mut inner = syn.clone();
+        inner[22] = ttl;
+        frames::fix_ipv4_checksum(&mut inner);
+        cases.push(with_regions(Case::forwards(
+            format!("inner ttl {ttl}: forwarded unchanged"),
+            arriving(&inner, 0, &TUNNEL_V4),
+            world::encapsulated(&inner, 0, &key, &B1),
+            &v4_layers(),
+        )));
+    }
+
+    // The inner packet claims 20 bytes more than the outer header carries; those 20 bytes
+    // are in the frame (after the outer packet), but are not part of the tunnel packet: a
+    // kernel tunnel drops this (the outer length trims the frame first), and so must XDP:
+    // nothing outside the outer packet may be forwarded as part of a VIP flow.
+    let long = frames::tcp4(VIP, 40000, 80, true, &[0xaa; 20]);
+    let mut f = arriving(&long, 0, &TUNNEL_V4);
+    let outer_len = u16::from_be_bytes([f[16], f[17]]) - 20;
+    f[16..18].copy_from_slice(&outer_len.to_be_bytes());
+    frames::fix_ipv4_checksum(&mut f);
+    let mut layers = outer_layers(&TUNNEL_V4).to_vec();
+    layers.push(DropRegionNotVip);
+    cases.push(with_regions(Case::drops(
+        "an inner packet longer than the outer one carries is dropped",
+        f,
+        &layers,
+    )));
+    // The same with an IPv6 outer header and an IPv6 inner one.
+    let inner6 = frames::tcp6(V6_TCP.key.addr, 40000, 80, true, &[0xaa; 20]);
+    let mut f = arriving(&inner6, 0, &TUNNEL_V6);
+    let payload = u16::from_be_bytes([f[18], f[19]]) - 20;
+    f[18..20].copy_from_slice(&payload.to_be_bytes());
+    let mut layers = outer_layers(&TUNNEL_V6).to_vec();
+    layers.push(DropRegionNotVip);
+    cases.push(with_regions(Case::drops(
+        "v6 outer: an inner packet longer than the outer one carries is dropped",
+        f,
+        &layers,
+    )));
+
+    // The inner packet is shorter than the outer payload: the rest is trailing bytes, forwarded
+    // behind the inner packet (as padding would be).
+    let mut f = arriving(&syn, 0, &TUNNEL_V4);
+    f.extend_from_slice(&[0xbb; 8]);
+    let outer_len = u16::from_be_bytes([f[16], f[17]]) + 8;
+    f[16..18].copy_from_slice(&outer_len.to_be_bytes());
+    frames::fix_ipv4_checksum(&mut f);
+    let mut out = world::encapsulated(&syn, 0, &key, &B1);
+    out.extend_from_slice(&[0xbb; 8]);
+    cases.push(with_regions(Case::forwards(
+        "an inner packet shorter than the outer payload: balanced, the rest trails",
+        f,
+        out,
+        &v4_layers(),
+    )));
+
+    // A nested tunnel: IPIP to the tunnel address inside IPIP to the tunnel address. It is no
+    // capacity probe (not UDP) and no VIP flow: dropped after one strip, never balanced.
+    let nested = arriving(&syn, 0, &TUNNEL_V4);
+    let mut twice = arriving(&nested, 0, &TUNNEL_V4);
+    twice[6..12].copy_from_slice(&ROUTER_MAC);
+    let mut layers = outer_layers(&TUNNEL_V4).to_vec();
+    layers.extend([L3Ipv4, L4Other, RegionDecap, DropRegionNotVip]);
+    let mut case = Case::drops(
+        "ipip in ipip to the tunnel address: stripped once, dropped",
+        twice,
+        &layers,
+    );
+    case.output = Output::Frame(nested);
+    cases.push(with_regions(case));
+    // Any other inner packet to the tunnel address (here TCP to port 22): no probe, dropped.
+    let ssh = frames::tcp4([192, 0, 2, 100], 40000, 22, true, b"");
+    let mut layers = outer_layers(&TUNNEL_V4).to_vec();
+    layers.extend([L3Ipv4, L4Tcp, RegionDecap, DropRegionNotVip]);
+    let mut case = Case::drops(
+        "inner tcp to the tunnel address is no capacity probe: dropped",
+        arriving(&ssh, 0, &TUNNEL_V4),
+        &layers,
+    );
+    case.output = Output::Frame(ssh);
+    cases.push(with_regions(case));
+
+    // A later fragment of a datagram for no VIP: nothing but VIP flows comes through the
+    // tunnel, so it is dropped, not handed to the stack.
+    let mut frag = frames::udp4(NOT_VIP, 5000, 53, &[0; 16]);
+    frames::set_ipv4_fragment(&mut frag, false, 10);
+    frames::fix_ipv4_checksum(&mut frag);
+    let mut layers = outer_layers(&TUNNEL_V4).to_vec();
+    layers.extend([L3Ipv4, L4Fragment, RegionDecap, DropRegionNotVip]);
+    let mut case = Case::drops(
+        "a later fragment for no vip through the tunnel is dropped",
+        arriving(&frag, 0, &TUNNEL_V4),
+        &layers,
+    );
+    case.output = Output::Frame(frag);
+    cases.push(with_regions(case));
+
+    // An inner packet to an L7 VIP: handed to this host's gateway (the VIP is served here).
+    let l7 = frames::tcp4([203, 0, 113, 13], 40000, 443, true, b"");
+    let mut layers = outer_layers(&TUNNEL_V4).to_vec();
+    layers.extend([L3Ipv4, L4Tcp, RegionDecap, PassL7]);
+    let mut case = Case::passes(
+        "an inner packet to an l7 vip reaches this host's gateway",
+        arriving(&l7, 0, &TUNNEL_V4),
+        &layers,
+    );
+    case.output = Output::Frame(l7);
+    cases.push(with_regions(case));
+
+    // An inner ICMP error quoting a VIP flow goes to that flow's backend in this region.
+    let reply = {
+        // The quoted packet: VIP -> client, as the client's router would quote it.
+        let mut q = frames::tcp4(VIP, 40000, 80, false, b"")[14..42].to_vec();
+        q[12..16].copy_from_slice(&VIP);
+        q[16..20].copy_from_slice(&frames::CLIENT_V4);
+        q[20..22].copy_from_slice(&80u16.to_be_bytes());
+        q[22..24].copy_from_slice(&40000u16.to_be_bytes());
+        frames::icmp4_error([198, 51, 100, 1], VIP, 3, 4, [0, 0, 5, 0xdc], &q)
+    };
+    let mut layers = outer_layers(&TUNNEL_V4).to_vec();
+    layers.extend([
+        L3Ipv4,
+        L4Other,
+        RegionDecap,
+        CtMiss,
+        IcmpErrorForwarded,
+        FwdEncapV4,
+    ]);
+    cases.push(with_regions(Case::forwards(
+        "an inner icmp error quoting a vip flow goes to that flow's backend",
+        arriving(&reply, 0, &TUNNEL_V4),
+        world::encapsulated(&reply, 0, &key, &B1),
+        &layers,
+    )));
+
+    cases
+}
+
 #[test]
 fn every_region_fixture_case() {
     let mut cases = ingress_cases();
     cases.extend(mtu_cases());
     cases.extend(split_cases());
+    cases.extend(hostile_cases());
     run_all(world::install, world::reset, &cases);
 }
 

@@ -400,6 +400,24 @@ pub fn tunnel_is_own(tunnel: IpAddr, own: &str) -> Violation {
     )
 }
 
+/// A backend at a region tunnel address (this host's own, or another region's xlb host; `what`
+/// names which): the balancer would encapsulate the VIP's flows to a host that strips the
+/// tunnel and balances them again as flows failed over to it. To this host's own address that
+/// is a loop through the router; to another region's host it is a region hop the failover
+/// state never chose, and a loop if that host lists this one's address the same way. The
+/// outer header is new at every round and the inner TTL is never decremented, so nothing
+/// would end such a loop.
+pub fn backend_is_tunnel(backend: IpAddr, what: &str) -> Violation {
+    Violation::new(
+        ConfigErrorKind::Conflict,
+        format!(
+            "{backend} is {what}, so the flows sent to it would be balanced again there (a loop \
+             or a region hop the failover never chose); expected the address of a real server, \
+             and the region in the VIP's regions to send flows to another region"
+        ),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // Across VIPs
 // ---------------------------------------------------------------------------------------------
@@ -597,6 +615,25 @@ pub fn check(cfg: &Config) -> Vec<String> {
         for vip in cfg.vips.iter().filter(|v| v.address == region.tunnel) {
             let v = tunnel_is_vip(region.tunnel, &format!("VIP {:?}", vip.name));
             out.push(format!("{at}: {}", v.message));
+        }
+    }
+    for vip in &cfg.vips {
+        for b in &vip.backends {
+            let what = if cfg.agent.tunnel_addresses.contains(&b.address) {
+                Some("this host's own tunnel address (agent.tunnel_addresses)".to_owned())
+            } else {
+                cfg.regions
+                    .iter()
+                    .find(|r| r.tunnel == b.address)
+                    .map(|r| format!("the tunnel of region {:?}", r.name))
+            };
+            if let Some(what) = what {
+                let v = backend_is_tunnel(b.address, &what);
+                out.push(format!(
+                    "vip {:?}: backend {}: {}",
+                    vip.name, b.address, v.message
+                ));
+            }
         }
     }
     for tunnel in &cfg.agent.tunnel_addresses {

@@ -36,6 +36,24 @@ struct Remote {
     detail: String,
     /// Round-trip time of the latest successful probe.
     rtt: Option<Duration>,
+    /// The region has been up since this prober started.
+    was_up: bool,
+    /// Failed probes in a row.
+    fails: u32,
+    /// The prober's `fall`.
+    fall: u32,
+}
+
+impl Remote {
+    /// Whether the region's backend entry is written up, so that the flows already pinned to
+    /// it (in the connection table a previous agent left pinned) keep going there. A region
+    /// not judged yet counts as up here, as a local backend does when the agent starts: a
+    /// restarted agent would otherwise write the entry down before its first probe and move
+    /// every established failed-over flow to this region's backends (reset connections). New
+    /// flows are another matter: the split gives the region none until its probes pass.
+    fn entry_up(&self) -> bool {
+        self.up || (!self.was_up && self.fails < self.fall)
+    }
 }
 
 /// A running prober of one remote region.
@@ -188,7 +206,12 @@ impl Regions {
                 start_up: false,
             };
             match self.probers.get(&name) {
-                Some(p) if p.config == config => {
+                Some(p)
+                    if RegionProbeConfig {
+                        start_up: config.start_up,
+                        ..p.config.clone()
+                    } == config =>
+                {
                     p.vips.send_if_modified(|have| {
                         let changed = *have != vips;
                         *have = vips.clone();
@@ -196,6 +219,14 @@ impl Regions {
                     });
                 }
                 _ => {
+                    // A changed probe configuration (a reload) keeps what the region's probes
+                    // said: starting it down again would take its flows away until `rise`
+                    // probes passed.
+                    let kept = self.remote.get(&name).cloned();
+                    let config = RegionProbeConfig {
+                        start_up: kept.as_ref().is_some_and(|r| r.up),
+                        ..config
+                    };
                     let (vips_tx, vips_rx) = watch::channel(vips);
                     let task = capacity::spawn_region_prober(config.clone(), vips_rx, tx.clone());
                     tracing::info!(
@@ -204,13 +235,18 @@ impl Regions {
                         port = config.port,
                         "probing the region's capacity through the tunnel"
                     );
-                    self.remote.insert(
-                        name.clone(),
-                        Remote {
+                    let remote = match kept {
+                        Some(r) => Remote {
+                            fall: u32::from(config.fall.max(1)),
+                            ..r
+                        },
+                        None => Remote {
                             detail: "not probed yet".to_owned(),
+                            fall: u32::from(config.fall.max(1)),
                             ..Remote::default()
                         },
-                    );
+                    };
+                    self.remote.insert(name.clone(), remote);
                     self.probers.insert(
                         name,
                         Prober {
@@ -231,6 +267,9 @@ impl Regions {
             return false;
         };
         let shares: HashMap<VipKey, f64> = report.shares.iter().map(|s| (s.vip, s.share)).collect();
+        let entry_up = remote.entry_up();
+        remote.fails = if report.probe_ok { 0 } else { remote.fails + 1 };
+        remote.was_up |= report.up;
         let changed = remote.up != report.up || remote.shares != shares;
         if report.transition.is_some() {
             if report.up {
@@ -245,7 +284,7 @@ impl Regions {
         if report.rtt.is_some() {
             remote.rtt = report.rtt;
         }
-        changed
+        changed || entry_up != remote.entry_up()
     }
 
     /// Re-evaluates every VIP's failover from the current health (`healthy(vip, backend)` by
@@ -356,7 +395,7 @@ impl Regions {
                 .map(|(i, name)| match (Some(i) == local, cfg.region(name)) {
                     (false, Some(r)) => DesiredLevel::Remote {
                         address: r.tunnel,
-                        up: self.remote.get(name).is_some_and(|r| r.up),
+                        up: self.remote.get(name).is_some_and(Remote::entry_up),
                     },
                     _ => DesiredLevel::Local,
                 })
