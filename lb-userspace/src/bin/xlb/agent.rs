@@ -621,6 +621,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     // loses nothing; the bare `--interface` mode is a throw-away attachment.
     let pins = cfg.as_ref().map(|c| PinDir::new(&c.agent.bpffs_dir));
     let options = LoadOptions { flow_entries };
+    let mut adopted_regions = regions::Regions::default();
     let (balancer, reconciler, seed) = match (&pins, &cfg) {
         (Some(pins), Some(c)) => {
             let (balancer, prepared) = Balancer::load_pinned(options, pins)
@@ -654,6 +655,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
                     .context("reading the adopted maps")?;
                 let reconciler = Reconciler::adopt(&contents);
                 let seed = adopted_health(c, &contents);
+                adopted_regions.adopt(&contents);
                 tracing::info!(
                     pins = %pins.root().display(),
                     vips = contents.vips.len(),
@@ -689,7 +691,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         control,
         pins: None,
         attachment_problem: None,
-        regions: regions::Regions::default(),
+        regions: adopted_regions,
         region_tx,
     };
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::ScrapeRequest>(16);

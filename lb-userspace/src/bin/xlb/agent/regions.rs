@@ -105,6 +105,11 @@ pub struct Regions {
     server_stats: Arc<ServerStats>,
     /// The region tunnel addresses last written to the data path.
     written_addrs: Option<Vec<IpAddr>>,
+    /// Remote regions' xlb hosts (tunnel addresses) whose entries a previous agent left up in
+    /// the adopted maps: they start up, assumed healthy until their first probe answers, as
+    /// local backends do; else a restart of a failed-over agent would send new flows to the
+    /// last resort until `rise` probes passed.
+    adopted_up: HashSet<IpAddr>,
 }
 
 impl Drop for Regions {
@@ -136,6 +141,25 @@ fn loads_text(levels: &[String], loads: &[f64]) -> String {
 }
 
 impl Regions {
+    /// Remembers which remote regions' entries the adopted maps hold up (see `adopted_up`).
+    pub fn adopt(&mut self, contents: &lb_userspace::maps::MapContents) {
+        use lb_common::types::{BACKEND_F_REGION, BACKEND_F_UP, FAMILY_V4};
+        self.adopted_up = contents
+            .backends
+            .iter()
+            .filter(|(_, b)| {
+                b.flags & (BACKEND_F_REGION | BACKEND_F_UP) == BACKEND_F_REGION | BACKEND_F_UP
+            })
+            .map(|(_, b)| {
+                if b.family == FAMILY_V4 {
+                    IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
+                } else {
+                    IpAddr::from(b.addr)
+                }
+            })
+            .collect();
+    }
+
     /// Starts (or keeps, or stops) the capacity endpoint and the probers for `cfg`; reports go
     /// to `tx`. Problems are logged: a region that cannot be probed counts as down, which is
     /// the safe side.
@@ -223,11 +247,12 @@ impl Regions {
                     // said: starting it down again would take its flows away until `rise`
                     // probes passed.
                     let kept = self.remote.get(&name).cloned();
+                    let adopted = kept.is_none() && self.adopted_up.remove(&region.tunnel);
                     let config = RegionProbeConfig {
-                        start_up: kept.as_ref().is_some_and(|r| r.up),
+                        start_up: adopted || kept.as_ref().is_some_and(|r| r.up),
                         ..config
                     };
-                    let (vips_tx, vips_rx) = watch::channel(vips);
+                    let (vips_tx, vips_rx) = watch::channel(vips.clone());
                     let task = capacity::spawn_region_prober(config.clone(), vips_rx, tx.clone());
                     tracing::info!(
                         region = %name,
@@ -239,6 +264,15 @@ impl Regions {
                         Some(r) => Remote {
                             fall: u32::from(config.fall.max(1)),
                             ..r
+                        },
+                        None if adopted => Remote {
+                            up: true,
+                            was_up: true,
+                            // Full shares until the first probe (sent at once) answers.
+                            shares: vips.iter().map(|k| (*k, 1.0)).collect(),
+                            detail: "up in the adopted maps; not probed yet".to_owned(),
+                            fall: u32::from(config.fall.max(1)),
+                            ..Remote::default()
                         },
                         None => Remote {
                             detail: "not probed yet".to_owned(),
