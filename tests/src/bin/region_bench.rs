@@ -402,68 +402,68 @@ fn settings_text(hold_down_ms: u32) -> String {
     )
 }
 
-/// How one figure of a trial is read off it.
-type Figure = fn(&Trial) -> Outcome;
+/// The streams, in the order of [`Pair`]: name, JSON key, what one probe is.
+const STREAMS: [(&str, &str, &str); 2] = [("TCP", "tcp", "conn"), ("UDP", "udp", "echo")];
+
+/// Milliseconds rounded to 0.1 for the JSON.
+fn rounded(v: &[f64]) -> serde_json::Value {
+    serde_json::json!(
+        v.iter()
+            .map(|x| (x * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    )
+}
 
 fn report(args: &Args, trials: &[Trial], elapsed: Duration) -> Result<(), String> {
     let hold = f64::from(args.hold_down_ms);
-    // (label, JSON key, per-trial milliseconds).
-    let time = |f: Figure, minus: f64| -> Vec<f64> {
-        trials.iter().map(|t| ms(f(t).time) - minus).collect()
-    };
-    let taken = |f: fn(&Trial) -> Duration| trials.iter().map(|t| ms(f(t))).collect();
-    let times: [(&str, &str, Vec<f64>); 8] = [
-        (
-            "failover TCP: kill -> first b- conn",
-            "failover_tcp_ms",
-            time(|t| t.failover[0], 0.0),
-        ),
-        (
-            "failover UDP: kill -> first b- echo",
-            "failover_udp_ms",
-            time(|t| t.failover[1], 0.0),
-        ),
-        (
-            "failback TCP: restart -> first a- conn",
-            "failback_tcp_ms",
-            time(|t| t.failback[0], 0.0),
-        ),
-        (
-            "  minus the hold-down",
-            "failback_tcp_minus_hold_down_ms",
-            time(|t| t.failback[0], hold),
-        ),
-        (
-            "failback UDP: restart -> first a- echo",
-            "failback_udp_ms",
-            time(|t| t.failback[1], 0.0),
-        ),
-        (
-            "  minus the hold-down",
-            "failback_udp_minus_hold_down_ms",
-            time(|t| t.failback[1], hold),
-        ),
-        (
-            "the kill itself (stopping 2 nginx + 2 UDP)",
-            "kill_ms",
-            taken(|t| t.kill),
-        ),
-        (
-            "the restart itself (until both serve)",
-            "restart_ms",
-            taken(|t| t.restart),
-        ),
-    ];
-    let losses: [(&str, &str, Figure); 4] = [
-        ("failover TCP connections", "failover_tcp", |t| {
-            t.failover[0]
-        }),
-        ("failover UDP datagrams", "failover_udp", |t| t.failover[1]),
-        ("failback TCP connections", "failback_tcp", |t| {
-            t.failback[0]
-        }),
-        ("failback UDP datagrams", "failback_udp", |t| t.failback[1]),
-    ];
+    // Rows (label, JSON key, one value per trial) of times, then of losses.
+    let mut times: Vec<(String, String, Vec<f64>)> = Vec::new();
+    let mut losses: Vec<(String, String, Vec<Outcome>)> = Vec::new();
+    for (s, (name, key, probe)) in STREAMS.iter().enumerate() {
+        for (phase, event, target, minus) in [
+            ("failover", "kill", "b-", None),
+            ("failback", "restart", "a-", Some(hold)),
+        ] {
+            let o: Vec<Outcome> = trials
+                .iter()
+                .map(|t| {
+                    if minus.is_none() {
+                        t.failover[s]
+                    } else {
+                        t.failback[s]
+                    }
+                })
+                .collect();
+            let ms_of = |minus: f64| o.iter().map(|o| ms(o.time) - minus).collect();
+            times.push((
+                format!("{phase} {name}: {event} -> first {target} {probe}"),
+                format!("{phase}_{key}_ms"),
+                ms_of(0.0),
+            ));
+            if let Some(hold) = minus {
+                times.push((
+                    "  minus the hold-down".into(),
+                    format!("{phase}_{key}_minus_hold_down_ms"),
+                    ms_of(hold),
+                ));
+            }
+            losses.push((
+                format!("{phase} {name} {probe}s"),
+                format!("{phase}_{key}"),
+                o,
+            ));
+        }
+    }
+    times.push((
+        "the kill itself (stopping 2 nginx + 2 UDP)".into(),
+        "kill_ms".into(),
+        trials.iter().map(|t| ms(t.kill)).collect(),
+    ));
+    times.push((
+        "the restart itself (until both serve)".into(),
+        "restart_ms".into(),
+        trials.iter().map(|t| ms(t.restart)).collect(),
+    ));
     let n = trials.len();
     println!(
         "\nregion failover, {n} trials\n{}",
@@ -477,15 +477,15 @@ fn report(args: &Args, trials: &[Trial], elapsed: Duration) -> Result<(), String
     for (label, key, v) in &times {
         let [p50, p99, min, max] = stats(v);
         println!("{label:<42} {p50:>9.1} {p99:>9.1} {min:>9.1} {max:>9.1}");
-        json.insert((*key).into(), serde_json::json!(v));
+        json.insert(key.clone(), rounded(v));
     }
     println!(
         "\n{:<42} {:>14} {:>14} {:>14}",
         "lost / sent per transition", "p50", "max", "total"
     );
-    for (label, key, f) in &losses {
-        let lost: Vec<f64> = trials.iter().map(|t| f(t).lost as f64).collect();
-        let sent: Vec<f64> = trials.iter().map(|t| f(t).sent as f64).collect();
+    for (label, key, o) in &losses {
+        let lost: Vec<f64> = o.iter().map(|o| o.lost as f64).collect();
+        let sent: Vec<f64> = o.iter().map(|o| o.sent as f64).collect();
         let (tl, ts) = (lost.iter().sum::<f64>(), sent.iter().sum::<f64>());
         let pair = |q| format!("{:.0} / {:.0}", percentile(&lost, q), percentile(&sent, q));
         println!(
@@ -494,8 +494,14 @@ fn report(args: &Args, trials: &[Trial], elapsed: Duration) -> Result<(), String
             pair(1.0),
             format!("{tl:.0} / {ts:.0}")
         );
-        json.insert(format!("{key}_lost"), serde_json::json!(lost));
-        json.insert(format!("{key}_sent"), serde_json::json!(sent));
+        json.insert(
+            format!("{key}_lost"),
+            serde_json::json!(o.iter().map(|o| o.lost).collect::<Vec<_>>()),
+        );
+        json.insert(
+            format!("{key}_sent"),
+            serde_json::json!(o.iter().map(|o| o.sent).collect::<Vec<_>>()),
+        );
     }
     println!(
         "\n* nearest-rank p99: of {n} samples, the maximum.\n\
@@ -553,23 +559,16 @@ fn run(args: &Args) -> Result<(), String> {
     for i in 0..args.trials {
         let tr =
             trial(&mut t, &mut echo, hold_down).map_err(|e| format!("trial {}: {e}", i + 1))?;
-        eprintln!(
-            "trial {:>2}: failover TCP {:>6.0} ms ({}/{} lost) UDP {:>6.0} ms ({}/{} lost); \
-             failback TCP {:>6.0} ms ({}/{} lost) UDP {:>6.0} ms ({}/{} lost)",
-            i + 1,
-            ms(tr.failover[0].time),
-            tr.failover[0].lost,
-            tr.failover[0].sent,
-            ms(tr.failover[1].time),
-            tr.failover[1].lost,
-            tr.failover[1].sent,
-            ms(tr.failback[0].time),
-            tr.failback[0].lost,
-            tr.failback[0].sent,
-            ms(tr.failback[1].time),
-            tr.failback[1].lost,
-            tr.failback[1].sent,
-        );
+        let line: Vec<String> = [("failover", &tr.failover), ("failback", &tr.failback)]
+            .into_iter()
+            .flat_map(|(phase, pair)| {
+                STREAMS.iter().zip(pair).map(move |((name, ..), o)| {
+                    let (at, lost, sent) = (ms(o.time), o.lost, o.sent);
+                    format!("{phase} {name} {at:>5.0} ms ({lost}/{sent} lost)")
+                })
+            })
+            .collect();
+        eprintln!("trial {:>2}: {}", i + 1, line.join("; "));
         trials.push(tr);
     }
     report(args, &trials, started.elapsed())
