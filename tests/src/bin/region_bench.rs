@@ -402,8 +402,11 @@ fn settings_text(hold_down_ms: u32) -> String {
     )
 }
 
-/// The streams, in the order of [`Pair`]: name, JSON key, what one probe is.
-const STREAMS: [(&str, &str, &str); 2] = [("TCP", "tcp", "conn"), ("UDP", "udp", "echo")];
+/// The streams, in the order of [`Pair`]: name, JSON key, what answers, what is lost.
+const STREAMS: [(&str, &str, &str, &str); 2] = [
+    ("TCP", "tcp", "conn", "connections"),
+    ("UDP", "udp", "echo", "datagrams"),
+];
 
 /// Milliseconds rounded to 0.1 for the JSON.
 fn rounded(v: &[f64]) -> serde_json::Value {
@@ -419,7 +422,7 @@ fn report(args: &Args, trials: &[Trial], elapsed: Duration) -> Result<(), String
     // Rows (label, JSON key, one value per trial) of times, then of losses.
     let mut times: Vec<(String, String, Vec<f64>)> = Vec::new();
     let mut losses: Vec<(String, String, Vec<Outcome>)> = Vec::new();
-    for (s, (name, key, probe)) in STREAMS.iter().enumerate() {
+    for (s, (name, key, answer, probe)) in STREAMS.iter().enumerate() {
         for (phase, event, target, minus) in [
             ("failover", "kill", "b-", None),
             ("failback", "restart", "a-", Some(hold)),
@@ -436,7 +439,7 @@ fn report(args: &Args, trials: &[Trial], elapsed: Duration) -> Result<(), String
                 .collect();
             let ms_of = |minus: f64| o.iter().map(|o| ms(o.time) - minus).collect();
             times.push((
-                format!("{phase} {name}: {event} -> first {target} {probe}"),
+                format!("{phase} {name}: {event} -> first {target} {answer}"),
                 format!("{phase}_{key}_ms"),
                 ms_of(0.0),
             ));
@@ -448,7 +451,7 @@ fn report(args: &Args, trials: &[Trial], elapsed: Duration) -> Result<(), String
                 ));
             }
             losses.push((
-                format!("{phase} {name} {probe}s"),
+                format!("{phase} {name} {probe}"),
                 format!("{phase}_{key}"),
                 o,
             ));
