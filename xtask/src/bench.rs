@@ -7,6 +7,8 @@
 //! `dataplane` runs the `dataplane-bench` binary of the `xlb-tests` crate: the balancer's
 //! per-packet cost per packet class with live-frames `BPF_PROG_TEST_RUN`, next to a trivial XDP
 //! program, printed as a table and written to `target/xlb-bench/dataplane.json`.
+//! `region` runs `region-bench`: multi-region failover and failback times (p50, p99) over 10
+//! trials on the two-region topology, and the new flows lost during each transition.
 
 use std::{path::PathBuf, process::Command};
 
@@ -39,6 +41,9 @@ enum Bench {
     /// End to end in the namespace topology: wrk requests/s and new connections/s through xlb,
     /// nftables DNAT and HAProxy (TCP) to the same nginx backends, with CPU per 1,000 requests.
     E2e,
+    /// Multi-region failover: every backend of region A dies -> first new connection via B,
+    /// and back after the hold-down, over 10 trials, with new flows lost per transition.
+    Region,
 }
 
 fn workspace_root() -> PathBuf {
@@ -60,7 +65,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let (bin, out) = match args.what {
         Bench::Dataplane => ("dataplane-bench", "target/xlb-bench/dataplane.json"),
-        Bench::Control | Bench::E2e => {
+        Bench::Control | Bench::E2e | Bench::Region => {
             // These benches start the real agent: build the release binary first.
             let status = Command::new(&cargo)
                 .current_dir(&root)
@@ -72,6 +77,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             match args.what {
                 Bench::E2e => ("e2e-bench", "target/xlb-bench/e2e.json"),
+                Bench::Region => ("region-bench", "target/xlb-bench/region.json"),
                 _ => ("control-bench", "target/xlb-bench/control.json"),
             }
         }
