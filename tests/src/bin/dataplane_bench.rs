@@ -33,13 +33,17 @@ use aya::{TestRun, TestRunAttrs, TestRunOptions, programs::Xdp};
 use clap::Parser;
 use lb_common::{
     counters::Counter,
-    types::{BACKEND_F_UP, Backend, FAMILY_V4, FAMILY_V6, LbConfig, VipKey, proto},
+    types::{
+        BACKEND_F_REGION, BACKEND_F_UP, Backend, FAMILY_V4, FAMILY_V6, LbConfig, REGION_LOCAL,
+        REGION_SCALE, VipKey, proto,
+    },
 };
 use lb_userspace::{
     bench::{BenchPrograms, PROG_PASS, PROG_RESTORE, PROG_TX},
     counters::CounterSnapshot,
     loader::{Balancer, LoadOptions},
     maglev,
+    maps::RegionSplit,
 };
 use serde_json::json;
 use xlb_tests::{
@@ -88,6 +92,26 @@ const VIP_V4: [u8; 4] = frames::VIP_V4;
 const VIP_V6: [u8; 16] = frames::VIP_V6;
 /// An address no VIP uses.
 const NOT_A_VIP: [u8; 4] = [203, 0, 113, 99];
+/// A VIP failed over wholly to a remote region.
+const VIP_REMOTE: [u8; 4] = [203, 0, 113, 20];
+/// This balancer's region tunnel address (another region's xlb host sends flows here).
+const TUNNEL: world::WorldBackend = world::WorldBackend {
+    id: 0,
+    addr: [192, 0, 2, 100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    family: FAMILY_V4,
+    mac: [0; 6],
+};
+/// The backend id standing for the remote region's xlb host.
+const REMOTE_ID: u32 = 60_000;
+
+/// `inner` as it arrives from another region's xlb host: in IPIP to [`TUNNEL`].
+fn from_region(inner: &[u8]) -> Vec<u8> {
+    let any = world::key_v4(VIP_V4, 1, 1, proto::TCP);
+    let mut f = world::encapsulated(inner, 0, &any, &TUNNEL);
+    f[..6].copy_from_slice(&frames::LB_MAC);
+    f[6..12].copy_from_slice(&frames::ROUTER_MAC);
+    f
+}
 
 /// Which trivial program a class is compared with: the one returning the same verdict, so both
 /// sides pay for the same kernel work after the program (sending out of the veth, or building
@@ -190,6 +214,22 @@ fn classes() -> Vec<Class> {
             verdict: Verdict::Tx,
             path: Counter::IcmpTooBigSent,
             new_flow_each_time: false,
+        },
+        Class {
+            name: "from a region (IPIP ACK)",
+            frame: from_region(&ack4(41_006)),
+            prime: Some(from_region(&syn4(41_006))),
+            verdict: Verdict::Tx,
+            path: Counter::RegionDecap,
+            new_flow_each_time: false,
+        },
+        Class {
+            name: "new flow, remote region",
+            frame: frames::tcp4(VIP_REMOTE, 41_007, 80, true, b""),
+            prime: None,
+            verdict: Verdict::Tx,
+            path: Counter::RegionForwarded,
+            new_flow_each_time: true,
         },
         Class {
             name: "non-VIP pass",
@@ -443,6 +483,30 @@ fn install(b: &mut Balancer, n: u32) -> Result<()> {
     for (id, key, table) in vips {
         b.publish_vip(&key, id, 0, table).context("publish VIP")?;
     }
+    // Multi-region: flows from another region arrive at TUNNEL; VIP_REMOTE sends every new
+    // flow to the remote region's xlb host.
+    b.set_region_addrs(&[std::net::IpAddr::from([192, 0, 2, 100])])
+        .context("region addresses")?;
+    let remote = Backend {
+        addr: v4([198, 18, 0, 2]),
+        family: FAMILY_V4,
+        flags: BACKEND_F_UP | BACKEND_F_REGION,
+        ..Default::default()
+    };
+    b.set_backend(REMOTE_ID, &remote).context("remote region")?;
+    let split = RegionSplit {
+        count: 2,
+        upto: [0, REGION_SCALE, 0, 0],
+        backend: [REGION_LOCAL, REMOTE_ID, 0, 0],
+    };
+    b.publish_vip_split(
+        &vip_key(v4(VIP_REMOTE), 80, proto::TCP, FAMILY_V4),
+        4,
+        0,
+        &table4,
+        &split,
+    )
+    .context("publish the remote-region VIP")?;
     Ok(())
 }
 
