@@ -29,8 +29,26 @@ pub fn run(args: CheckArgs) -> ! {
         Ok(config) => {
             let vips = config.vips.len();
             let backends = config.backend_count();
+            // With regions, say which region this host is and what its VIPs fail over to, so a
+            // file meant for another host is noticed before it is deployed.
+            let failing_over = config
+                .vips
+                .iter()
+                .filter(|v| v.regions.iter().any(|r| *r != config.agent.region))
+                .count();
+            let regions = if failing_over == 0 {
+                String::new()
+            } else {
+                let names: Vec<&str> = config.regions.iter().map(|r| r.name.as_str()).collect();
+                format!(
+                    "; this host is region {:?}, {failing_over} {} with other regions ({})",
+                    config.agent.region,
+                    plural(failing_over, "VIP", "VIPs"),
+                    names.join(", ")
+                )
+            };
             println!(
-                "{file}: ok: {vips} {}, {backends} {}",
+                "{file}: ok: {vips} {}, {backends} {}{regions}",
                 plural(vips, "VIP", "VIPs"),
                 plural(backends, "backend", "backends")
             );
