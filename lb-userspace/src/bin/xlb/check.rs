@@ -39,7 +39,14 @@ pub fn run(args: CheckArgs) -> ! {
             let regions = if failing_over == 0 {
                 String::new()
             } else {
-                let names: Vec<&str> = config.regions.iter().map(|r| r.name.as_str()).collect();
+                // The regions VIPs list, in order of first mention ([[region]] tables no VIP
+                // lists are not failed over to).
+                let mut names: Vec<&str> = Vec::new();
+                for r in config.vips.iter().flat_map(|v| &v.regions) {
+                    if *r != config.agent.region && !names.contains(&r.as_str()) {
+                        names.push(r);
+                    }
+                }
                 format!(
                     "; this host is region {:?}, {failing_over} {} with other regions ({})",
                     config.agent.region,

@@ -57,7 +57,8 @@ enum Commands {
     /// Make the running agent re-read its configuration file (as SIGHUP does); an invalid file
     /// is refused with every error (exit 2) and the running state stays.
     Reload,
-    /// The running agent, its VIPs and backends: rates, health, active flows, weights.
+    /// The running agent, its VIPs and backends: rates, health, active flows, weights; each
+    /// VIP's regions: the active one, why and since when, shares and loads.
     Status(cli::StatusArgs),
     /// The data path's counters by name (the non-zero ones), or with --watch their rates.
     Stats(cli::StatsArgs),
