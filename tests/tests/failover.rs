@@ -477,3 +477,49 @@ fn mutual_failover_with_every_backend_dead_is_last_resort_without_a_loop() {
         "{metrics}"
     );
 }
+
+/// A restart does not cut a hold-down short: A is failed over to B, A's backends come back, and
+/// A's agent is killed and restarted while the failback waits for its hold-down. The restarted
+/// agent resumes from the pinned split: new connections stay with B after the restart and come
+/// home only after a full hold-down.
+#[test]
+fn a_restart_during_the_hold_down_does_not_fail_back_early() {
+    let mut t = build(2);
+    let p = Policy {
+        mode: "whole",
+        min_healthy: 0.5,
+        hold_down_ms: 5000,
+    };
+    start(&mut t, &p);
+    t.stop_backend(Region::A, 0);
+    t.stop_backend(Region::A, 1);
+    poll(Duration::from_secs(5), || {
+        new_connection(&t).ok().filter(|w| w.starts_with("b-"))
+    })
+    .expect("failed over to b");
+    t.start_backend(Region::A, 0);
+    t.start_backend(Region::A, 1);
+    std::thread::sleep(Duration::from_millis(1000));
+    t.agent(Region::A).kill();
+    let config = config_a(&t, &p);
+    t.start_agent(Region::A, &config);
+    let restarted = Instant::now();
+    while restarted.elapsed() < Duration::from_secs(3) {
+        let who = new_connection(&t).expect("new connection after the restart");
+        assert!(
+            who.starts_with("b-"),
+            "failed back {:?} after the restart, within the hold-down: {who}",
+            restarted.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let home = poll(Duration::from_secs(8), || {
+        new_connection(&t)
+            .ok()
+            .filter(|w| w.starts_with("a-"))
+            .map(|_| restarted.elapsed())
+    })
+    .expect("fails back after the hold-down");
+    eprintln!("failed back {home:?} after the restart (hold-down 5 s)");
+    assert!(home >= Duration::from_millis(4500), "{home:?}");
+}

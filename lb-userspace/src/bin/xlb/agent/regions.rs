@@ -110,6 +110,10 @@ pub struct Regions {
     /// local backends do; else a restart of a failed-over agent would send new flows to the
     /// last resort until `rise` probes passed.
     adopted_up: HashSet<IpAddr>,
+    /// Per VIP, the loads of the region split the adopted maps hold: a restarted agent resumes
+    /// from it, so a region that took no new flows before the restart gets them back only after
+    /// a full hold-down, never early because the agent restarted.
+    adopted_loads: HashMap<VipKey, Vec<f64>>,
 }
 
 impl Drop for Regions {
@@ -141,9 +145,28 @@ fn loads_text(levels: &[String], loads: &[f64]) -> String {
 }
 
 impl Regions {
-    /// Remembers which remote regions' entries the adopted maps hold up (see `adopted_up`).
+    /// Remembers which remote regions' entries the adopted maps hold up (see `adopted_up`) and
+    /// each VIP's split (see `adopted_loads`).
     pub fn adopt(&mut self, contents: &lb_userspace::maps::MapContents) {
-        use lb_common::types::{BACKEND_F_REGION, BACKEND_F_UP, FAMILY_V4};
+        use lb_common::types::{BACKEND_F_REGION, BACKEND_F_UP, FAMILY_V4, REGION_SCALE};
+        self.adopted_loads = contents
+            .vips
+            .iter()
+            .filter(|(_, m)| m.region_count > 0)
+            .map(|(k, m)| {
+                let n = (m.region_count as usize).min(m.region_upto.len());
+                let mut below = 0;
+                let loads = m.region_upto[..n]
+                    .iter()
+                    .map(|&upto| {
+                        let load = f64::from(upto.saturating_sub(below)) / f64::from(REGION_SCALE);
+                        below = upto.max(below);
+                        load
+                    })
+                    .collect();
+                (*k, loads)
+            })
+            .collect();
         self.adopted_up = contents
             .backends
             .iter()
@@ -376,8 +399,20 @@ impl Regions {
                     t
                 }
                 None => {
-                    let failover =
-                        VipFailover::new(names.clone(), local_level, v.failover, now, &shares);
+                    // After a restart: start from the adopted split (a level that took no new
+                    // flows counts as unproven), then take the shares as they are now, so a
+                    // failback waits the hold-down as if the agent had never stopped.
+                    let start: Vec<f64> = match self.adopted_loads.remove(&key) {
+                        Some(loads) if loads.len() == shares.len() => shares
+                            .iter()
+                            .zip(&loads)
+                            .map(|(&s, &l)| if l > 0.0 { s } else { 0.0 })
+                            .collect(),
+                        _ => shares.clone(),
+                    };
+                    let mut failover =
+                        VipFailover::new(names.clone(), local_level, v.failover, now, &start);
+                    failover.update(now, &shares);
                     transitions.push(RegionTransition {
                         vip: v.name.clone(),
                         active: failover.active().to_owned(),
