@@ -1,0 +1,15 @@
+//! The L7 API gateway for VIPs in `l7` mode (issue 7): the XDP program passes their packets to
+//! the host stack, where the agent terminates HTTP/1.1 and HTTP/2 (hyper on tokio, TLS with
+//! rustls) and runs each request through named phases: check framing and normalise the path ->
+//! match a route -> authenticate -> rate-limit -> pick an upstream -> forward -> log.
+//!
+//! Each phase that decides something is pure logic in its own module, with no sockets and no
+//! runtime, so that the security-relevant decisions (which route a request reaches, which requests
+//! are refused before routing) are unit-tested exhaustively and the server around them stays a
+//! thin shell. So far:
+//! - [`normalize`]: refuse ambiguous framing, normalise the path, strip hop-by-hop headers. It
+//!   runs *before* routing so that `/public/../admin` is matched (and authenticated) as `/admin`.
+//! - [`route`]: the route table and its documented precedence rule.
+
+pub mod normalize;
+pub mod route;
