@@ -10,6 +10,7 @@ pub mod capacity;
 pub mod config;
 pub mod counters;
 pub mod desired;
+pub mod gateway_auth;
 pub mod health;
 pub mod host;
 pub mod loader;
