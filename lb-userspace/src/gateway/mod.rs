@@ -11,5 +11,7 @@
 //!   runs *before* routing so that `/public/../admin` is matched (and authenticated) as `/admin`.
 //! - [`route`]: the route table and its documented precedence rule.
 
+pub mod auth;
 pub mod normalize;
+pub mod ratelimit;
 pub mod route;
