@@ -536,6 +536,18 @@ impl Decapsulator {
     }
 }
 
+/// The address of the map form `addr`/`family` (of a [`LocalAddr`], a backend entry, ...):
+/// `None` for a family that is neither IPv4 nor IPv6 (an unused entry).
+pub fn ip_of(addr: &[u8; 16], family: lb_common::types::Family) -> Option<std::net::IpAddr> {
+    match family {
+        lb_common::types::FAMILY_V4 => {
+            Some(std::net::IpAddr::from([addr[0], addr[1], addr[2], addr[3]]))
+        }
+        lb_common::types::FAMILY_V6 => Some(std::net::IpAddr::from(*addr)),
+        _ => None,
+    }
+}
+
 /// The map form of an address.
 pub fn local_addr(addr: std::net::IpAddr) -> LocalAddr {
     let mut out = LocalAddr::default();

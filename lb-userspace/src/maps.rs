@@ -163,31 +163,6 @@ fn local(key: &VipKey) -> LocalAddr {
     }
 }
 
-/// The local-address key of an IP address.
-fn local_addr(a: std::net::IpAddr) -> LocalAddr {
-    let mut out = LocalAddr::default();
-    match a {
-        std::net::IpAddr::V4(v4) => {
-            out.addr[..4].copy_from_slice(&v4.octets());
-            out.family = lb_common::types::FAMILY_V4;
-        }
-        std::net::IpAddr::V6(v6) => {
-            out.addr = v6.octets();
-            out.family = lb_common::types::FAMILY_V6;
-        }
-    }
-    out
-}
-
-/// The IP address of a local-address key.
-fn ip_of(a: &LocalAddr) -> std::net::IpAddr {
-    if a.family == lb_common::types::FAMILY_V4 {
-        std::net::IpAddr::from([a.addr[0], a.addr[1], a.addr[2], a.addr[3]])
-    } else {
-        std::net::IpAddr::from(a.addr)
-    }
-}
-
 fn map_err(name: &'static str) -> impl Fn(MapError) -> LoaderError {
     move |source| LoaderError::Map { name, source }
 }
@@ -315,17 +290,7 @@ impl Balancer {
             ..VipMeta::default()
         };
         split.write(&mut meta);
-        let name = names::VIPS;
-        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
-            HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
-        vips.insert(key, meta, 0).map_err(map_err(name))?;
-        self.set_vip_state(
-            vip_id,
-            VipState {
-                flags: flags | VIP_S_ACTIVE,
-                generation,
-            },
-        )?;
+        self.write_vip(key, &meta)?;
         // The key moved to another id: flows pinned under the old id must not take the fast
         // path any more.
         if let Some(old) = current
@@ -364,17 +329,7 @@ impl Balancer {
         };
         meta.flags = flags;
         split.write(&mut meta);
-        let name = names::VIPS;
-        let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
-            HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
-        vips.insert(key, meta, 0).map_err(map_err(name))?;
-        self.set_vip_state(
-            meta.vip_id,
-            VipState {
-                flags: flags | VIP_S_ACTIVE,
-                generation: meta.generation,
-            },
-        )?;
+        self.write_vip(key, &meta)?;
         Ok(meta)
     }
 
@@ -389,7 +344,10 @@ impl Balancer {
                 max: MAX_LOCAL_ADDRS,
             });
         }
-        let want: Vec<LocalAddr> = addrs.iter().map(|a| local_addr(*a)).collect();
+        let want: Vec<LocalAddr> = addrs
+            .iter()
+            .map(|a| crate::loader::local_addr(*a))
+            .collect();
         let name = names::REGION_ADDRS;
         let mut map: HashMap<&mut MapData, LocalAddr, u8> =
             HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;
@@ -416,7 +374,7 @@ impl Balancer {
         let mut out: Vec<std::net::IpAddr> = map
             .keys()
             .filter_map(Result::ok)
-            .map(|a| ip_of(&a))
+            .filter_map(|a| crate::loader::ip_of(&a.addr, a.family))
             .collect();
         out.sort();
         Ok(out)
@@ -429,6 +387,12 @@ impl Balancer {
             return Ok(());
         };
         meta.generation = meta.generation.wrapping_add(1);
+        self.write_vip(key, &meta)
+    }
+
+    /// Writes a VIP entry and then its id's state (active, its flags and generation), the
+    /// fast path's view of it.
+    fn write_vip(&mut self, key: &VipKey, meta: &VipMeta) -> Result<(), LoaderError> {
         let name = names::VIPS;
         let mut vips: HashMap<&mut MapData, VipKey, VipMeta> =
             HashMap::try_from(self.map_mut_checked(name)?).map_err(map_err(name))?;

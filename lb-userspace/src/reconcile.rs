@@ -270,6 +270,13 @@ pub fn in_panic(vip: &DesiredVip) -> bool {
     (healthy as f64) < vip.panic_threshold * weighted.len() as f64
 }
 
+/// Whether every weighted backend of the VIP's table takes new flows, healthy or not: in panic
+/// ([`in_panic`]) when no other region can take its load, and in the last resort (every region
+/// down). With another region available a failing region sheds load instead.
+pub fn panics(vip: &DesiredVip) -> bool {
+    vip.regions.last_resort || (!vip.regions.has_remote() && in_panic(vip))
+}
+
 impl Reconciler {
     /// A reconciler for empty maps.
     pub fn new() -> Self {
@@ -323,13 +330,9 @@ impl Reconciler {
                 continue;
             }
             used_backends.insert(*id);
-            let address = match b.family {
-                FAMILY_V4 => IpAddr::from(<[u8; 4]>::try_from(&b.addr[..4]).expect("4 bytes")),
-                FAMILY_V6 => IpAddr::from(b.addr),
-                _ => {
-                    orphans.push(*id);
-                    continue;
-                }
+            let Some(address) = crate::loader::ip_of(&b.addr, b.family) else {
+                orphans.push(*id);
+                continue;
             };
             let owner = key_of.get(&b.owner).and_then(|k| vips.get_mut(k));
             match owner {
@@ -421,9 +424,7 @@ impl Reconciler {
                     .pop_front()
                     .ok_or(PlanError::TooManyVips(desired.vips.len()))?,
             };
-            // With another region to take the load, a failing region sheds it rather than
-            // panicking; panic is the last resort once every region is down.
-            let panic = vip.regions.last_resort || (!vip.regions.has_remote() && in_panic(vip));
+            let panic = panics(vip);
             let flags = if vip.regions.last_resort {
                 vip.flags | VIP_F_LAST_RESORT
             } else {

@@ -230,7 +230,12 @@ pub fn xlb_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb");
-    assert!(p.is_file(), "{} not found; build it first", p.display());
+    assert!(
+        p.is_file(),
+        "{} not found; build it first (`cargo build -p lb-userspace --bin xlb`, which \
+         `cargo xtask test` does) or set XLB_BIN",
+        p.display()
+    );
     p
 }
 

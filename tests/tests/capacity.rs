@@ -15,7 +15,6 @@
 use std::{
     collections::HashSet,
     net::IpAddr,
-    path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -25,23 +24,8 @@ use lb_userspace::capacity::{self, RegionProbeConfig, RegionReport, ServerStats}
 use tokio::sync::{mpsc, oneshot, watch};
 use xlb_tests::{
     netns::{Netns, in_netns, spawn_in_netns, sweep_stale, veth_pair},
-    topology::Daemon,
+    topology::{Daemon, xlb_bin},
 };
-
-/// The `xlb` binary under test: `$XLB_BIN`, else the workspace's debug build.
-fn xlb_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLB_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb");
-    assert!(
-        p.is_file(),
-        "{} not found; build it first (`cargo build -p lb-userspace --bin xlb`, which \
-         `cargo xtask test` does) or set XLB_BIN",
-        p.display()
-    );
-    p
-}
 
 const REMOTE_V4: &str = "10.98.1.2";
 const REMOTE_V6: &str = "fd00:98:1::2";

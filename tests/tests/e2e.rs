@@ -21,18 +21,8 @@ use std::{
 use xlb_tests::{
     netns::{Netns, in_netns, sockaddr, spawn_in_netns},
     servers::{Nginx, UdpEcho, curl},
-    topology::{Daemon, Host, Options, Topology, VIP_V4, VIP_V6, run_cli},
+    topology::{Daemon, Host, Options, Topology, VIP_V4, VIP_V6, run_cli, xlb_bin},
 };
-
-/// The `xlb` binary under test: `$XLB_BIN`, else the workspace's debug build.
-fn xlb_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLB_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb");
-    assert!(p.is_file(), "{} not found; build it first", p.display());
-    p
-}
 
 /// A configuration with one IPv4 and one IPv6 VIP on port 80, each over every backend.
 fn config(t: &Topology) -> String {

@@ -99,6 +99,16 @@ fn whole_failover_to_b_and_back_after_the_hold_down() {
 /// with the whole topology (the bench measures the real figure: about 0.35 s).
 const FAILOVER_BOUND: Duration = Duration::from_millis(2 * 200 + 200 + 1000);
 
+/// Kills every backend of A and waits (bounded) until new connections are served by B.
+fn fail_over_wholly(t: &mut RegionTopology) {
+    t.stop_backend(Region::A, 0);
+    t.stop_backend(Region::A, 1);
+    poll(Duration::from_secs(5), || {
+        new_connection(t).ok().filter(|w| w.starts_with("b-"))
+    })
+    .expect("failed over to b");
+}
+
 /// Which backend answers one new keep-alive-less connection (its name).
 fn served_by(t: &RegionTopology) -> std::io::Result<String> {
     let vip = SocketAddr::new(IpAddr::V4(VIP_V4), 80);
@@ -369,12 +379,7 @@ fn restarting_a_failed_over_agent_is_hitless() {
         hold_down_ms: 4000,
     };
     start(&mut t, &p);
-    t.stop_backend(Region::A, 0);
-    t.stop_backend(Region::A, 1);
-    poll(Duration::from_secs(5), || {
-        new_connection(&t).ok().filter(|w| w.starts_with("b-"))
-    })
-    .expect("failed over to b");
+    fail_over_wholly(&mut t);
     let vip = SocketAddr::new(IpAddr::V4(VIP_V4), 80);
     let mut conn = Some(HttpConn::open(&t.region(Region::A).clients[0].ns, vip).expect("connect"));
     let kept = sample_flows(&t, &mut conn);
@@ -508,12 +513,7 @@ fn a_restart_during_the_hold_down_does_not_fail_back_early() {
         hold_down_ms: 5000,
     };
     start(&mut t, &p);
-    t.stop_backend(Region::A, 0);
-    t.stop_backend(Region::A, 1);
-    poll(Duration::from_secs(5), || {
-        new_connection(&t).ok().filter(|w| w.starts_with("b-"))
-    })
-    .expect("failed over to b");
+    fail_over_wholly(&mut t);
     t.start_backend(Region::A, 0);
     t.start_backend(Region::A, 1);
     std::thread::sleep(Duration::from_millis(1000));

@@ -12,23 +12,8 @@ use std::{
 use xlb_tests::{
     frames,
     netns::{AgentDirs, Netns, in_netns, spawn_in_netns, sweep_stale, veth_pair},
-    topology::{Daemon, Options, Topology, run_cli},
+    topology::{Daemon, Options, Topology, run_cli, xlb_bin},
 };
-
-/// The `xlb` binary under test: `$XLB_BIN`, else the workspace's debug build.
-fn xlb_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("XLB_BIN") {
-        return PathBuf::from(p);
-    }
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb");
-    assert!(
-        p.is_file(),
-        "{} not found; build it first (`cargo build -p lb-userspace --bin xlb`, which \
-         `cargo xtask test` does) or set XLB_BIN",
-        p.display()
-    );
-    p
-}
 
 /// A running `xlb` whose stderr lines are collected; killed on drop if still running.
 type Agent = Daemon;

@@ -298,9 +298,8 @@ impl Running {
     fn log_panic_changes(&mut self, cfg: &Config, want: &reconcile::Desired) {
         let mut now = HashSet::new();
         for (dv, cv) in want.vips.iter().zip(&cfg.vips) {
-            // A VIP another region can take flows from sheds load instead of panicking; its
-            // last resort is logged as such.
-            if !reconcile::in_panic(dv) || dv.regions.has_remote() {
+            // The last resort is logged as such.
+            if !reconcile::panics(dv) || dv.regions.last_resort {
                 continue;
             }
             now.insert(cv.name.clone());

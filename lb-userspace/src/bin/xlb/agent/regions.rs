@@ -148,7 +148,7 @@ impl Regions {
     /// Remembers which remote regions' entries the adopted maps hold up (see `adopted_up`) and
     /// each VIP's split (see `adopted_loads`).
     pub fn adopt(&mut self, contents: &lb_userspace::maps::MapContents) {
-        use lb_common::types::{BACKEND_F_REGION, BACKEND_F_UP, FAMILY_V4, REGION_SCALE};
+        use lb_common::types::{BACKEND_F_REGION, BACKEND_F_UP, REGION_SCALE};
         self.adopted_loads = contents
             .vips
             .iter()
@@ -173,13 +173,7 @@ impl Regions {
             .filter(|(_, b)| {
                 b.flags & (BACKEND_F_REGION | BACKEND_F_UP) == BACKEND_F_REGION | BACKEND_F_UP
             })
-            .map(|(_, b)| {
-                if b.family == FAMILY_V4 {
-                    IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
-                } else {
-                    IpAddr::from(b.addr)
-                }
-            })
+            .filter_map(|(_, b)| lb_userspace::loader::ip_of(&b.addr, b.family))
             .collect();
     }
 
