@@ -21,6 +21,7 @@ use toml::de::{DeTable, DeValue};
 
 use crate::maglev;
 
+pub mod l7;
 pub mod rules;
 
 use rules::Violation;
@@ -404,6 +405,9 @@ pub struct Vip {
     pub failover: Failover,
     /// The `[[vip.backend]]` tables, in file order. Default: none.
     pub backends: Vec<Backend>,
+    /// The gateway of an `l7` VIP (`[vip.gateway]`, `[[vip.pool]]`, `[[vip.route]]`): always
+    /// present on an `l7` VIP (defaults when the tables are left out), never on others.
+    pub gateway: Option<l7::Gateway>,
 }
 
 /// A VIP's transport protocol (`vip.protocol`).
@@ -477,6 +481,13 @@ pub struct Backend {
     /// `mac`: the backend's MAC, for `dsr-l2` VIPs only. Default: none (resolved from the
     /// neighbour table).
     pub mac: Option<MacAddr>,
+    /// `port`: the port the upstream server listens on, for `l7` VIPs only (an L4 VIP's
+    /// backends receive the client's packets unchanged, port included). `Some` on every `l7`
+    /// VIP's backend: default the VIP's port. `None` on others.
+    pub port: Option<u16>,
+    /// `pool`: the upstream pool of an `l7` VIP the backend serves in. Default `"default"`
+    /// (also on other VIPs, where it means nothing).
+    pub pool: String,
     /// The check that applies to this backend: the backend's `health_check` table merged over
     /// the VIP's (its keys replace the VIP's), or the VIP's check as is. `None` when neither
     /// exists.
@@ -2860,11 +2871,14 @@ fn build(agent: AgentDraft, vips: Vec<VipDraft>, regions: Vec<RegionDraft>) -> O
                 .backends
                 .into_iter()
                 .map(|b| {
+                    let l7 = vip.mode.value() == Some(&VipMode::L7);
                     Some(Backend {
                         address: *b.address.value()?,
                         weight: b.weight.or(DEFAULT_WEIGHT)?,
                         region: b.region.or(DEFAULT_REGION.to_owned())?,
                         mac: b.mac.value().copied(),
+                        port: l7.then_some(*vip.port.value()?),
+                        pool: l7::DEFAULT_POOL.to_owned(),
                         health_check: b.resolved_check,
                     })
                 })
@@ -2900,6 +2914,7 @@ fn build(agent: AgentDraft, vips: Vec<VipDraft>, regions: Vec<RegionDraft>) -> O
                     .collect(),
                 failover,
                 backends,
+                gateway: (vip.mode.value() == Some(&VipMode::L7)).then(l7::Gateway::defaults),
             })
         })
         .collect::<Option<Vec<_>>>()?;

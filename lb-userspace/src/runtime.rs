@@ -121,6 +121,7 @@ impl VipSpec {
             regions: Vec::new(),
             failover: Default::default(),
             backends: Vec::new(),
+            gateway: (self.mode == VipMode::L7).then(crate::config::l7::Gateway::defaults),
         }
     }
 }
@@ -413,6 +414,8 @@ pub fn effective(file: &Config, overlay: &Overlay) -> Result<Config, Vec<String>
             weight: spec.weight,
             region: spec.region.clone(),
             mac: spec.mac,
+            port: (vip.mode == VipMode::L7).then_some(vip.port),
+            pool: crate::config::l7::DEFAULT_POOL.to_owned(),
             health_check: vip.health_check.clone(),
         });
     }
