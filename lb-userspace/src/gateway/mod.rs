@@ -15,3 +15,11 @@ pub mod auth;
 pub mod normalize;
 pub mod ratelimit;
 pub mod route;
+
+/// The error type of request and response bodies: whatever hyper, a size limit or an upstream
+/// reports, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request or response body as it travels through the gateway: hyper's incoming bodies,
+/// limited or generated bodies, boxed to one type so the phases compose.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
