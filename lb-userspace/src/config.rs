@@ -3078,8 +3078,8 @@ encap_source_v6 = "fd00:ff::/96"
     #[test]
     fn the_example_file_parses() {
         let config = ok(include_str!("../../examples/xlb.toml"));
-        assert_eq!(config.vips.len(), 2);
-        assert_eq!(config.backend_count(), 5);
+        assert_eq!(config.vips.len(), 3);
+        assert_eq!(config.backend_count(), 7);
         let web = &config.vips[0];
         assert_eq!(web.backends.len(), 3);
         assert_eq!(web.backends[2].weight, 0, "the third backend is drained");
@@ -3098,6 +3098,8 @@ encap_source_v6 = "fd00:ff::/96"
         assert_eq!(echo.protocol, Protocol::Udp);
         assert!(echo.address.is_ipv6());
         assert_eq!(echo.backends[0].health_check, echo.health_check);
+        let api = config.vips[2].gateway.as_ref().expect("an l7 VIP has a gateway");
+        assert_eq!((api.pools.len(), api.routes.len()), (2, 3));
     }
 
     #[test]
