@@ -470,7 +470,11 @@ impl Running {
                                 backend: bi,
                             };
                             metrics::BackendMetrics {
-                                address: b.address.to_string(),
+                                // An l7 VIP's servers may share an address: address:port.
+                                address: match b.port {
+                                    Some(p) => std::net::SocketAddr::new(b.address, p).to_string(),
+                                    None => b.address.to_string(),
+                                },
                                 up: !self.down.contains(&id),
                                 traffic: self
                                     .reconciler
