@@ -10,8 +10,11 @@
 //! - [`normalize`]: refuse ambiguous framing, normalise the path, strip hop-by-hop headers. It
 //!   runs *before* routing so that `/public/../admin` is matched (and authenticated) as `/admin`.
 //! - [`route`]: the route table and its documented precedence rule.
+//! - [`balance`]: how a pool picks a server (smooth weighted round robin, least request by two
+//!   random choices, weighted rendezvous hashing for affinity).
 
 pub mod auth;
+pub mod balance;
 pub mod normalize;
 pub mod ratelimit;
 pub mod route;
