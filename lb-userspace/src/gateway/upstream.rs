@@ -566,10 +566,24 @@ struct H2Connection {
 struct H2Streams {
     /// Requests on it whose response has not ended.
     active: AtomicUsize,
-    /// The server's `SETTINGS_MAX_CONCURRENT_STREAMS` as last seen by the connection task.
-    max: AtomicUsize,
+    /// hyper's connection future, driven by its [`DriveH2`] task (`None` once it has ended).
+    /// It is here rather than in the task because it is the only handle that reads the
+    /// server's current `SETTINGS_MAX_CONCURRENT_STREAMS`: a copy published after each poll
+    /// goes stale, as hyper polls it only when a request is queued, not when SETTINGS arrive
+    /// (a burst at connection start then queued on a full connection instead of opening one).
+    conn: Mutex<Option<Pin<Box<H2Conn>>>>,
     /// When the last stream ended (for the idle timeout).
     idle_since: Mutex<Instant>,
+}
+
+impl H2Streams {
+    /// Whether the server allows another stream now.
+    fn has_room(&self) -> bool {
+        let max = lock(&self.conn)
+            .as_ref()
+            .map_or(0, |c| c.current_max_send_streams());
+        self.active.load(Ordering::Relaxed) < max
+    }
 }
 
 impl Server {
@@ -704,9 +718,7 @@ impl Server {
     fn find_h2(&self) -> Option<H2Connection> {
         let mut conns = lock(&self.h2);
         conns.retain(|c| !c.sender.is_closed());
-        let free = conns.iter().find(|c| {
-            c.streams.active.load(Ordering::Relaxed) < c.streams.max.load(Ordering::Relaxed)
-        });
+        let free = conns.iter().find(|c| c.streams.has_room());
         let chosen = match free {
             Some(c) => c,
             None if conns.len() >= MAX_H2_CONNECTIONS_PER_SERVER => conns
@@ -1084,11 +1096,10 @@ async fn connect_h2(addr: SocketAddr, connect_timeout: Duration) -> Result<H2Con
             .map_err(|e| format!("HTTP/2 handshake with {addr}: {e}"))?;
         let streams = Arc::new(H2Streams {
             active: AtomicUsize::new(0),
-            max: AtomicUsize::new(conn.current_max_send_streams()),
+            conn: Mutex::new(Some(Box::pin(conn))),
             idle_since: Mutex::new(Instant::now()),
         });
         tokio::spawn(DriveH2 {
-            conn: Box::pin(conn),
             streams: streams.clone(),
             addr,
         });
@@ -1107,12 +1118,10 @@ async fn connect_h2(addr: SocketAddr, connect_timeout: Duration) -> Result<H2Con
 /// hyper's HTTP/2 client connection type.
 type H2Conn = http2::Connection<TcpIo, Body, TokioExecutor>;
 
-/// Runs an HTTP/2 connection and publishes the server's stream limit after every poll (it
-/// arrives, and may change, in SETTINGS frames that only the connection task sees).
+/// Runs an HTTP/2 connection kept in [`H2Streams::conn`] (so the pool can read its stream
+/// limit), and drops it when it ends.
 struct DriveH2 {
-    /// The connection.
-    conn: Pin<Box<H2Conn>>,
-    /// Where the limit is published.
+    /// Holds the connection.
     streams: Arc<H2Streams>,
     /// For the log line when it ends.
     addr: SocketAddr,
@@ -1122,17 +1131,18 @@ impl std::future::Future for DriveH2 {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        let result = this.conn.as_mut().poll(cx);
-        this.streams
-            .max
-            .store(this.conn.current_max_send_streams(), Ordering::Relaxed);
-        match result {
-            Poll::Ready(Err(e)) => {
-                tracing::debug!(server = %this.addr, error = %e, "upstream HTTP/2 connection ended");
+        let mut conn = lock(&self.streams.conn);
+        let Some(running) = conn.as_mut() else {
+            return Poll::Ready(());
+        };
+        match running.as_mut().poll(cx) {
+            Poll::Ready(result) => {
+                *conn = None;
+                if let Err(e) = result {
+                    tracing::debug!(server = %self.addr, error = %e, "upstream HTTP/2 connection ended");
+                }
                 Poll::Ready(())
             }
-            Poll::Ready(Ok(())) => Poll::Ready(()),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -1522,6 +1532,11 @@ mod tests {
     }
 
     async fn serve(handler: Handler) -> TestServer {
+        serve_with(handler, None).await
+    }
+
+    /// [`serve`], announcing at most `max_streams` concurrent HTTP/2 streams.
+    async fn serve_with(handler: Handler, max_streams: Option<u32>) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -1539,7 +1554,10 @@ mod tests {
                         let reply = handler(req);
                         async move { Ok::<_, Infallible>(reply.await) }
                     });
-                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    if let Some(max) = max_streams {
+                        builder.http2().max_concurrent_streams(max);
+                    }
                     let _ = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
@@ -1727,6 +1745,97 @@ mod tests {
         assert_eq!(server_status(&up, server.addr).in_flight, 0);
     }
 
+    /// Answers with the request body it read (to the end) as its own.
+    fn echo_body() -> Handler {
+        Arc::new(|req: Request<Incoming>| {
+            Box::pin(async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                Response::new(Full::new(body))
+            })
+        })
+    }
+
+    fn put(target: &str, data: &'static [u8]) -> Request<Body> {
+        Request::put(target)
+            .header(HOST, "app.test")
+            .body(
+                Full::new(Bytes::from_static(data))
+                    .map_err(Into::into)
+                    .boxed(),
+            )
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn request_bodies_reach_the_server_and_keep_the_connection_pooled() {
+        let server = serve(echo_body()).await;
+        for protocol in [UpstreamProtocol::Http1, UpstreamProtocol::Http2] {
+            let (_up, pool) =
+                upstreams(pool_config("p", |p| p.protocol = protocol), &[server.addr]);
+            let before = server.accepted.load(Ordering::SeqCst);
+            for _ in 0..10 {
+                let fwd = pool.send(put("/u", b"payload")).await.unwrap();
+                assert_eq!(body(fwd).await, "payload");
+            }
+            assert_eq!(
+                server.accepted.load(Ordering::SeqCst),
+                before + 1,
+                "{protocol:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_the_server_closed_is_not_used() {
+        // A server that answers once per connection and then closes it without saying so
+        // (no `Connection: close`), as servers with a short keep-alive timeout do.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = stream.read(&mut buf).await.unwrap();
+                        assert!(n > 0);
+                        head.extend_from_slice(&buf[..n]);
+                    }
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    stream.write_all(reply).await.unwrap();
+                    tokio::time::sleep(10 * MS).await;
+                });
+            }
+        });
+        let (up, pool) = upstreams(pool_config("p", |_| {}), &[addr]);
+        for i in 1..=3 {
+            let fwd = pool.send(get("/")).await.unwrap();
+            assert_eq!(fwd.attempts, 1);
+            assert_eq!(body(fwd).await, "ok");
+            assert_eq!(accepted.load(Ordering::SeqCst), i);
+            // Pooled, then closed by the server.
+            eventually("server close noticed", || {
+                server_status(&up, addr).idle_connections == 0
+            })
+            .await;
+        }
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn an_idempotent_request_with_a_body_is_retried_when_it_never_left() {
+        // The body was never polled when the connect failed, so it is sent whole elsewhere.
+        let live = serve(echo_body()).await;
+        let dead = closed_port().await;
+        let (_up, pool) = upstreams(pool_config("p", |_| {}), &[dead, live.addr]);
+        let fwd = pool.send(put("/", b"all of it")).await.unwrap();
+        assert_eq!((fwd.attempts, fwd.server), (2, live.addr));
+        assert_eq!(body(fwd).await, "all of it");
+    }
+
     #[tokio::test]
     async fn http2_pool_multiplexes_and_translates_from_http1() {
         let server = serve(reply(200, 50 * MS)).await;
@@ -1754,6 +1863,45 @@ mod tests {
         let status = server_status(&up, server.addr);
         assert_eq!((status.requests_total, status.in_flight), (100, 0));
         assert_eq!(status.idle_connections, accepted);
+    }
+
+    #[tokio::test]
+    async fn http2_pool_opens_another_connection_at_the_stream_limit() {
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let held: Handler = Arc::new({
+            let gate = gate.clone();
+            move |_req| {
+                let gate = gate.clone();
+                Box::pin(async move {
+                    gate.acquire().await.unwrap().forget();
+                    Response::new(Full::new(Bytes::from_static(b"ok")))
+                })
+            }
+        });
+        let server = serve_with(held, Some(4)).await;
+        let (_up, pool) = upstreams(
+            pool_config("p", |p| p.protocol = UpstreamProtocol::Http2),
+            &[server.addr],
+        );
+        let spawn = |n: usize| -> Vec<_> {
+            (0..n)
+                .map(|_| {
+                    let pool = pool.clone();
+                    tokio::spawn(async move { pool.send(get("/")).await.unwrap().attempts })
+                })
+                .collect()
+        };
+        // Four streams fill the first connection (the server's SETTINGS are in by the time
+        // they reach its handler); the next four need a second connection.
+        let mut requests = spawn(4);
+        eventually("4 streams", || server.hits.load(Ordering::SeqCst) == 4).await;
+        requests.extend(spawn(4));
+        eventually("8 streams", || server.hits.load(Ordering::SeqCst) == 8).await;
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+        gate.add_permits(8);
+        for request in requests {
+            assert_eq!(request.await.unwrap(), 1);
+        }
     }
 
     #[tokio::test]
@@ -1870,7 +2018,7 @@ mod tests {
         let (up, pool) = upstreams(
             pool_config("p", |p| {
                 p.outlier_consecutive_5xx = 3;
-                p.outlier_ejection = 200 * MS;
+                p.outlier_ejection = 300 * MS;
             }),
             &[bad.addr, good.addr],
         );
@@ -1884,13 +2032,13 @@ mod tests {
         assert_eq!(bad.hits.load(Ordering::SeqCst), 3);
         let status = server_status(&up, bad.addr);
         assert!(status.ejected);
-        assert!(status.ejection_seconds_left > 0.0 && status.ejection_seconds_left <= 0.2);
+        assert!(status.ejection_seconds_left > 0.0 && status.ejection_seconds_left <= 0.3);
         assert_eq!(status.responses_5xx_total, 3);
         for _ in 0..6 {
             assert_eq!(pool.send(get("/")).await.unwrap().server, good.addr);
         }
         assert_eq!(bad.hits.load(Ordering::SeqCst), 3);
-        tokio::time::sleep(220 * MS).await;
+        tokio::time::sleep(320 * MS).await;
         assert!(!server_status(&up, bad.addr).ejected);
         let mut back = 0;
         for _ in 0..4 {
@@ -2038,22 +2186,28 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connections_expire() {
-        let server = serve(ok()).await;
-        let (up, pool) = upstreams(
-            pool_config("p", |p| p.idle_timeout = 100 * MS),
-            &[server.addr],
-        );
-        body(pool.send(get("/")).await.unwrap()).await;
-        assert_eq!(server_status(&up, server.addr).idle_connections, 1);
-        assert_eq!(server.open.load(Ordering::SeqCst), 1);
-        // Closed by the sweeper, not merely skipped at the next checkout: the server sees it.
-        eventually("idle connection closed", || {
-            server.open.load(Ordering::SeqCst) == 0
-        })
-        .await;
-        assert_eq!(server_status(&up, server.addr).idle_connections, 0);
-        body(pool.send(get("/")).await.unwrap()).await;
-        assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+        for protocol in [UpstreamProtocol::Http1, UpstreamProtocol::Http2] {
+            let server = serve(ok()).await;
+            let (up, pool) = upstreams(
+                pool_config("p", |p| {
+                    p.idle_timeout = 100 * MS;
+                    p.protocol = protocol;
+                }),
+                &[server.addr],
+            );
+            body(pool.send(get("/")).await.unwrap()).await;
+            assert_eq!(server_status(&up, server.addr).idle_connections, 1);
+            assert_eq!(server.open.load(Ordering::SeqCst), 1);
+            // Closed by the sweeper, not merely skipped at the next checkout: the server sees
+            // the close.
+            eventually("idle connection closed", || {
+                server.open.load(Ordering::SeqCst) == 0
+            })
+            .await;
+            assert_eq!(server_status(&up, server.addr).idle_connections, 0);
+            body(pool.send(get("/")).await.unwrap()).await;
+            assert_eq!(server.accepted.load(Ordering::SeqCst), 2, "{protocol:?}");
+        }
     }
 
     #[tokio::test]
