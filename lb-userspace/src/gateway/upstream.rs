@@ -305,15 +305,28 @@ impl Pool {
                 old.retire();
             }
         }
-        // Round-robin positions restart, as nginx's do on reload; the random generator and the
-        // servers' own state carry over.
-        let rng = lock(&state.picker).rng.clone();
+        // Round-robin positions carry over while the server list is the same (the agent
+        // reconfigures on every health change; restarting the cycle each time would favour the
+        // first servers), and restart, as nginx's do, when it changes.
+        let same_servers = kept.len() == state.servers.len()
+            && kept
+                .iter()
+                .zip(&state.servers)
+                .all(|(a, b)| Arc::ptr_eq(a, b));
+        let picker = {
+            let old = lock(&state.picker);
+            Picker {
+                wrr: if same_servers {
+                    old.wrr.clone()
+                } else {
+                    SmoothWeightedRoundRobin::new(kept.len())
+                },
+                rng: old.rng.clone(),
+            }
+        };
         *state = Arc::new(PoolState {
             config: config.clone(),
-            picker: Mutex::new(Picker {
-                wrr: SmoothWeightedRoundRobin::new(kept.len()),
-                rng,
-            }),
+            picker: Mutex::new(picker),
             servers: kept,
         });
     }
@@ -2141,6 +2154,24 @@ mod tests {
             let (first, second) = (first.await.unwrap(), second.await.unwrap());
             assert_ne!(first, second);
         }
+    }
+
+    #[tokio::test]
+    async fn reconfiguring_the_same_servers_keeps_the_round_robin_cycle() {
+        let a = serve(ok()).await;
+        let b = serve(ok()).await;
+        let config = pool_config("p", |_| {});
+        let backends = [("p", a.addr, 1), ("p", b.addr, 1)];
+        let up = Upstreams::new();
+        up.configure(&vip(vec![config.clone()], &backends), &|_| true);
+        let pool = up.pool("p").unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            // A health report between every request must not restart the cycle at `a`.
+            up.configure(&vip(vec![config.clone()], &backends), &|_| true);
+            seen.push(pool.send(get("/")).await.unwrap().server);
+        }
+        assert_eq!(seen, [a.addr, b.addr, a.addr, b.addr, a.addr, b.addr]);
     }
 
     #[tokio::test]
