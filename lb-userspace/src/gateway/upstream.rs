@@ -107,7 +107,7 @@ pub struct Forwarded {
 }
 
 /// A pool's state for `xlb status` and metrics.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PoolStatus {
     /// The pool's name.
     pub name: String,
@@ -122,7 +122,7 @@ pub struct PoolStatus {
 }
 
 /// One server's state in [`PoolStatus`].
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ServerStatus {
     /// The server's address.
     pub address: IpAddr,
