@@ -10,11 +10,24 @@
 //! - [`normalize`]: refuse ambiguous framing, normalise the path, strip hop-by-hop headers. It
 //!   runs *before* routing so that `/public/../admin` is matched (and authenticated) as `/admin`.
 //! - [`route`]: the route table and its documented precedence rule.
+//! - [`auth`], [`ratelimit`]: credentials and token buckets.
+//!
+//! Around them: [`server`] (listeners, connections, client timeouts, building a VIP's gateway
+//! and switching to it on reload), `proxy` (the per-request pipeline calling the phases),
+//! [`files`] (certificates, key files, JWKS), `observe` (metrics and access log) and
+//! [`upstream`] (pools of upstream servers).
 
 pub mod auth;
+pub mod files;
 pub mod normalize;
+mod observe;
+mod proxy;
 pub mod ratelimit;
 pub mod route;
+pub mod server;
+pub mod upstream;
+
+pub use server::{GatewayError, GatewayStatus, Gateways, RouteStatus, check};
 
 /// The error type of request and response bodies: whatever hyper, a size limit or an upstream
 /// reports, boxed.
@@ -23,3 +36,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A request or response body as it travels through the gateway: hyper's incoming bodies,
 /// limited or generated bodies, boxed to one type so the phases compose.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+
+#[cfg(test)]
+mod tests;
