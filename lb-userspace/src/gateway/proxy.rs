@@ -498,10 +498,18 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     }
 }
 
-/// A response the gateway makes itself, counted by reason.
+/// A response the gateway makes itself, counted by reason. After a malformed or oversized
+/// request the connection is closed (as nginx does): its unread body cannot be trusted to
+/// end where the client says, and draining it only serves the client.
 fn refuse(gw: &VipGateway, reason: Refusal, status: StatusCode, message: &str) -> Response<Body> {
     gw.metrics.refused(reason);
-    text(status, message)
+    let mut response = text(status, message);
+    if reason != Refusal::NoRoute {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// A small text/plain response.

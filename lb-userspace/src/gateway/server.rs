@@ -265,11 +265,6 @@ impl Gateways {
             .collect();
         observe::render(out, &scrapes);
     }
-
-    /// The address each l7 VIP's listener is bound to (for tests and logs).
-    pub fn listening(&self) -> Vec<SocketAddr> {
-        self.current.iter().map(|gw| gw.listen).collect()
-    }
 }
 
 /// For `xlb check` (no sockets): everything [`Gateways::apply`] validates except binding:

@@ -388,6 +388,13 @@ async fn routes_by_precedence_to_the_right_upstream() {
     // An exact host beats every path on the catch-all host.
     let r = get(f.addr, "/public/x", "Host: Special.Example:80\r\n").await;
     assert_eq!((r.status, r.body.as_str()), (200, "B"));
+    // HTTP/1.1 without Host (RFC 9112 3.2), or with two.
+    let r = raw(f.addr, b"GET /public/x HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let r = get(f.addr, "/public/x", "Host: a\r\nHost: b\r\n").await;
+    assert_eq!(r.status, 400);
     let r = get(f.addr, "/nowhere", "").await;
     assert_eq!(r.status, 404);
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
@@ -1038,4 +1045,36 @@ async fn removed_vips_stop_listening_and_check_reports_every_problem() {
         assert!(Instant::now() < deadline, "listener still open");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn upstream_failures_and_health() {
+    let a = Upstream::start("A").await;
+    // A port nothing listens on.
+    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let port = free_port();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut gw = l7::Gateway::defaults();
+    gw.pools.push(l7::Pool::with_defaults("down"));
+    gw.routes.push(route("down", prefix("/down"), "down"));
+    let cfg = config(port, gw, &[(a.addr, "default"), (closed, "down")]);
+    let mut gateways = Gateways::new();
+    gateways.apply(&cfg, &|_, _| true).await.unwrap();
+    let r = get(addr, "/down/x", "").await;
+    assert_eq!((r.status, r.body.as_str()), (502, "Bad Gateway\n"));
+    assert_eq!(get(addr, "/x", "").await.status, 200);
+    // The agent's checker marks the default pool's backend down: no rebuild, 503.
+    gateways.set_health(&cfg, &|_, b| b != 0);
+    let r = get(addr, "/x", "").await;
+    assert_eq!(r.status, 503);
+    assert!(r.header("x-request-id").is_some());
+    let mut m = String::new();
+    gateways.render_metrics(&mut m);
+    assert!(m.contains(&format!(
+        "xlb_gateway_upstream_healthy{{vip=\"web\",pool=\"default\",server=\"{}\"}} 0",
+        a.addr
+    )));
+    assert!(
+        m.contains("xlb_gateway_requests_total{vip=\"web\",route=\"default\",class=\"5xx\"} 1")
+    );
 }
