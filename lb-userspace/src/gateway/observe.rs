@@ -319,7 +319,7 @@ pub(crate) fn render(out: &mut String, vips: &[VipScrape<'_>]) {
                         "{name}{{vip=\"{}\",pool=\"{}\",server=\"{}\"}} {}",
                         label(v.vip),
                         label(&p.name),
-                        s.address,
+                        std::net::SocketAddr::new(s.address, s.port),
                         value(s)
                     );
                 }

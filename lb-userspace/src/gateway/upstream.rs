@@ -80,8 +80,10 @@ pub struct PoolStatus {
 /// One server's state.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ServerStatus {
-    /// `address:port`.
-    pub address: SocketAddr,
+    /// The server's address.
+    pub address: std::net::IpAddr,
+    /// The port it is reached on.
+    pub port: u16,
     /// Passing the agent's health checks.
     pub healthy: bool,
     /// Ejected by outlier detection.
@@ -145,7 +147,8 @@ impl Upstreams {
                     .servers
                     .iter()
                     .map(|&(address, healthy)| ServerStatus {
-                        address,
+                        address: address.ip(),
+                        port: address.port(),
                         healthy,
                         ejected: false,
                         in_flight: 0,
