@@ -11,13 +11,19 @@
 //!   runs *before* routing so that `/public/../admin` is matched (and authenticated) as `/admin`.
 //! - [`route`]: the route table and its documented precedence rule.
 //! - [`auth`], [`ratelimit`]: credentials and token buckets.
+//! - [`balance`]: how a pool picks a server (smooth weighted round robin, least request by two
+//!   random choices, weighted rendezvous hashing for affinity).
 //!
-//! Around them: [`server`] (listeners, connections, client timeouts, building a VIP's gateway
-//! and switching to it on reload), `proxy` (the per-request pipeline calling the phases),
-//! [`files`] (certificates, key files, JWKS), `observe` (metrics and access log) and
-//! [`upstream`] (pools of upstream servers).
+//! Around them, the shells that touch the network:
+//! - [`server`]: listeners, connections, client timeouts, building a VIP's gateway and
+//!   switching to it on reload; `proxy`, the per-request pipeline calling the phases;
+//!   [`files`], certificates, key files and JWKS; `observe`, metrics and the access log.
+//! - [`upstream`]: the upstream pools: per-server connection pools over hyper's low-level client
+//!   (HTTP/1.1 keep-alive, multiplexed h2c), health and passive outlier ejection, timeouts,
+//!   retries of requests that never left, protocol translation and upgrade pass-through.
 
 pub mod auth;
+pub mod balance;
 pub mod files;
 pub mod normalize;
 mod observe;
