@@ -72,10 +72,38 @@ impl Histogram {
         Self::new(&HEALTH_CHECK_BUCKETS)
     }
 
+    /// A histogram from per-bucket (not cumulative) counts, the last one for `+Inf`, and the
+    /// sum: for owners that count into atomics (the gateway, per request) and build the
+    /// histogram only when rendering.
+    ///
+    /// # Panics
+    /// As [`Histogram::new`], and if `counts` does not have one entry per bound plus one.
+    pub(crate) fn from_counts(
+        bounds: &'static [Duration],
+        counts: Vec<u64>,
+        sum: Duration,
+    ) -> Self {
+        let mut h = Self::new(bounds);
+        assert_eq!(
+            counts.len(),
+            h.counts.len(),
+            "one count per bucket and +Inf"
+        );
+        h.counts = counts;
+        h.sum = sum;
+        h
+    }
+
+    /// The bucket an observation of `value` falls in (an index into the per-bucket counts of
+    /// [`Histogram::from_counts`]).
+    pub(crate) fn bucket_of(bounds: &[Duration], value: Duration) -> usize {
+        bounds.partition_point(|bound| *bound < value)
+    }
+
     /// Records one observation.
     pub fn observe(&mut self, value: Duration) {
         // The first bound at or above the value: bounds are inclusive.
-        let bucket = self.bounds.partition_point(|bound| *bound < value);
+        let bucket = Self::bucket_of(self.bounds, value);
         self.counts[bucket] = self.counts[bucket].saturating_add(1);
         self.sum = self.sum.saturating_add(value);
     }
@@ -184,13 +212,14 @@ pub struct Snapshot {
 }
 
 /// Escapes a label value (backslash, double quote, newline).
-fn label(v: &str) -> String {
+pub(crate) fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+/// Writes a family's `# HELP` and `# TYPE` lines.
+pub(crate) fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
@@ -453,20 +482,25 @@ fn render_check_durations(out: &mut String, s: &Snapshot) {
                     label(&v.name),
                     label(&b.address)
                 );
-                for (bound, count) in histogram.cumulative() {
-                    let le =
-                        bound.map_or_else(|| "+Inf".to_owned(), |d| d.as_secs_f64().to_string());
-                    let _ = writeln!(out, "{NAME}_bucket{{{labels},le=\"{le}\"}} {count}");
-                }
-                let _ = writeln!(
-                    out,
-                    "{NAME}_sum{{{labels}}} {}",
-                    histogram.sum().as_secs_f64()
-                );
-                let _ = writeln!(out, "{NAME}_count{{{labels}}} {}", histogram.count());
+                write_histogram(out, NAME, &labels, histogram);
             }
         }
     }
+}
+
+/// Writes one labelled histogram's `_bucket`, `_sum` and `_count` samples (in seconds);
+/// `labels` is the already escaped `k="v",...` list, without braces.
+pub(crate) fn write_histogram(out: &mut String, name: &str, labels: &str, histogram: &Histogram) {
+    for (bound, count) in histogram.cumulative() {
+        let le = bound.map_or_else(|| "+Inf".to_owned(), |d| d.as_secs_f64().to_string());
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {count}");
+    }
+    let _ = writeln!(
+        out,
+        "{name}_sum{{{labels}}} {}",
+        histogram.sum().as_secs_f64()
+    );
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", histogram.count());
 }
 
 /// A scrape waiting for its text: the serving loop asks the agent's main loop (which owns the

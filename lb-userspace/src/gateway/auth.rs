@@ -355,10 +355,21 @@ impl JwtVerifier {
         validation.leeway = JWT_LEEWAY_SECS;
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.validate_aud = true;
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.set_issuer(&self.policy.issuers);
-        validation.set_audience(&self.policy.audiences);
+        // An empty list means "not checked" (`jwt_issuer` / `jwt_audience` left out): handing
+        // jsonwebtoken an empty set would instead refuse every token that carries the claim.
+        let mut required = vec!["exp", "sub"];
+        if !self.policy.issuers.is_empty() {
+            validation.set_issuer(&self.policy.issuers);
+            required.push("iss");
+        }
+        if self.policy.audiences.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.validate_aud = true;
+            validation.set_audience(&self.policy.audiences);
+            required.push("aud");
+        }
+        validation.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
@@ -691,6 +702,30 @@ mod tests {
         parts[1] = b64url(claims(json!({ "sub": "admin" })).to_string().as_bytes());
         assert!(matches!(
             refused_with(&v, &parts.join(".")),
+            AuthError::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn an_empty_issuer_or_audience_list_is_not_checked() {
+        // `jwt_issuer` / `jwt_audience` left out of the route: any iss and aud are accepted,
+        // and a token without them too; exp and sub are still required.
+        let keys = keys();
+        let open = JwtPolicy {
+            issuers: Vec::new(),
+            audiences: Vec::new(),
+        };
+        let v = JwtVerifier::from_jwks(&keys.jwks, open).unwrap();
+        let rs = |c: serde_json::Value| sign(Algorithm::RS256, Some("rs"), &claims(c), &keys);
+        for c in [
+            json!({}),
+            json!({ "iss": "https://other.example", "aud": "payroll" }),
+            json!({ "iss": null, "aud": null }),
+        ] {
+            assert_eq!(v.verify(Some(&rs(c))).unwrap(), "alice");
+        }
+        assert!(matches!(
+            refused_with(&v, &rs(json!({ "exp": null }))),
             AuthError::Invalid(_)
         ));
     }

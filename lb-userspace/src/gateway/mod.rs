@@ -10,20 +10,30 @@
 //! - [`normalize`]: refuse ambiguous framing, normalise the path, strip hop-by-hop headers. It
 //!   runs *before* routing so that `/public/../admin` is matched (and authenticated) as `/admin`.
 //! - [`route`]: the route table and its documented precedence rule.
+//! - [`auth`], [`ratelimit`]: credentials and token buckets.
 //! - [`balance`]: how a pool picks a server (smooth weighted round robin, least request by two
 //!   random choices, weighted rendezvous hashing for affinity).
 //!
 //! Around them, the shells that touch the network:
+//! - [`server`]: listeners, connections, client timeouts, building a VIP's gateway and
+//!   switching to it on reload; `proxy`, the per-request pipeline calling the phases;
+//!   [`files`], certificates, key files and JWKS; `observe`, metrics and the access log.
 //! - [`upstream`]: the upstream pools: per-server connection pools over hyper's low-level client
 //!   (HTTP/1.1 keep-alive, multiplexed h2c), health and passive outlier ejection, timeouts,
 //!   retries of requests that never left, protocol translation and upgrade pass-through.
 
 pub mod auth;
 pub mod balance;
+pub mod files;
 pub mod normalize;
+mod observe;
+mod proxy;
 pub mod ratelimit;
 pub mod route;
+pub mod server;
 pub mod upstream;
+
+pub use server::{GatewayError, GatewayStatus, Gateways, RouteStatus, check};
 
 /// The error type of request and response bodies: whatever hyper, a size limit or an upstream
 /// reports, boxed.
@@ -32,3 +42,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A request or response body as it travels through the gateway: hyper's incoming bodies,
 /// limited or generated bodies, boxed to one type so the phases compose.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, BoxError>;
+
+#[cfg(test)]
+mod tests;

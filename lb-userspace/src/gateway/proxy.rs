@@ -1,0 +1,871 @@
+//! The per-request pipeline: check framing -> normalise the path -> find the route ->
+//! authenticate -> rate-limit -> build the upstream request -> forward -> log. Each decision is
+//! a call into a pure module ([`normalize`](super::normalize), [`route`](super::route),
+//! [`auth`](super::auth), [`ratelimit`](super::ratelimit)); this module only moves the request
+//! between them and turns their verdicts into responses.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt as _, Full, LengthLimitError, Limited};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper_util::rt::TokioIo;
+
+use super::Body;
+use super::auth::{ApiKeys, AuthError, JwtVerifier};
+use super::normalize::{check_framing, normalize_path, strip_hop_by_hop};
+use super::observe::{Refusal, RouteMetrics, VipMetrics};
+use super::ratelimit::{Limiter, response_headers};
+use super::route::{PathMatch, RouteTable};
+use super::server::{ConnWatch, InFlight, RawFraming};
+use super::upstream::Upstreams;
+use crate::config::l7::{self, GatewayRoute, LimitKey, RouteAuth};
+
+/// A route's credential check, built from its files when the gateway is built.
+pub(crate) enum Authenticator {
+    /// `auth = "none"`.
+    None,
+    /// `auth = "api_key"`.
+    ApiKey(ApiKeys),
+    /// `auth = "jwt"`.
+    Jwt(JwtVerifier),
+}
+
+/// A route's rate limiter, keyed by the bytes of its [`LimitKey`] value.
+pub(crate) type RouteLimiter = Limiter<Vec<u8>>;
+
+/// What a route needs at request time besides its configuration.
+pub(crate) struct RouteRuntime {
+    pub(crate) auth: Authenticator,
+    pub(crate) limiter: Option<Arc<RouteLimiter>>,
+    pub(crate) metrics: Arc<RouteMetrics>,
+}
+
+/// One l7 VIP's gateway, built and validated: what a listener serves requests with. Replaced
+/// as a whole on reload, so a request sees one consistent configuration.
+pub(crate) struct VipGateway {
+    pub(crate) vip: String,
+    pub(crate) listen: SocketAddr,
+    pub(crate) settings: l7::Gateway,
+    pub(crate) table: RouteTable,
+    /// Indexed as `settings.routes` and the table's answers.
+    pub(crate) routes: Vec<RouteRuntime>,
+    /// Every route's identity header name, removed from every request.
+    pub(crate) identity_headers: Vec<HeaderName>,
+    pub(crate) upstreams: Arc<Upstreams>,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) metrics: Arc<VipMetrics>,
+    pub(crate) h1: hyper::server::conn::http1::Builder,
+    pub(crate) h2: hyper::server::conn::http2::Builder<hyper_util::rt::TokioExecutor>,
+}
+
+/// The client connection a request arrived on.
+pub(crate) struct ClientConn {
+    pub(crate) peer: SocketAddr,
+    pub(crate) tls: bool,
+    pub(crate) watch: Arc<ConnWatch>,
+}
+
+/// What the access log and the metrics record about one request, filled in as it goes.
+struct Record {
+    vip_metrics: Arc<VipMetrics>,
+    route_metrics: Option<Arc<RouteMetrics>>,
+    vip: String,
+    route: String,
+    method: Method,
+    /// The path as sent, without the query (it may carry an API key), shortened.
+    path: String,
+    client: SocketAddr,
+    request_id: HeaderValue,
+    status: u16,
+    upstream: Option<SocketAddr>,
+    attempts: u32,
+    upstream_latency: Option<Duration>,
+    start: Instant,
+}
+
+impl Record {
+    /// Counts and logs the finished request, `bytes` of response body sent.
+    fn finish(self, bytes: u64) {
+        let duration = self.start.elapsed();
+        let metrics = self
+            .route_metrics
+            .as_deref()
+            .unwrap_or(&self.vip_metrics.unrouted);
+        metrics.request(self.status, duration);
+        tracing::info!(
+            target: "xlb::access",
+            vip = %self.vip,
+            route = %self.route,
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            client = %self.client.ip(),
+            upstream = %self.upstream.map(|a| a.to_string()).unwrap_or_default(),
+            attempts = self.attempts,
+            duration_ms = duration.as_secs_f64() * 1e3,
+            upstream_ms = self.upstream_latency.map_or(-1.0, |d| d.as_secs_f64() * 1e3),
+            request_id = %String::from_utf8_lossy(self.request_id.as_bytes()),
+            bytes,
+        );
+    }
+}
+
+/// The response body handed to hyper: the upstream's (or the gateway's own) body, counted, and
+/// holding the request's in-flight mark; dropping it (sent or abandoned) ends the request for
+/// the metrics, the access log and the connection's idle timer.
+pub(crate) struct ResponseBody {
+    inner: Body,
+    bytes: u64,
+    record: Option<Box<Record>>,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.finish(self.bytes);
+        }
+    }
+}
+
+/// Serves one request: the hyper service of every client connection.
+pub(crate) async fn handle(
+    gw: Arc<VipGateway>,
+    conn: Arc<ClientConn>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let framed = req.headers().contains_key(header::CONTENT_LENGTH)
+        || req.headers().contains_key(header::TRANSFER_ENCODING);
+    let (in_flight, raw_framing) = conn.watch.request_started(framed);
+    let request_id = request_id(req.headers(), &gw.settings.request_id_header);
+    let path = req.uri().path();
+    let path = match path.char_indices().nth(256) {
+        Some((cut, _)) => format!("{}...", &path[..cut]),
+        None => path.to_owned(),
+    };
+    let mut record = Box::new(Record {
+        vip_metrics: gw.metrics.clone(),
+        route_metrics: None,
+        vip: gw.vip.clone(),
+        route: super::observe::NO_ROUTE_LABEL.to_owned(),
+        method: req.method().clone(),
+        path,
+        client: conn.peer,
+        request_id: request_id.clone(),
+        status: 0,
+        upstream: None,
+        attempts: 0,
+        upstream_latency: None,
+        start: Instant::now(),
+    });
+    let mut extra: Vec<(HeaderName, HeaderValue)> = Vec::new();
+    let mut response = if raw_framing.is_some_and(RawFraming::ambiguous) {
+        refuse(
+            &gw,
+            Refusal::Framing,
+            StatusCode::BAD_REQUEST,
+            "Content-Length with Transfer-Encoding, or repeated",
+        )
+    } else {
+        pipeline(&gw, &conn, req, &request_id, &mut record, &mut extra).await
+    };
+    let headers = response.headers_mut();
+    headers.insert(gw.settings.request_id_header.clone(), request_id);
+    for (name, value) in extra {
+        headers.insert(name, value);
+    }
+    *response.version_mut() = Version::HTTP_11;
+    record.status = response.status().as_u16();
+    Ok(response.map(|inner| ResponseBody {
+        inner,
+        bytes: 0,
+        record: Some(record),
+        _in_flight: in_flight,
+    }))
+}
+
+/// The phases; returns the response to send (the upstream's or the gateway's own).
+async fn pipeline(
+    gw: &VipGateway,
+    conn: &ClientConn,
+    mut req: Request<Incoming>,
+    request_id: &HeaderValue,
+    record: &mut Record,
+    extra: &mut Vec<(HeaderName, HeaderValue)>,
+) -> Response<Body> {
+    let settings = &gw.settings;
+    // 1. Framing, and a declared body above the limit.
+    if let Err(e) = check_framing(req.headers()) {
+        return refuse(
+            gw,
+            Refusal::Framing,
+            StatusCode::BAD_REQUEST,
+            &e.to_string(),
+        );
+    }
+    if content_length(req.headers()).is_some_and(|len| len > settings.max_body_bytes) {
+        return refuse(
+            gw,
+            Refusal::TooLarge,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large",
+        );
+    }
+    // 2. The normalised path is what routing, auth and the upstream see.
+    let raw = req.uri().path_and_query().map_or("", |pq| pq.as_str());
+    let mut path = match normalize_path(raw, settings.encoded_slash) {
+        Ok(path) => path,
+        Err(e) => return refuse(gw, Refusal::Path, StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let Some(host) = request_host(&req) else {
+        return refuse(
+            gw,
+            Refusal::Host,
+            StatusCode::BAD_REQUEST,
+            "missing or ambiguous Host",
+        );
+    };
+    // Before routing: a client must not be able to forge an identity, nor steer routing with
+    // a header only the gateway may set.
+    for name in &gw.identity_headers {
+        req.headers_mut().remove(name);
+    }
+    // 3. Route.
+    let Some(index) = gw.table.find(&host, req.method(), &path, req.headers()) else {
+        return refuse(gw, Refusal::NoRoute, StatusCode::NOT_FOUND, "no route");
+    };
+    let route = &settings.routes[index];
+    let runtime = &gw.routes[index];
+    record.route.clone_from(&route.matcher.name);
+    record.route_metrics = Some(runtime.metrics.clone());
+    // 4. Authenticate.
+    let identity = match authenticate(route, runtime, req.headers(), &mut path) {
+        Ok(identity) => identity,
+        Err(e) => {
+            runtime.metrics.auth_rejected(e.status());
+            tracing::debug!(vip = %gw.vip, route = %route.matcher.name, reason = %e, "auth refused");
+            return auth_refusal(&e);
+        }
+    };
+    // 5. Rate-limit.
+    if let Some(limiter) = &runtime.limiter {
+        let key = limit_key(route, conn.peer.ip(), identity.as_deref(), req.headers());
+        let decision = limiter.check(&key, Instant::now());
+        for (name, value) in response_headers(limiter, &decision) {
+            if let Ok(value) = HeaderValue::try_from(value) {
+                extra.push((HeaderName::from_static(lower(name)), value));
+            }
+        }
+        if !decision.allowed {
+            runtime.metrics.rate_limited();
+            return text(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+        }
+    }
+    // 6. The upstream request.
+    let upgrade = websocket_upgrade(&req);
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = &upgrade {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, protocol.clone());
+    }
+    if route.strip_prefix
+        && let PathMatch::Prefix(prefix) = &route.matcher.path
+    {
+        path = strip_prefix(&path, prefix);
+    }
+    parts.uri = match path.parse::<Uri>() {
+        Ok(uri) => uri,
+        Err(_) => return refuse(gw, Refusal::Path, StatusCode::BAD_REQUEST, "invalid path"),
+    };
+    // An absolute-form or HTTP/2 target names the host; it replaces any Host field.
+    if let Some(authority) = authority
+        && let Ok(value) = HeaderValue::from_str(&authority)
+    {
+        parts.headers.insert(header::HOST, value);
+    }
+    for name in &route.remove_headers {
+        parts.headers.remove(name);
+    }
+    for (name, value) in &route.add_headers {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    forwarding_headers(&mut parts.headers, conn.peer.ip(), conn.tls, &host);
+    parts
+        .headers
+        .insert(settings.request_id_header.clone(), request_id.clone());
+    if let Some(identity) = &identity {
+        match HeaderValue::from_str(identity) {
+            Ok(value) => {
+                parts.headers.insert(route.identity_header.clone(), value);
+            }
+            Err(_) => {
+                let e = AuthError::Invalid("identity not valid in a header".into());
+                runtime.metrics.auth_rejected(e.status());
+                return auth_refusal(&e);
+            }
+        }
+    }
+    // The body is limited to max_body_bytes; a client body that fails (bad chunking, too
+    // large) is told apart from an upstream failure by these flags.
+    let too_large = Arc::new(AtomicBool::new(false));
+    let client_fault = Arc::new(AtomicBool::new(false));
+    let (large, fault) = (too_large.clone(), client_fault.clone());
+    let limit = usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX);
+    let mut body: Body = Limited::new(body, limit)
+        .map_err(move |e| {
+            if e.is::<LengthLimitError>() {
+                large.store(true, Ordering::Relaxed);
+            } else {
+                fault.store(true, Ordering::Relaxed);
+            }
+            e
+        })
+        .boxed();
+    // Nothing goes upstream until the body's first frame is in: a body that is broken or too
+    // large from its start (an invalid first chunk size, the classic smuggling attempt) is
+    // refused without the upstream ever seeing the request. Later failures abort the upstream
+    // request mid-body; the upstream never parses the client's framing either way (hyper
+    // frames the upstream request itself).
+    if !body.is_end_stream() {
+        body = match body.frame().await {
+            None => Body::default(),
+            Some(Ok(first)) => Prepend {
+                first: Some(first),
+                rest: body,
+            }
+            .boxed(),
+            Some(Err(_)) if too_large.load(Ordering::Relaxed) => {
+                return refuse(
+                    gw,
+                    Refusal::TooLarge,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large",
+                );
+            }
+            Some(Err(_)) => {
+                return refuse(
+                    gw,
+                    Refusal::Framing,
+                    StatusCode::BAD_REQUEST,
+                    "invalid request body",
+                );
+            }
+        };
+    }
+    let upstream_req = Request::from_parts(parts, body);
+    // 7. Forward.
+    let Some(pool) = gw.upstreams.pool(&route.pool) else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "no upstream pool");
+    };
+    let forwarded = match pool.send(upstream_req).await {
+        Ok(forwarded) => forwarded,
+        Err(e) => {
+            if too_large.load(Ordering::Relaxed) {
+                return refuse(
+                    gw,
+                    Refusal::TooLarge,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large",
+                );
+            }
+            if client_fault.load(Ordering::Relaxed) {
+                return refuse(
+                    gw,
+                    Refusal::Framing,
+                    StatusCode::BAD_REQUEST,
+                    "invalid request body",
+                );
+            }
+            tracing::debug!(vip = %gw.vip, route = %route.matcher.name, error = %e, "upstream failed");
+            let status = e.status();
+            return text(
+                status,
+                status.canonical_reason().unwrap_or("upstream error"),
+            );
+        }
+    };
+    record.upstream = Some(forwarded.server);
+    record.attempts = forwarded.attempts;
+    record.upstream_latency = Some(forwarded.upstream_latency);
+    runtime.metrics.upstream.observe(forwarded.upstream_latency);
+    let mut response = forwarded.response;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let (Some(client_upgrade), Some(protocol)) = (client_upgrade, upgrade) else {
+            return text(StatusCode::BAD_GATEWAY, "unexpected upgrade from upstream");
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        strip_hop_by_hop(response.headers_mut());
+        let headers = response.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+        conn.watch.tunnel();
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        return response;
+    }
+    strip_hop_by_hop(response.headers_mut());
+    response
+}
+
+/// A body whose first frame was already read (to check it before forwarding).
+struct Prepend {
+    first: Option<Frame<Bytes>>,
+    rest: Body,
+}
+
+impl hyper::body::Body for Prepend {
+    type Data = Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.first.take() {
+            Some(first) => Poll::Ready(Some(Ok(first))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.rest.size_hint();
+        if let Some(data) = self.first.as_ref().and_then(Frame::data_ref) {
+            let n = data.len() as u64;
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper + n);
+            }
+            hint.set_lower(hint.lower() + n);
+        }
+        hint
+    }
+}
+
+/// Joins the client's and the upstream's upgraded connections (WebSocket) until either ends.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    match tokio::join!(client, upstream) {
+        (Ok(client), Ok(upstream)) => {
+            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "upgraded connection ended");
+            }
+        }
+        (client, upstream) => {
+            tracing::debug!(client = ?client.err(), upstream = ?upstream.err(), "upgrade failed");
+        }
+    }
+}
+
+/// A response the gateway makes itself, counted by reason. After a malformed or oversized
+/// request the connection is closed (as nginx does): its unread body cannot be trusted to
+/// end where the client says, and draining it only serves the client.
+fn refuse(gw: &VipGateway, reason: Refusal, status: StatusCode, message: &str) -> Response<Body> {
+    gw.metrics.refused(reason);
+    let mut response = text(status, message);
+    if reason != Refusal::NoRoute {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// A small text/plain response.
+fn text(status: StatusCode, message: &str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from(format!("{message}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn auth_refusal(e: &AuthError) -> Response<Body> {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+    let mut response = text(
+        status,
+        if status == StatusCode::FORBIDDEN {
+            "forbidden"
+        } else {
+            "unauthorized"
+        },
+    );
+    if let Some(challenge) = e.www_authenticate()
+        && let Ok(value) = HeaderValue::try_from(challenge)
+    {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
+/// The declared body length, when there is exactly one valid Content-Length (framing was
+/// checked before).
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The host the request is for: the target's authority (HTTP/2 `:authority`, or an
+/// absolute-form HTTP/1 target, which RFC 9112 3.2.2 says wins over Host), else the one Host
+/// field. `None` when HTTP/1.1 has no Host or there are several (RFC 9112 3.2: 400); HTTP/1.0
+/// without one gets the empty host (only host-less routes match).
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    if let Some(authority) = req.uri().authority() {
+        return Some(authority.as_str().to_owned());
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(host), None) => host.to_str().ok().map(str::to_owned),
+        (None, None) if req.version() < Version::HTTP_11 => Some(String::new()),
+        _ => None,
+    }
+}
+
+/// The identity (key name or JWT subject) of an authenticated request, `None` on routes without
+/// auth. Removes the route's API key query parameter from `path` in every case, so a key never
+/// travels upstream.
+fn authenticate(
+    route: &GatewayRoute,
+    runtime: &RouteRuntime,
+    headers: &HeaderMap,
+    path: &mut String,
+) -> Result<Option<String>, AuthError> {
+    match (&route.auth, &runtime.auth) {
+        (RouteAuth::ApiKey { header, query, .. }, Authenticator::ApiKey(keys)) => {
+            let from_query = query
+                .as_deref()
+                .and_then(|name| take_query_param(path, name));
+            let mut values = headers.get_all(header).iter();
+            let presented = match (values.next(), values.next()) {
+                (Some(_), Some(_)) => return Err(AuthError::Refused("several API keys".into())),
+                (Some(value), None) => Some(
+                    value
+                        .to_str()
+                        .map_err(|_| AuthError::Refused("API key not ASCII".into()))?
+                        .to_owned(),
+                ),
+                (None, _) => from_query,
+            };
+            keys.verify(presented.as_deref())
+                .map(|name| Some(name.to_owned()))
+        }
+        (RouteAuth::Jwt { .. }, Authenticator::Jwt(verifier)) => {
+            let mut values = headers.get_all(header::AUTHORIZATION).iter();
+            let token = match (values.next(), values.next()) {
+                (Some(_), Some(_)) => {
+                    return Err(AuthError::Invalid("several Authorization fields".into()));
+                }
+                (Some(value), None) => bearer_token(value)?,
+                (None, _) => None,
+            };
+            verifier.verify(token).map(Some)
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The token of `Authorization: Bearer <token>` (scheme case-insensitive); another scheme
+/// counts as no credential (RFC 6750 3.1).
+fn bearer_token(value: &HeaderValue) -> Result<Option<&str>, AuthError> {
+    let value = value
+        .to_str()
+        .map_err(|_| AuthError::Invalid("Authorization not ASCII".into()))?;
+    Ok(match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Some(token.trim()),
+        _ => None,
+    })
+}
+
+/// Removes every `name=value` parameter named `name` from the query of `path` and returns the
+/// first value, percent-decoded.
+fn take_query_param(path: &mut String, name: &str) -> Option<String> {
+    let (base, query) = path.split_once('?')?;
+    let mut found = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|param| {
+            let (key, value) = param.split_once('=').unwrap_or((param, ""));
+            if key == name {
+                found.get_or_insert_with(|| percent_decode(value));
+                false
+            } else {
+                true
+            }
+        })
+        .collect();
+    found.as_ref()?;
+    *path = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    found
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1), bytes.get(i + 2)) {
+            (b'%', Some(&h), Some(&l)) if hex(h).is_some() && hex(l).is_some() => {
+                out.push((hex(h).unwrap_or(0) * 16 + hex(l).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The bucket key of a request for the route's limit.
+fn limit_key(
+    route: &GatewayRoute,
+    client: IpAddr,
+    identity: Option<&str>,
+    headers: &HeaderMap,
+) -> Vec<u8> {
+    let by_client = || client.to_string().into_bytes();
+    match &route.rate_limit.as_ref().map(|l| &l.key) {
+        Some(LimitKey::ApiKey | LimitKey::JwtSubject) => {
+            identity.map_or_else(by_client, |i| i.as_bytes().to_vec())
+        }
+        Some(LimitKey::Header(name)) => headers
+            .get(name)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default(),
+        Some(LimitKey::ClientIp) | None => by_client(),
+    }
+}
+
+/// The `Upgrade` value of an HTTP/1.1 upgrade request (WebSocket and the like): `Connection`
+/// lists `upgrade` and `Upgrade` is present.
+fn websocket_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| req.headers().get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// `path` (with query) without the route's prefix; the rest keeps its leading slash (`/api` on
+/// `/api` goes up as `/`).
+fn strip_prefix(path: &str, prefix: &str) -> String {
+    if prefix == "/" {
+        return path.to_owned();
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) if rest.is_empty() || rest.starts_with('?') => format!("/{rest}"),
+        Some(rest) => rest.to_owned(),
+        None => path.to_owned(),
+    }
+}
+
+/// X-Forwarded-For (the client appended), X-Forwarded-Proto (replaced) and Forwarded (RFC 7239,
+/// an element appended).
+fn forwarding_headers(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: &str) {
+    let proto = if tls { "https" } else { "http" };
+    let append = |headers: &mut HeaderMap, name: HeaderName, element: String| {
+        let mut joined: Vec<u8> = Vec::new();
+        for value in headers.get_all(&name) {
+            joined.extend_from_slice(value.as_bytes());
+            joined.extend_from_slice(b", ");
+        }
+        joined.extend_from_slice(element.as_bytes());
+        if let Ok(value) = HeaderValue::from_bytes(&joined) {
+            headers.insert(name, value);
+        }
+    };
+    append(headers, X_FORWARDED_FOR.clone(), client.to_string());
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    let node = match client {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut element = format!("for={node};proto={proto}");
+    if !host.is_empty() {
+        element.push_str(";host=");
+        element.push_str(&forwarded_value(host));
+    }
+    append(headers, header::FORWARDED, element);
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// A Forwarded parameter value: a token as is, anything else as a quoted-string.
+fn forwarded_value(v: &str) -> String {
+    let token = v
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if token && !v.is_empty() {
+        v.to_owned()
+    } else {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// The request id: the client's, when it is one sane token (at most 128 of `A-Za-z0-9._-`),
+/// else a new one unique to this process run.
+fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
+    let mut values = headers.get_all(name).iter();
+    if let (Some(value), None) = (values.next(), values.next())
+        && (1..=128).contains(&value.len())
+        && value
+            .as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(b))
+    {
+        return value.clone();
+    }
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        // Without randomness ids are still unique within the run; the prefix only keeps them
+        // apart across restarts and hosts.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+        u64::from_le_bytes(bytes)
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::try_from(format!("{prefix:016x}-{n:x}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// The lowercase spelling of the rate-limit header names (HeaderName wants lowercase).
+fn lower(name: &'static str) -> &'static str {
+    match name {
+        "RateLimit-Limit" => "ratelimit-limit",
+        "RateLimit-Remaining" => "ratelimit-remaining",
+        "RateLimit-Reset" => "ratelimit-reset",
+        "RateLimit-Policy" => "ratelimit-policy",
+        "Retry-After" => "retry-after",
+        _ => "x-ratelimit-unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameter_is_taken_and_removed() {
+        let mut p = "/a?x=1&api_key=s%33cret&y=2&api_key=other".to_owned();
+        assert_eq!(
+            take_query_param(&mut p, "api_key").as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(p, "/a?x=1&y=2");
+        let mut p = "/a?api_key=k".to_owned();
+        assert_eq!(take_query_param(&mut p, "api_key").as_deref(), Some("k"));
+        assert_eq!(p, "/a");
+        let mut p = "/a?x=1".to_owned();
+        assert_eq!(take_query_param(&mut p, "api_key"), None);
+        assert_eq!(p, "/a?x=1");
+    }
+
+    #[test]
+    fn prefix_stripping_keeps_a_leading_slash() {
+        assert_eq!(strip_prefix("/api/users?x", "/api"), "/users?x");
+        assert_eq!(strip_prefix("/api", "/api"), "/");
+        assert_eq!(strip_prefix("/api?q", "/api"), "/?q");
+        assert_eq!(strip_prefix("/x", "/"), "/x");
+    }
+
+    #[test]
+    fn forwarded_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        forwarding_headers(
+            &mut h,
+            "2001:db8::1".parse().unwrap(),
+            true,
+            "a.example:8443",
+        );
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 2001:db8::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[2001:db8::1]\";proto=https;host=\"a.example:8443\""
+        );
+    }
+
+    #[test]
+    fn request_ids_keep_sane_client_values_only() {
+        let name = HeaderName::from_static("x-request-id");
+        let mut h = HeaderMap::new();
+        h.insert(&name, HeaderValue::from_static("abc-123.X_y"));
+        assert_eq!(request_id(&h, &name), "abc-123.X_y");
+        h.insert(&name, HeaderValue::from_static("bad value"));
+        let generated = request_id(&h, &name);
+        assert_ne!(generated, "bad value");
+        assert_ne!(request_id(&h, &name), generated, "unique");
+        h.insert(&name, HeaderValue::try_from("a".repeat(129)).unwrap());
+        assert_eq!(request_id(&h, &name).len(), generated.len());
+    }
+}
