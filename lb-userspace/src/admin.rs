@@ -466,6 +466,9 @@ pub struct VipStatus {
     /// Its regions, when it lists more than this host's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub regions: Option<RegionStatus>,
+    /// An l7 VIP's gateway: listener, routes, upstream pools and their servers' health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<crate::gateway::server::GatewayStatus>,
 }
 
 /// A VIP's regions in `status`: where its new flows go, why, since when.

@@ -69,7 +69,7 @@ pub struct GatewayError {
 }
 
 /// One l7 VIP as `xlb status` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GatewayStatus {
     /// The VIP's name.
     pub vip: String,
@@ -86,7 +86,7 @@ pub struct GatewayStatus {
 }
 
 /// One route as `xlb status` shows it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RouteStatus {
     /// The route's name.
     pub name: String,
@@ -155,7 +155,7 @@ impl Gateways {
     /// request or connection on; listeners of removed VIPs stop accepting and their
     /// connections finish the requests in flight (at most [`DRAIN_TIMEOUT`]).
     /// `healthy(vip_index, backend_index)` is the agent's health verdict.
-    pub async fn apply(
+    pub fn apply(
         &mut self,
         cfg: &Config,
         healthy: &dyn Fn(usize, usize) -> bool,

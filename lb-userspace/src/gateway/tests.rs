@@ -313,7 +313,7 @@ async fn fixture(name: &str, tune: impl FnOnce(&mut l7::Gateway)) -> Fixture {
     let port = free_port();
     let cfg = config(port, gw, &[(a.addr, "default"), (b.addr, "admin")]);
     let mut gateways = Gateways::new();
-    gateways.apply(&cfg, &|_, _| true).await.unwrap();
+    gateways.apply(&cfg, &|_, _| true).unwrap();
     Fixture {
         gateways,
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -937,7 +937,7 @@ async fn tls_alpn_reload_and_refused_reload() {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut gateways = Gateways::new();
     let cfg1 = config(port, tls_settings(&cert1, &key1), &[(a.addr, "default")]);
-    gateways.apply(&cfg1, &|_, _| true).await.unwrap();
+    gateways.apply(&cfg1, &|_, _| true).unwrap();
 
     let (stream, alpn, first_cert) = tls_connect(addr, &cert1, &[b"h2", b"http/1.1"]).await;
     assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
@@ -961,7 +961,7 @@ async fn tls_alpn_reload_and_refused_reload() {
     // A broken key file: refused with the key's line, the old gateway keeps serving.
     let broken = dir.write("broken.key", "-----BEGIN PRIVATE KEY-----\nnot base64!\n");
     let bad = config(port, tls_settings(&cert2, &broken), &[(a.addr, "default")]);
-    let err = gateways.apply(&bad, &|_, _| true).await.unwrap_err();
+    let err = gateways.apply(&bad, &|_, _| true).unwrap_err();
     assert_eq!(err.lines.len(), 1, "{err}");
     assert!(
         err.lines[0].starts_with("xlb.toml:12: vip[0].gateway.tls.key_file: "),
@@ -975,7 +975,7 @@ async fn tls_alpn_reload_and_refused_reload() {
     // A new certificate: new connections get it, without a rebind (the HTTP/2 connection
     // made before goes on).
     let cfg2 = config(port, tls_settings(&cert2, &key2), &[(a.addr, "default")]);
-    gateways.apply(&cfg2, &|_, _| true).await.unwrap();
+    gateways.apply(&cfg2, &|_, _| true).unwrap();
     let (stream, _, cert) = tls_connect(addr, &cert2, &[b"http/1.1"]).await;
     assert_ne!(cert, first_cert);
     assert_eq!(h1_over(stream).await, 200);
@@ -985,7 +985,7 @@ async fn tls_alpn_reload_and_refused_reload() {
     let mut no_h2 = tls_settings(&cert2, &key2);
     no_h2.http2 = false;
     let cfg3 = config(port, no_h2, &[(a.addr, "default")]);
-    gateways.apply(&cfg3, &|_, _| true).await.unwrap();
+    gateways.apply(&cfg3, &|_, _| true).unwrap();
     let (_, alpn, _) = tls_connect(addr, &cert2, &[b"h2", b"http/1.1"]).await;
     assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
 }
@@ -997,7 +997,7 @@ async fn removed_vips_stop_listening_and_check_reports_every_problem() {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let mut gateways = Gateways::new();
     let cfg = config(port, l7::Gateway::defaults(), &[(a.addr, "default")]);
-    gateways.apply(&cfg, &|_, _| true).await.unwrap();
+    gateways.apply(&cfg, &|_, _| true).unwrap();
     assert_eq!(get(addr, "/", "").await.status, 200);
 
     let dir = TempDir::new("check");
@@ -1029,7 +1029,7 @@ async fn removed_vips_stop_listening_and_check_reports_every_problem() {
             .any(|l| l.starts_with("xlb.toml:12: vip[0].route[1].api_key_file: "))
     );
     assert!(lines.iter().any(|l| l.contains("jwt_subject")));
-    assert!(gateways.apply(&bad, &|_, _| true).await.is_err());
+    assert!(gateways.apply(&bad, &|_, _| true).is_err());
     assert_eq!(
         get(addr, "/", "").await.status,
         200,
@@ -1038,7 +1038,7 @@ async fn removed_vips_stop_listening_and_check_reports_every_problem() {
 
     let mut empty = cfg.clone();
     empty.vips.clear();
-    gateways.apply(&empty, &|_, _| true).await.unwrap();
+    gateways.apply(&empty, &|_, _| true).unwrap();
     assert!(gateways.status().is_empty());
     let deadline = Instant::now() + WAIT;
     while TcpStream::connect(addr).await.is_ok() {
@@ -1059,7 +1059,7 @@ async fn upstream_failures_and_health() {
     gw.routes.push(route("down", prefix("/down"), "down"));
     let cfg = config(port, gw, &[(a.addr, "default"), (closed, "down")]);
     let mut gateways = Gateways::new();
-    gateways.apply(&cfg, &|_, _| true).await.unwrap();
+    gateways.apply(&cfg, &|_, _| true).unwrap();
     let r = get(addr, "/down/x", "").await;
     assert_eq!((r.status, r.body.as_str()), (502, "Bad Gateway\n"));
     assert_eq!(get(addr, "/x", "").await.status, 200);

@@ -18,6 +18,7 @@ use lb_userspace::{
     admin,
     config::{self, Config, NextHopMac, XdpMode},
     desired,
+    gateway::server::Gateways,
     health::{Checker, CheckerHandle, HealthEvent, HealthState, Target, TargetHistory, TargetId},
     host,
     loader::{AttachMode, Attached, Balancer, LoadOptions},
@@ -148,6 +149,8 @@ struct Running {
     regions: regions::Regions,
     /// Where the remote regions' probers report.
     region_tx: mpsc::Sender<lb_userspace::capacity::RegionReport>,
+    /// The l7 VIPs' HTTP gateways (listeners, routes, upstream pools).
+    gateways: Gateways,
 }
 
 /// The backends of `cfg` that have a health check (the VIP's, with the backend's overrides).
@@ -284,6 +287,27 @@ impl Running {
             return;
         }
         self.reconcile_now("applying a remote region's change");
+    }
+
+    /// Builds the l7 VIPs' gateways of `cfg` (files read, listeners bound) and switches to
+    /// them; on an error nothing changed and the error has every problem, one per line. Called
+    /// after [`Running::restart_checks`], so health indices are `cfg`'s.
+    fn apply_gateways(&mut self, cfg: &Config) -> Result<(), String> {
+        let down = &self.down;
+        let healthy = |vip, backend| !down.contains(&TargetId { vip, backend });
+        self.gateways
+            .apply(cfg, &healthy)
+            .map_err(|e| e.lines.join("\n"))
+    }
+
+    /// Hands the current health verdicts to the gateways' upstream pools.
+    fn gateway_health(&self) {
+        if let Some(cfg) = &self.config {
+            let down = &self.down;
+            self.gateways.set_health(cfg, &|vip, backend| {
+                !down.contains(&TargetId { vip, backend })
+            });
+        }
     }
 
     /// Reconciles the configuration in force, logging a failure with `what`.
@@ -553,6 +577,7 @@ impl Running {
         // The line is written once the maps reflect the change, so "backend down" means no new
         // flow goes there any more.
         let applied = self.reconcile(&cfg);
+        self.gateway_health();
         let (name, addr, detail) = (&vip.name, backend.address, &ev.detail);
         match (ev.up, applied) {
             (true, Ok(_)) => tracing::info!(vip = %name, backend = %addr, %detail, "backend up"),
@@ -699,6 +724,7 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         attachment_problem: None,
         regions: adopted_regions,
         region_tx,
+        gateways: Gateways::new(),
     };
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::ScrapeRequest>(16);
     if let Some(c) = &cfg {
@@ -728,6 +754,12 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
         // Backends start healthy (no check has failed yet), so a restart never empties a pool.
         running.restart_checks(c, &health_tx);
         running.config = Some(c.clone());
+        if let Err(lines) = running.apply_gateways(c) {
+            for line in lines.lines() {
+                tracing::error!("{line}");
+            }
+            bail!("the l7 gateway could not start (see above); nothing was changed");
+        }
         let writes = running.reconcile(c)?;
         tracing::info!(
             vips = c.vips.len(),
@@ -791,7 +823,9 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
             Some(()) = next_change(&mut changes) => running.refresh_facts().await,
             _ = facts_timer.tick(), if cfg.is_some() => running.refresh_facts().await,
             Some(reply) = scrape_rx.recv() => {
-                let _ = reply.send(metrics::render(&running.snapshot()));
+                let mut text = metrics::render(&running.snapshot());
+                running.gateways.render_metrics(&mut text);
+                let _ = reply.send(text);
             }
             _ = ticker.tick(), if args.stats_interval_secs > 0 => {
                 let now = running.balancer.counters()?;
@@ -977,6 +1011,26 @@ fn reload(
     let previous = (running.down.clone(), running.config.clone());
     running.restart_checks(&cfg, health_tx);
     running.config = Some(cfg.clone());
+    // The gateway first: its files (certificates, keys, JWKS) are part of the configuration,
+    // and a listener that cannot be bound refuses the reload before any map changes.
+    if let Err(lines) = running.apply_gateways(&cfg) {
+        for line in lines.lines() {
+            tracing::error!("{line}");
+        }
+        let summary = format!(
+            "{}: the l7 gateway refused the configuration; nothing was changed",
+            path.display()
+        );
+        tracing::error!("reload refused: {summary}; still running the previous configuration");
+        running.reloads_refused += 1;
+        let (down, old) = previous;
+        if let Some(old) = old {
+            running.restart_checks(&old, health_tx);
+            running.config = Some(old);
+            running.down = down;
+        }
+        return Err(ReloadError::Invalid(format!("{lines}\n{summary}")));
+    }
     match running.reconcile(&cfg) {
         Ok(writes) => {
             tracing::info!(
@@ -1004,8 +1058,11 @@ fn reload(
             let (down, old) = previous;
             if let Some(old) = old {
                 running.restart_checks(&old, health_tx);
-                running.config = Some(old);
                 running.down = down;
+                if let Err(lines) = running.apply_gateways(&old) {
+                    tracing::error!("restoring the previous gateway failed: {lines}");
+                }
+                running.config = Some(old);
             }
             Err(ReloadError::Failed(format!(
                 "reload failed: {e:#}; the previous state stays in place"

@@ -27,6 +27,14 @@ pub fn run(args: CheckArgs) -> ! {
     let file = args.config.display().to_string();
     match config::load(&args.config) {
         Ok(config) => {
+            // The files an l7 VIP's gateway reads (certificates, keys, API keys, JWKS) are
+            // part of the configuration: loaded and checked as the agent would.
+            if let Err(lines) = lb_userspace::gateway::server::check(&config) {
+                for line in &lines {
+                    eprintln!("{line}");
+                }
+                std::process::exit(EXIT_INVALID)
+            }
             let vips = config.vips.len();
             let backends = config.backend_count();
             // With regions, say which region this host is and what its VIPs fail over to, so a

@@ -503,7 +503,85 @@ fn render_status(s: &admin::Status) -> String {
         if let Some(r) = &v.regions {
             let _ = write!(out, "{}", regions_text(&v.name, r));
         }
+        if let Some(g) = &v.gateway {
+            let _ = write!(out, "{}", gateway_text(&v.name, g));
+        }
     }
+    out
+}
+
+/// The gateway part of an l7 VIP in `xlb status`: its listener, routes and upstream servers.
+fn gateway_text(vip: &str, g: &lb_userspace::gateway::server::GatewayStatus) -> String {
+    let mut out = String::new();
+    let mut protocols = vec!["http/1.1"];
+    if g.http2 {
+        protocols.push(if g.tls { "h2" } else { "h2c" });
+    }
+    let _ = writeln!(
+        out,
+        "\n{vip} gateway: listening on {}{} ({})",
+        g.listen,
+        if g.tls { " with TLS" } else { "" },
+        protocols.join(", ")
+    );
+    let mut t = Table::new(&["  ROUTE", "MATCHES", "POOL", "AUTH", "RATE LIMIT"]);
+    for r in &g.routes {
+        t.row(vec![
+            format!("  {}", r.name),
+            r.matches.clone(),
+            r.pool.clone(),
+            r.auth.clone(),
+            r.limit.clone().unwrap_or_else(|| "none".to_owned()),
+        ]);
+    }
+    let _ = write!(out, "{t}");
+    let mut t = Table::new(&[
+        "  POOL",
+        "SERVER",
+        "WEIGHT",
+        "HEALTH",
+        "EJECTED",
+        "IN FLIGHT",
+        "REQUESTS",
+        "5XX",
+        "CONNECT FAIL",
+        "TIMEOUTS",
+    ]);
+    for p in &g.pools {
+        if p.servers.is_empty() {
+            t.row(vec![
+                format!("  {}", p.name),
+                "(no servers)".to_owned(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for srv in &p.servers {
+            t.row(vec![
+                format!("  {}", p.name),
+                std::net::SocketAddr::new(srv.address, srv.port).to_string(),
+                srv.weight.to_string(),
+                if srv.healthy { "up" } else { "down" }.to_owned(),
+                if srv.ejected {
+                    format!("{:.0} s left", srv.ejection_seconds_left.ceil())
+                } else {
+                    "no".to_owned()
+                },
+                srv.in_flight.to_string(),
+                srv.requests_total.to_string(),
+                srv.responses_5xx_total.to_string(),
+                srv.connect_failures_total.to_string(),
+                srv.timeouts_total.to_string(),
+            ]);
+        }
+    }
+    let _ = write!(out, "{t}");
     out
 }
 

@@ -205,7 +205,11 @@ impl Running {
             self.restart_checks(&effective, health_tx);
         }
         self.config = Some(effective.clone());
-        match self.reconcile(&effective) {
+        let applied = self
+            .apply_gateways(&effective)
+            .map_err(|lines| anyhow::anyhow!("the l7 gateway refused it: {lines}"))
+            .and_then(|()| self.reconcile(&effective));
+        match applied {
             Ok(_) => {
                 self.control.overlay = next;
                 log_change(&change);
@@ -220,8 +224,11 @@ impl Running {
                     if checks_change {
                         self.restart_checks(&old, health_tx);
                     }
-                    self.config = Some(old);
                     self.down = down;
+                    if let Err(lines) = self.apply_gateways(&old) {
+                        tracing::error!("restoring the previous gateway failed: {lines}");
+                    }
+                    self.config = Some(old);
                 }
                 let undo = match runtime::save(&state_path, &self.control.overlay) {
                     Ok(()) => String::new(),
@@ -401,6 +408,7 @@ impl Running {
             }
         };
         let overlay = &self.control.overlay;
+        let gateways = self.gateways.status();
         let mut vips = Vec::new();
         for (vi, v) in self.config.iter().flat_map(|c| c.vips.iter().enumerate()) {
             let cfg = self.config.as_ref().expect("iterating its VIPs");
@@ -460,6 +468,7 @@ impl Running {
                         .and_then(|id| now.backends.get(&id))
                         .map_or(0, |s| s.new_flows)
                 }),
+                gateway: gateways.iter().find(|g| g.vip == v.name).cloned(),
             });
         }
         let agent = AgentInfo {
