@@ -468,6 +468,11 @@ fn render_status(s: &admin::Status) -> String {
     }
     let _ = write!(out, "\n{t}");
     for v in &s.vips {
+        // An l7 VIP's backends are its gateway's upstream servers, shown with the gateway.
+        if let Some(g) = &v.gateway {
+            let _ = write!(out, "{}", gateway_text(&v.name, g));
+            continue;
+        }
         let _ = writeln!(out, "\n{} backends:", v.name);
         if v.backends.is_empty() {
             let _ = writeln!(out, "  (none)");
@@ -502,9 +507,6 @@ fn render_status(s: &admin::Status) -> String {
         let _ = write!(out, "{t}");
         if let Some(r) = &v.regions {
             let _ = write!(out, "{}", regions_text(&v.name, r));
-        }
-        if let Some(g) = &v.gateway {
-            let _ = write!(out, "{}", gateway_text(&v.name, g));
         }
     }
     out
