@@ -137,8 +137,19 @@ const VIP_KEYS: &[&str] = &[
     "regions",
     "failover",
     "backend",
+    "gateway",
+    "pool",
+    "route",
 ];
-const BACKEND_KEYS: &[&str] = &["address", "weight", "region", "mac", "health_check"];
+const BACKEND_KEYS: &[&str] = &[
+    "address",
+    "weight",
+    "region",
+    "mac",
+    "port",
+    "pool",
+    "health_check",
+];
 const CHECK_KEYS: &[&str] = &[
     "type",
     "port",
@@ -1701,6 +1712,8 @@ struct VipDraft {
     regions: Field<Vec<Loc<String>>>,
     failover: Option<FailoverDraft>,
     backends: Vec<BackendDraft>,
+    /// `[vip.gateway]`, `[[vip.pool]]`, `[[vip.route]]`.
+    l7: l7::GatewayDraft,
     /// Filled in by validation.
     resolved_check: Option<HealthCheck>,
 }
@@ -1711,6 +1724,8 @@ struct BackendDraft {
     weight: Field<u16>,
     region: Field<String>,
     mac: Field<MacAddr>,
+    port: Field<u16>,
+    pool: Field<String>,
     check: Option<PartialCheck>,
     /// Filled in by validation.
     resolved_check: Option<HealthCheck>,
@@ -1910,6 +1925,7 @@ fn read_vip(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> VipDraft {
         .flatten()
         .map(|table| read_backend(cx, &table))
         .collect();
+    let l7 = l7::read(cx, t);
     VipDraft {
         path: t.path.clone(),
         span: t.span.clone(),
@@ -1923,6 +1939,7 @@ fn read_vip(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> VipDraft {
         regions,
         failover,
         backends,
+        l7,
         resolved_check: None,
     }
 }
@@ -2121,6 +2138,8 @@ fn read_backend(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> BackendDraft {
     let weight = cx.int(t, "weight", Optional, range_of(rules::WEIGHT_RANGE));
     let region = cx.parsed(t, "region", Optional, NAME_EXPECTED, parse_name);
     let mac = cx.parsed(t, "mac", Optional, MAC_EXPECTED, parse_mac);
+    let port = cx.int(t, "port", Optional, 1..=65535);
+    let pool = cx.parsed(t, "pool", Optional, NAME_EXPECTED, parse_name);
     let check = t
         .get("health_check")
         .and_then(|value| read_check(cx, value, t.key("health_check")));
@@ -2130,6 +2149,8 @@ fn read_backend(cx: &mut Ctx<'_>, t: &TableRef<'_, '_>) -> BackendDraft {
         weight,
         region,
         mac,
+        port,
+        pool,
         check,
         resolved_check: None,
     }
@@ -2206,7 +2227,16 @@ fn validate_vip(cx: &mut Ctx<'_>, vip: &mut VipDraft) {
         cx.violation(v, &address.span, &address.key);
     }
 
-    let addresses = vip.backends.iter().map(|b| b.address.value().copied());
+    // An l7 VIP's upstream servers are addresses and ports (several may share a host).
+    let vip_port = vip.port.value().copied();
+    let addresses = vip.backends.iter().map(|b| {
+        let address = b.address.value().copied()?;
+        let port = match mode {
+            Some(VipMode::L7) => Some(b.port.or(vip_port?)?),
+            _ => None,
+        };
+        Some((address, port))
+    });
     for (i, first_index) in rules::first_duplicates(addresses) {
         if let Some(address) = vip.backends[i].address.loc() {
             let first = &vip.backends[first_index].path;
@@ -2237,9 +2267,57 @@ fn validate_vip(cx: &mut Ctx<'_>, vip: &mut VipDraft) {
         }
     }
 
+    validate_gateway(cx, vip, mode);
     validate_table_size(cx, vip);
     validate_regions(cx, vip);
     validate_checks(cx, vip);
+    l7_check_ports(vip);
+}
+
+/// The gateway's tables and the backends' `port` and `pool` belong to `l7` VIPs only; an l7
+/// backend's pool must exist.
+fn validate_gateway(cx: &mut Ctx<'_>, vip: &VipDraft, mode: Option<VipMode>) {
+    let Some(mode) = mode else {
+        return;
+    };
+    if mode != VipMode::L7 {
+        if let Some((span, key)) = &vip.l7.written {
+            let message = format!(
+                "only an l7 VIP has a gateway (this VIP's mode is {mode}); set mode = \"l7\" or \
+                 remove the table"
+            );
+            cx.report(ConfigErrorKind::Conflict, span, key, message);
+        }
+        for b in &vip.backends {
+            for (span, key) in [span_key(&b.port), span_key(&b.pool)].into_iter().flatten() {
+                let message = format!(
+                    "only an l7 VIP's backends have a port and a pool (this VIP's mode is \
+                     {mode}: backends receive the client's packets unchanged, port included)"
+                );
+                cx.report(ConfigErrorKind::Conflict, span, key, message);
+            }
+        }
+        return;
+    }
+    for b in &vip.backends {
+        if let Some(pool) = b.pool.loc()
+            && !vip.l7.pool_names.contains(&pool.value)
+        {
+            let names: Vec<&str> = vip.l7.pool_names.iter().map(String::as_str).collect();
+            let message = format!(
+                "no pool {:?} in this VIP; pools here: {} (add a [[vip.pool]] table to define \
+                 one)",
+                pool.value,
+                quoted_list(&names)
+            );
+            cx.report(
+                ConfigErrorKind::InvalidValue,
+                &pool.span,
+                &pool.key,
+                message,
+            );
+        }
+    }
 }
 
 fn validate_table_size(cx: &mut Ctx<'_>, vip: &VipDraft) {
@@ -2350,6 +2428,24 @@ fn validate_checks(cx: &mut Ctx<'_>, vip: &mut VipDraft) {
                     .any(|name| e.key == format!("{}{name}", own_prefix));
             here && !already
         }));
+    }
+}
+
+/// An l7 VIP's backends are upstream servers on their own ports: their checks go to that port
+/// unless the VIP's or the backend's check names one.
+fn l7_check_ports(vip: &mut VipDraft) {
+    if vip.mode.value() != Some(&VipMode::L7) {
+        return;
+    }
+    let written = |check: Option<&PartialCheck>| check.is_some_and(|c| !c.port.is_absent());
+    let vip_written = written(vip.check.as_ref());
+    for backend in &mut vip.backends {
+        if vip_written || written(backend.check.as_ref()) {
+            continue;
+        }
+        if let (Some(check), Some(port)) = (&mut backend.resolved_check, backend.port.value()) {
+            check.port = *port;
+        }
     }
 }
 
@@ -2872,13 +2968,17 @@ fn build(agent: AgentDraft, vips: Vec<VipDraft>, regions: Vec<RegionDraft>) -> O
                 .into_iter()
                 .map(|b| {
                     let l7 = vip.mode.value() == Some(&VipMode::L7);
+                    let port = match l7 {
+                        true => Some(b.port.or(*vip.port.value()?)?),
+                        false => None,
+                    };
                     Some(Backend {
                         address: *b.address.value()?,
                         weight: b.weight.or(DEFAULT_WEIGHT)?,
                         region: b.region.or(DEFAULT_REGION.to_owned())?,
                         mac: b.mac.value().copied(),
-                        port: l7.then_some(*vip.port.value()?),
-                        pool: l7::DEFAULT_POOL.to_owned(),
+                        port,
+                        pool: b.pool.or(l7::DEFAULT_POOL.to_owned())?,
                         health_check: b.resolved_check,
                     })
                 })
@@ -2914,7 +3014,10 @@ fn build(agent: AgentDraft, vips: Vec<VipDraft>, regions: Vec<RegionDraft>) -> O
                     .collect(),
                 failover,
                 backends,
-                gateway: (vip.mode.value() == Some(&VipMode::L7)).then(l7::Gateway::defaults),
+                gateway: match vip.mode.or(VipMode::default())? {
+                    VipMode::L7 => Some(vip.l7.gateway?),
+                    _ => None,
+                },
             })
         })
         .collect::<Option<Vec<_>>>()?;
@@ -2975,8 +3078,8 @@ encap_source_v6 = "fd00:ff::/96"
     #[test]
     fn the_example_file_parses() {
         let config = ok(include_str!("../../examples/xlb.toml"));
-        assert_eq!(config.vips.len(), 2);
-        assert_eq!(config.backend_count(), 5);
+        assert_eq!(config.vips.len(), 3);
+        assert_eq!(config.backend_count(), 7);
         let web = &config.vips[0];
         assert_eq!(web.backends.len(), 3);
         assert_eq!(web.backends[2].weight, 0, "the third backend is drained");
@@ -2995,6 +3098,8 @@ encap_source_v6 = "fd00:ff::/96"
         assert_eq!(echo.protocol, Protocol::Udp);
         assert!(echo.address.is_ipv6());
         assert_eq!(echo.backends[0].health_check, echo.health_check);
+        let api = config.vips[2].gateway.as_ref().expect("an l7 VIP has a gateway");
+        assert_eq!((api.pools.len(), api.routes.len()), (2, 3));
     }
 
     #[test]
@@ -3183,7 +3288,7 @@ wieght = 1
         ));
         assert!(all[3].starts_with(
             "xlb.toml:18: vip[0].backend[0].wieght: unknown key; did you mean `weight`? allowed \
-             keys here: address, weight, region, mac, health_check"
+             keys here: address, weight, region, mac, port, pool, health_check"
         ));
     }
 

@@ -85,7 +85,9 @@ pub fn desired(
                 .backends
                 .iter()
                 .enumerate()
-                .filter(|(_, b)| serves_here(cfg, v, &b.region))
+                // An l7 VIP's packets are passed to the host stack before any backend is
+                // chosen; its backends are the gateway's upstream servers, not map entries.
+                .filter(|(_, b)| v.mode != VipMode::L7 && serves_here(cfg, v, &b.region))
                 .map(|(bi, b)| {
                     let mac = match v.mode {
                         VipMode::DsrL2 => b.mac.map(|m| m.0).or_else(|| mac_of(b.address)),
@@ -128,17 +130,19 @@ mod tests {
         for (dv, cv) in d.vips.iter().zip(&cfg.vips) {
             assert_eq!(dv.key, vip_key(cv.address, cv.port, cv.protocol.number()));
             // Only this host's region's backends (the example's VIP with regions also lists
-            // another region's, served by that region's xlb host).
+            // another region's, served by that region's xlb host), and none of an l7 VIP (its
+            // gateway's upstream servers).
             let here: Vec<IpAddr> = cv
                 .backends
                 .iter()
-                .filter(|b| serves_here(&cfg, cv, &b.region))
+                .filter(|b| cv.mode != VipMode::L7 && serves_here(&cfg, cv, &b.region))
                 .map(|b| b.address)
                 .collect();
             let got: Vec<IpAddr> = dv.backends.iter().map(|b| b.address).collect();
             assert_eq!(got, here);
             assert_eq!(dv.table_size, cv.table_size);
         }
+        assert!(cfg.vips.iter().any(|v| v.mode == VipMode::L7), "the example has an l7 VIP");
         // The plan for it is valid.
         crate::reconcile::Reconciler::new().plan(&d).expect("plan");
     }

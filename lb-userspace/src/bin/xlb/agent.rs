@@ -174,14 +174,17 @@ fn targets(cfg: &Config) -> Vec<Target> {
     out
 }
 
-/// A backend's identity across reloads: (VIP name, backend address), since indices move when
-/// the file changes.
-fn stable_ids(cfg: &Config) -> HashMap<(String, std::net::IpAddr), TargetId> {
+/// A backend's identity across reloads: (VIP name, backend address, upstream port of an l7
+/// backend), since indices move when the file changes.
+type StableId = (String, std::net::IpAddr, Option<u16>);
+
+/// Every backend of `cfg` by [`StableId`].
+fn stable_ids(cfg: &Config) -> HashMap<StableId, TargetId> {
     let mut out = HashMap::new();
     for (vi, v) in cfg.vips.iter().enumerate() {
         for (bi, b) in v.backends.iter().enumerate() {
             out.insert(
-                (v.name.clone(), b.address),
+                (v.name.clone(), b.address, b.port),
                 TargetId {
                     vip: vi,
                     backend: bi,
@@ -467,7 +470,11 @@ impl Running {
                                 backend: bi,
                             };
                             metrics::BackendMetrics {
-                                address: b.address.to_string(),
+                                // An l7 VIP's servers may share an address: address:port.
+                                address: match b.port {
+                                    Some(p) => std::net::SocketAddr::new(b.address, p).to_string(),
+                                    None => b.address.to_string(),
+                                },
                                 up: !self.down.contains(&id),
                                 traffic: self
                                     .reconciler
@@ -501,7 +508,7 @@ impl Running {
     fn restart_checks(&mut self, cfg: &Config, tx: &mpsc::Sender<HealthEvent>) {
         let previous: HashMap<TargetId, TargetHistory> = match (self.checker.take(), &self.config) {
             (Some(handle), Some(old)) => {
-                let old_ids: HashMap<TargetId, (String, std::net::IpAddr)> =
+                let old_ids: HashMap<TargetId, StableId> =
                     stable_ids(old).into_iter().map(|(k, id)| (id, k)).collect();
                 let new_ids = stable_ids(cfg);
                 handle
