@@ -3098,7 +3098,10 @@ encap_source_v6 = "fd00:ff::/96"
         assert_eq!(echo.protocol, Protocol::Udp);
         assert!(echo.address.is_ipv6());
         assert_eq!(echo.backends[0].health_check, echo.health_check);
-        let api = config.vips[2].gateway.as_ref().expect("an l7 VIP has a gateway");
+        let api = config.vips[2]
+            .gateway
+            .as_ref()
+            .expect("an l7 VIP has a gateway");
         assert_eq!((api.pools.len(), api.routes.len()), (2, 3));
     }
 

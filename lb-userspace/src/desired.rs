@@ -142,7 +142,10 @@ mod tests {
             assert_eq!(got, here);
             assert_eq!(dv.table_size, cv.table_size);
         }
-        assert!(cfg.vips.iter().any(|v| v.mode == VipMode::L7), "the example has an l7 VIP");
+        assert!(
+            cfg.vips.iter().any(|v| v.mode == VipMode::L7),
+            "the example has an l7 VIP"
+        );
         // The plan for it is valid.
         crate::reconcile::Reconciler::new().plan(&d).expect("plan");
     }

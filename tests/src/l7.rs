@@ -198,6 +198,11 @@ impl L7Topology {
             ns.run(&["ip", "-4", "route", "add", "default", "via", v4]);
             ns.run(&["ip", "-6", "route", "add", "default", "via", v6]);
         }
+        // The xlb host's uplink is the client's link, as a host's default route points at its
+        // uplink; the agent resolves its next hop (`next_hop_mac = "auto"`) from this route
+        // and will not start without one.
+        lb.run(&["ip", "-4", "route", "add", "default", "via", "10.97.1.2"]);
+        lb.run(&["ip", "-6", "route", "add", "default", "via", "fd00:97:1::2"]);
         lb.run(&[
             "sh",
             "-c",
@@ -219,6 +224,7 @@ impl L7Topology {
         }
         // Neighbours resolved before anything is measured or timed.
         client.run(&["ping", "-c", "1", "-W", "2", "10.97.1.1"]);
+        lb.run(&["ping", "-c", "1", "-W", "2", "10.97.1.2"]);
         upstream_host.run(&["ping", "-c", "1", "-W", "2", "10.97.2.1"]);
         let mut sans = vec!["DNS:localhost".to_string()];
         for (i, (v4, v6)) in addresses.iter().enumerate() {
