@@ -10,11 +10,20 @@
 //! - [`normalize`]: refuse ambiguous framing, normalise the path, strip hop-by-hop headers. It
 //!   runs *before* routing so that `/public/../admin` is matched (and authenticated) as `/admin`.
 //! - [`route`]: the route table and its documented precedence rule.
+//! - [`balance`]: how a pool picks a server (smooth weighted round robin, least request by two
+//!   random choices, weighted rendezvous hashing for affinity).
+//!
+//! Around them, the shells that touch the network:
+//! - [`upstream`]: the upstream pools: per-server connection pools over hyper's low-level client
+//!   (HTTP/1.1 keep-alive, multiplexed h2c), health and passive outlier ejection, timeouts,
+//!   retries of requests that never left, protocol translation and upgrade pass-through.
 
 pub mod auth;
+pub mod balance;
 pub mod normalize;
 pub mod ratelimit;
 pub mod route;
+pub mod upstream;
 
 /// The error type of request and response bodies: whatever hyper, a size limit or an upstream
 /// reports, boxed.
