@@ -29,6 +29,8 @@ use xlb_tests::{
 
 /// The port every proxy listens on, on the VIP.
 const PORT: u16 = 80;
+/// The agent's log filter: its own lines, not the gateway's per-request access log.
+const AGENT_LOG_FILTER: &str = "info,xlb::access=off";
 /// Worker threads or processes of every proxy.
 const WORKERS: usize = 2;
 
@@ -194,7 +196,8 @@ fn start(
         Proxy::Xlb => {
             let vips = t.basic_vip("web", IpAddr::V4(L7_VIP_V4), PORT, UPSTREAM_HTTP_PORT);
             let config = t.write_agent_config(&vips);
-            let mut agent = Daemon::start(
+            // No access log, as nginx (`access_log off`) and HAProxy (no `log`) run here.
+            let mut agent = Daemon::start_with_log_filter(
                 &t.lb,
                 xlb,
                 &[
@@ -203,6 +206,7 @@ fn start(
                     "--config",
                     config.to_str().expect("utf-8 path"),
                 ],
+                AGENT_LOG_FILTER,
             );
             if let Err(e) = t.wait_gateway(&mut agent, vip, args.agent_timeout) {
                 // The configuration goes with the topology; a copy stays beside the log.
