@@ -95,9 +95,15 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `xlb args...` in `ns` with `RUST_LOG=info`.
     pub fn start(ns: &Netns, xlb: &Path, args: &[&str]) -> Daemon {
+        Daemon::start_with_log_filter(ns, xlb, args, "info")
+    }
+
+    /// Starts `xlb args...` in `ns` with `RUST_LOG=filter` (e.g. `info,xlb::access=off`: no
+    /// per-request access log lines, for a benchmark).
+    pub fn start_with_log_filter(ns: &Netns, xlb: &Path, args: &[&str], filter: &str) -> Daemon {
         let mut cmd = ns.command(xlb.to_str().expect("utf-8 path"));
         cmd.args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -9,6 +9,8 @@
 //! program, printed as a table and written to `target/xlb-bench/dataplane.json`.
 //! `region` runs `region-bench`: multi-region failover and failback times (p50, p99) over 10
 //! trials on the two-region topology, and the new flows lost during each transition.
+//! `l7` runs `l7-bench`: the agent's L7 gateway against nginx and HAProxy as reverse proxies
+//! (wrk keep-alive, one nginx upstream, two workers each, alternating rounds, medians).
 
 use std::{path::PathBuf, process::Command};
 
@@ -44,6 +46,9 @@ enum Bench {
     /// Multi-region failover: every backend of region A dies -> first new connection via B,
     /// and back after the hold-down, over 10 trials, with new flows lost per transition.
     Region,
+    /// The L7 gateway vs nginx vs HAProxy as HTTP reverse proxies: wrk keep-alive requests/s,
+    /// p50/p99 latency, each proxy's CPU per 1,000 requests and RSS, ratios against nginx.
+    L7,
 }
 
 fn workspace_root() -> PathBuf {
@@ -65,7 +70,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let (bin, out) = match args.what {
         Bench::Dataplane => ("dataplane-bench", "target/xlb-bench/dataplane.json"),
-        Bench::Control | Bench::E2e | Bench::Region => {
+        Bench::Control | Bench::E2e | Bench::Region | Bench::L7 => {
             // These benches start the real agent: build the release binary first.
             let status = Command::new(&cargo)
                 .current_dir(&root)
@@ -78,6 +83,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             match args.what {
                 Bench::E2e => ("e2e-bench", "target/xlb-bench/e2e.json"),
                 Bench::Region => ("region-bench", "target/xlb-bench/region.json"),
+                Bench::L7 => ("l7-bench", "target/xlb-bench/l7.json"),
                 _ => ("control-bench", "target/xlb-bench/control.json"),
             }
         }

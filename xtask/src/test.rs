@@ -146,7 +146,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "netns",
-        what: "network-namespace, end-to-end and two-region tests: the real xlb, nginx, curl, wrk (serial)",
+        what: "network-namespace, end-to-end, two-region and L7 gateway tests: the real xlb, nginx, curl, wrk (serial)",
         needs_root: true,
         command: || {
             let mut c = cargo();
@@ -164,6 +164,8 @@ const STEPS: &[Step] = &[
                 "capacity",
                 "--test",
                 "failover",
+                "--test",
+                "l7",
                 "--",
             ])
             .args(["--test-threads=1"]);

@@ -19,6 +19,7 @@ use xlb_tests::{
     netns::Netns,
     servers::Nginx,
     topology::{Daemon, Options, Topology, VIP_V4},
+    wrk::{self, WrkLoad},
 };
 
 /// The balancers compared.
@@ -122,72 +123,30 @@ fn cpu_busy_jiffies() -> u64 {
         .sum()
 }
 
-/// A duration as wrk prints it (`812.00us`, `1.23ms`, `2.00s`), in milliseconds.
-fn wrk_ms(text: &str) -> Option<f64> {
-    let (num, unit) = text
-        .find(|c: char| c.is_ascii_alphabetic())
-        .map(|i| text.split_at(i))?;
-    let n: f64 = num.parse().ok()?;
-    Some(match unit {
-        "us" => n / 1000.0,
-        "ms" => n,
-        "s" => n * 1000.0,
-        "m" => n * 60_000.0,
-        _ => return None,
-    })
-}
-
 /// Runs wrk from the client against the VIP; `close` sends `Connection: close`, so every
 /// request is a new connection.
 fn wrk(client: &Netns, args: &Args, close: bool) -> Result<Run, String> {
-    let url = format!("http://{VIP_V4}/");
-    let (c, t, d) = (
-        args.connections.to_string(),
-        args.threads.to_string(),
-        format!("{}s", args.seconds),
-    );
-    let mut cmd = client.command("wrk");
-    cmd.args(["--latency", "-t", &t, "-c", &c, "-d", &d, "--timeout", "2s"]);
-    if close {
-        cmd.args(["-H", "Connection: close"]);
-    }
-    cmd.arg(&url);
+    let load = WrkLoad {
+        threads: args.threads,
+        connections: args.connections,
+        duration: Duration::from_secs(args.seconds),
+        headers: if close {
+            vec!["Connection: close".into()]
+        } else {
+            Vec::new()
+        },
+    };
     let hz = 100.0; // USER_HZ on Linux
     let before = cpu_busy_jiffies();
-    let out = cmd.output().map_err(|e| format!("running wrk: {e}"))?;
+    let report = wrk::run(client, &load, &format!("http://{VIP_V4}/"))?;
     let busy_ms = (cpu_busy_jiffies() - before) as f64 * 1000.0 / hz;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    if !out.status.success() {
-        return Err(format!(
-            "wrk failed: {}{}",
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    let mut run = Run::default();
-    let mut requests = 0u64;
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["Requests/sec:", v] => run.rps = v.parse().unwrap_or(0.0),
-            ["50%", v] => run.p50_ms = wrk_ms(v).unwrap_or(f64::NAN),
-            ["99%", v] => run.p99_ms = wrk_ms(v).unwrap_or(f64::NAN),
-            [n, "requests", "in", ..] => requests = n.parse().unwrap_or(0),
-            ["Socket", "errors:", rest @ ..] => {
-                run.errors += rest
-                    .iter()
-                    .filter_map(|w| w.trim_end_matches(',').parse::<u64>().ok())
-                    .sum::<u64>()
-            }
-            ["Non-2xx", "or", "3xx", "responses:", n] => run.errors += n.parse().unwrap_or(0),
-            _ => {}
-        }
-    }
-    if requests == 0 {
-        return Err(format!("wrk made no requests:\n{text}"));
-    }
-    run.cpu_ms_per_1k = busy_ms / requests as f64 * 1000.0;
-    Ok(run)
+    Ok(Run {
+        rps: report.rps,
+        p50_ms: report.p50_ms,
+        p99_ms: report.p99_ms,
+        errors: report.errors,
+        cpu_ms_per_1k: busy_ms / report.requests as f64 * 1000.0,
+    })
 }
 
 /// Whatever a mode runs on the xlb host, stopped when dropped.
