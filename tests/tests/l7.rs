@@ -1,6 +1,7 @@
 //! The L7 gateway end to end, in the namespaces of `xlb_tests::l7`: the harness itself (the
 //! nginx upstreams answer the client directly over HTTP/1.1, h2c and TLS, and identify
-//! themselves and echo what they were sent), then the real agent serving `l7` VIPs to curl.
+//! themselves and echo what they were sent), then the real agent serving `l7` VIPs to curl
+//! (HTTP/1.1 over IPv4 and IPv6, h2c and HTTP/2 upstreams both ways, TLS with ALPN).
 //! Needs root; run serially.
 
 use std::{
@@ -106,7 +107,6 @@ fn gateway(t: &L7Topology, vips: &str, addr: SocketAddr) -> xlb_tests::topology:
 /// HTTP/1.1 through an l7 VIP on IPv4 and IPv6: both upstreams answer (round robin) and see
 /// the client in X-Forwarded-For and a request id.
 #[test]
-#[ignore = "needs the gateway serving l7 VIPs, not yet in main"]
 fn gateway_proxies_http1_over_ipv4_and_ipv6() {
     let t = L7Topology::build(&L7Options::default());
     let vips = format!(
@@ -139,7 +139,6 @@ fn gateway_proxies_http1_over_ipv4_and_ipv6() {
 /// h2c with prior knowledge from the client, HTTP/1.1 to the upstream; and an HTTP/2 pool
 /// (h2c upstreams) for an HTTP/1.1 client: translation both ways.
 #[test]
-#[ignore = "needs the gateway serving l7 VIPs, not yet in main"]
 fn gateway_translates_between_http1_and_http2() {
     let t = L7Topology::build(&L7Options::default());
     let vips = format!(
@@ -173,7 +172,6 @@ fn gateway_translates_between_http1_and_http2() {
 
 /// TLS termination with a certificate file: HTTP/2 by ALPN, and HTTP/1.1 when asked.
 #[test]
-#[ignore = "needs the gateway serving l7 VIPs, not yet in main"]
 fn gateway_terminates_tls_with_alpn() {
     let t = L7Topology::build(&L7Options::default());
     let cert = self_signed_cert(
