@@ -85,11 +85,13 @@ fn hex_value(b: u8) -> Option<u8> {
 /// 5. Remove dot segments (RFC 3986 5.2.4) *after* step 3, so `/%2e%2e/` counts as `/../`. A `..`
 ///    above the root stays at the root (`/../admin` -> `/admin`).
 ///
-/// Nothing else is collapsed: `//admin` stays `//admin` (RFC 3986 makes it a different path from
-/// `/admin`, with an empty first segment). It therefore does *not* match a route for `/admin`;
-/// an upstream that merges slashes (nginx does by default) would serve `/admin` for it, so the
-/// routes in front of such upstreams must not rely on a catch-all `/` being less protected. See
-/// the module's tests for each attack case.
+/// 6. Merge consecutive slashes (`//admin` -> `/admin`, `/a//b` -> `/a/b`), as nginx does by
+///    default (`merge_slashes`) and Envoy recommends (`merge_slashes`): RFC 3986 makes `//admin`
+///    a different path, but upstreams that merge slashes would serve `/admin` for it, and the
+///    request must then have met `/admin`'s route and authentication, not a catch-all's. An
+///    empty segment is merged before dot segments are resolved, so `/a//../b` is `/b`.
+///
+/// See the module's tests for each attack case.
 pub fn normalize_path(raw: &str, encoded_slash: EncodedSlash) -> Result<String, PathError> {
     let (path, query) = match raw.split_once('?') {
         Some((path, query)) => (path, Some(query)),
@@ -160,7 +162,8 @@ fn remove_dot_segments(path: &str) -> String {
     for segment in path[1..].split('/') {
         trailing_slash = false;
         match segment {
-            "." => trailing_slash = true,
+            // An empty segment (`//`) is merged away; at the end it is the trailing slash.
+            "" | "." => trailing_slash = true,
             ".." => {
                 segments.pop();
                 trailing_slash = true;
@@ -389,12 +392,21 @@ mod tests {
     }
 
     #[test]
-    fn double_slash_is_kept_and_does_not_match_a_single_slash() {
-        // Documented choice: no slash merging (see normalize_path's doc).
-        assert_eq!(norm("//admin").unwrap(), "//admin");
-        assert_eq!(norm("/a//b").unwrap(), "/a//b");
-        // An empty segment is a segment: `..` removes it, not the one before.
-        assert_eq!(norm("/a//../b").unwrap(), "/a/b");
+    fn consecutive_slashes_are_merged_so_they_cannot_dodge_a_route() {
+        // nginx (merge_slashes, on by default) serves /admin for //admin: routing must see
+        // /admin too.
+        for (raw, want) in [
+            ("//admin", "/admin"),
+            ("///admin//", "/admin/"),
+            ("/a//b", "/a/b"),
+            ("/a//../b", "/b"),
+            ("//", "/"),
+            ("/%2e//admin", "/admin"),
+            ("/public//..//admin", "/admin"),
+            ("/a/?x=//y", "/a/?x=//y"),
+        ] {
+            assert_eq!(norm(raw).unwrap(), want, "{raw}");
+        }
     }
 
     #[test]
