@@ -5,11 +5,11 @@
 //!
 //! ```text
 //!   client<i> ─┐              ┌─ backend<j>  10.99.(3+j).2  xlb decap; W on lo; nginx :8080
-//!              ├── router ────┼─ gateway<k>  10.99.(50+k).2 xlb agent: l7 VIP V:80 (V on lo),
-//!              │     │        │                            tunnel_addresses = [its address]
-//!              │   front      └─ upstream    10.99.60.2, upstream<k> 10.99.60.(10+k) nginx :8080
-//!              │   10.99.2.2  xlb agent: dsr-ipip V:80 -> gateway0, gateway1
-//!                                           dsr-ipip W:8080 -> backend0, backend1
+//!              ├── router ────┼─ gateway<k>  10.99.(50+k).2, fd00:99:3(2+k)::2
+//!              │     │        │     xlb agent: l7 VIPs V:80 (V on lo), tunnel_addresses = its own
+//!              │     │        └─ upstream    10.99.60.2, upstream<k> 10.99.60.(10+k) nginx :8080
+//!              │   front  10.99.2.2: xlb agent, dsr-ipip V:80 -> gateway0, gateway1
+//!                                               dsr-ipip W:8080 -> backend0, backend1
 //! ```
 //!
 //! - **L4 in front of gateways.** The router sends the gateway VIP [`VIP_V4`] (V) to the front
@@ -18,9 +18,9 @@
 //!   strips the IPIP header and passes the inner packet (to V, an `l7` VIP there) to its stack,
 //!   where its gateway listens on V:80; the reply goes from V straight to the client (DSR).
 //!   The front checks each gateway host's agent by HTTP (`GET /metrics` on
-//!   [`GATEWAY_METRICS_PORT`] of the gateway host's address, where its `agent.metrics_listen`
-//!   is): the gateway listens only on V:80, which a check to the gateway host's address cannot
-//!   reach. Gateway `k`'s default pool is its own nginx, `upstream<k>`, so a response names the
+//!   [`GATEWAY_METRICS_PORT`] of the gateway host's address; its `agent.metrics_listen` is
+//!   `[::]:9641`): the gateway listens only on V:80, which a check to the gateway host's own
+//!   address cannot reach. Gateway `k`'s default pool is its own nginx, `upstream<k>`, so a response names the
 //!   gateway that served it.
 //! - **Gateways in front of an L4 VIP.** [`W_V4`]:[`W_PORT`] (W) is a second `dsr-ipip` VIP of
 //!   the front host over the backends, whose nginx answers `backend<j>` on port 8080 (W on their
@@ -29,12 +29,14 @@
 //!   [`W_PATH_PREFIX`] to a pool whose one server is W:8080: the request goes client -> gateway
 //!   -> (TCP to W) -> front -> IPIP to a backend, whose answer goes straight to the gateway.
 //!
-//! IPv4 only. Every namespace, process, pin and file goes away when the [`TogetherTopology`]
+//! The gateway VIP is served over IPv4 and IPv6 (IPIP and IP6IP6 from the front to the
+//! gateway hosts' tunnel addresses); W over IPv4. Every namespace, process, pin and file goes
+//! away when the [`TogetherTopology`]
 //! drops (also on panic); [`crate::netns::sweep_stale`] removes what a killed run left.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -42,7 +44,9 @@ use std::{
 use crate::{
     l7::{NginxServer, accepts},
     netns::{AgentDirs, Netns, in_netns},
-    topology::{Daemon, Host, Options, Plan, Topology, VIP_V4, attach, forwarding, xlb_bin},
+    topology::{
+        Daemon, Host, Options, Plan, Topology, VIP_V4, VIP_V6, attach, forwarding, xlb_bin,
+    },
 };
 
 /// The L4 VIP the gateways forward to (W), routed to the front host.
@@ -179,6 +183,16 @@ impl TogetherTopology {
                 host.ns
                     .run(&["ip", "addr", "add", &format!("{VIP_V4}/32"), "dev", "lo"]);
                 host.ns.run(&[
+                    "ip",
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{VIP_V6}/128"),
+                    "dev",
+                    "lo",
+                    "nodad",
+                ]);
+                host.ns.run(&[
                     "ping",
                     "-c",
                     "1",
@@ -237,27 +251,38 @@ impl TogetherTopology {
         }
     }
 
-    /// Gateway `k`'s agent configuration: its NIC, its own address as its tunnel address and
-    /// metrics endpoint, and the l7 VIP V:80 with two routes: [`W_PATH_PREFIX`] to the pool
-    /// `l4` (server W:8080; ejection off and retries up, since one "server" is a whole L4
-    /// pool), everything else to its own upstream.
+    /// Gateway `k`'s agent configuration: its NIC, its own addresses as its tunnel addresses,
+    /// its metrics endpoint on every address (port [`GATEWAY_METRICS_PORT`]), and the l7 VIPs
+    /// V:80 (`api4`, [`VIP_V4`]) and `api6` ([`VIP_V6`]) with two routes each:
+    /// [`W_PATH_PREFIX`] to the pool `l4`, whose one server is W:8080, and everything else to
+    /// the default pool, gateway `k`'s own upstream. The pool `l4` has more retries (each is a
+    /// new connection, which the L4 balancer may send to another of W's backends) and no
+    /// passive outlier ejection: its one "server" is a whole L4 pool whose failed backends the
+    /// L4 layer's health checks take out, and a few refused connections to one of them must
+    /// not eject all of W.
     pub fn gateway_config(&self, k: usize) -> String {
         let g = &self.gateways[k];
-        let a = g.host.v4;
-        format!(
+        let (a4, a6) = (g.host.v4, g.host.v6);
+        let mut text = format!(
             "[agent]\ninterface = \"eth0\"\nxdp_mode = \"native\"\n{keys}\
-             metrics_listen = \"{a}:{GATEWAY_METRICS_PORT}\"\ntunnel_addresses = [\"{a}\"]\n\n\
-             [[vip]]\nname = \"api\"\naddress = \"{VIP_V4}\"\nport = 80\nprotocol = \"tcp\"\n\
-             mode = \"l7\"\n\n\
-             [[vip.route]]\nname = \"to-w\"\npath_prefix = \"{W_PATH_PREFIX}\"\npool = \"l4\"\n\n\
-             [[vip.route]]\nname = \"rest\"\npath_prefix = \"/\"\npool = \"default\"\n\n\
-             [[vip.pool]]\nname = \"l4\"\nretries = 5\noutlier_consecutive_5xx = 0\n\
-             outlier_consecutive_failures = 0\n\n\
-             [[vip.backend]]\naddress = \"{up}\"\nport = {W_PORT}\n\n\
-             [[vip.backend]]\naddress = \"{W_V4}\"\nport = {W_PORT}\npool = \"l4\"\n",
+             metrics_listen = \"[::]:{GATEWAY_METRICS_PORT}\"\n\
+             tunnel_addresses = [\"{a4}\", \"{a6}\"]\n",
             keys = g.dirs.agent_keys(),
-            up = g.upstream,
-        )
+        );
+        for (name, vip) in [("api4", IpAddr::V4(VIP_V4)), ("api6", IpAddr::V6(VIP_V6))] {
+            text.push_str(&format!(
+                "\n[[vip]]\nname = \"{name}\"\naddress = \"{vip}\"\nport = 80\n\
+                 protocol = \"tcp\"\nmode = \"l7\"\n\n\
+                 [[vip.route]]\nname = \"to-w\"\npath_prefix = \"{W_PATH_PREFIX}\"\npool = \"l4\"\n\n\
+                 [[vip.route]]\nname = \"rest\"\npath_prefix = \"/\"\npool = \"default\"\n\n\
+                 [[vip.pool]]\nname = \"l4\"\nretries = 5\noutlier_consecutive_5xx = 0\n\
+                 outlier_consecutive_failures = 0\n\n\
+                 [[vip.backend]]\naddress = \"{up}\"\nport = {W_PORT}\n\n\
+                 [[vip.backend]]\naddress = \"{W_V4}\"\nport = {W_PORT}\npool = \"l4\"\n",
+                up = g.upstream,
+            ));
+        }
+        text
     }
 
     /// The front host's configuration: [`Topology::agent_table`] and two `dsr-ipip` VIPs, V:80
@@ -265,13 +290,23 @@ impl TogetherTopology {
     /// backends (checked on their nginx).
     pub fn front_config(&self) -> String {
         let mut text = self.base.agent_table();
-        text.push_str(&format!(
-            "\n[[vip]]\nname = \"gateways\"\naddress = \"{VIP_V4}\"\nport = 80\n\
-             protocol = \"tcp\"\nmode = \"dsr-ipip\"\n{}",
-            health_check(GATEWAY_METRICS_PORT, "/metrics")
-        ));
-        for g in &self.gateways {
-            text.push_str(&format!("[[vip.backend]]\naddress = \"{}\"\n", g.host.v4));
+        for (name, vip, v4) in [
+            ("gateways", IpAddr::V4(VIP_V4), true),
+            ("gateways6", IpAddr::V6(VIP_V6), false),
+        ] {
+            text.push_str(&format!(
+                "\n[[vip]]\nname = \"{name}\"\naddress = \"{vip}\"\nport = 80\n\
+                 protocol = \"tcp\"\nmode = \"dsr-ipip\"\n{}",
+                health_check(GATEWAY_METRICS_PORT, "/metrics")
+            ));
+            for g in &self.gateways {
+                let a = if v4 {
+                    IpAddr::V4(g.host.v4)
+                } else {
+                    IpAddr::V6(g.host.v6)
+                };
+                text.push_str(&format!("[[vip.backend]]\naddress = \"{a}\"\n"));
+            }
         }
         text.push_str(&format!(
             "\n[[vip]]\nname = \"w\"\naddress = \"{W_V4}\"\nport = {W_PORT}\n\
@@ -357,12 +392,15 @@ pub fn get_each_on_a_new_connection(
     let (path, id_prefix) = (path.to_string(), id_prefix.to_string());
     in_netns(ns, move || {
         (0..count)
-            .map(|n| get_once(addr, &path, &format!("{id_prefix}{n}")))
+            .map(|n| get_on_a_new_connection(addr, &path, &format!("{id_prefix}{n}")))
             .collect()
     })
 }
 
-fn get_once(addr: SocketAddr, path: &str, id: &str) -> Answer {
+/// One `GET path` with `X-Request-Id: id` on a new connection to `addr`, as
+/// [`get_each_on_a_new_connection`] sends it, from the calling thread's namespace (call it on a
+/// thread inside the client's, e.g. from [`crate::netns::spawn_in_netns`]).
+pub fn get_on_a_new_connection(addr: SocketAddr, path: &str, id: &str) -> Answer {
     let limit = Duration::from_secs(3);
     let mut s = TcpStream::connect_timeout(&addr, limit).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
@@ -386,4 +424,21 @@ fn get_once(addr: SocketAddr, path: &str, id: &str) -> Answer {
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("no status line: {head:?}"))?;
     Ok((status, body.trim().to_string()))
+}
+
+/// The value of the Prometheus sample `sample` (its name and labels, exactly as rendered, e.g.
+/// `xlb_datapath_events_total{event="region_decap"}`) scraped from `addr` in `ns`; panics when
+/// the scrape fails or has no such sample.
+pub fn metric(ns: &Netns, addr: SocketAddr, sample: &str) -> u64 {
+    let text = match in_netns(ns, move || {
+        get_on_a_new_connection(addr, "/metrics", "scrape")
+    }) {
+        Ok((200, text)) => text,
+        other => panic!("scraping {addr} in {}: {other:?}", ns.name()),
+    };
+    let prefix = format!("{sample} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no sample {sample} at {addr}:\n{text}")) as u64
 }
