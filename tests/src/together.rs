@@ -20,8 +20,8 @@
 //!   The front checks each gateway host's agent by HTTP (`GET /metrics` on
 //!   [`GATEWAY_METRICS_PORT`] of the gateway host's address; its `agent.metrics_listen` is
 //!   `[::]:9641`): the gateway listens only on V:80, which a check to the gateway host's own
-//!   address cannot reach. Gateway `k`'s default pool is its own nginx, `upstream<k>`, so a response names the
-//!   gateway that served it.
+//!   address cannot reach. Gateway `k`'s default pool is its own nginx, `upstream<k>`, so a
+//!   response names the gateway that served it.
 //! - **Gateways in front of an L4 VIP.** [`W_V4`]:[`W_PORT`] (W) is a second `dsr-ipip` VIP of
 //!   the front host over the backends, whose nginx answers `backend<j>` on port 8080 (W on their
 //!   loopback, `xlb decap` on their NIC) and closes every connection after one response, so each
@@ -31,8 +31,8 @@
 //!
 //! The gateway VIP is served over IPv4 and IPv6 (IPIP and IP6IP6 from the front to the
 //! gateway hosts' tunnel addresses); W over IPv4. Every namespace, process, pin and file goes
-//! away when the [`TogetherTopology`]
-//! drops (also on panic); [`crate::netns::sweep_stale`] removes what a killed run left.
+//! away when the [`TogetherTopology`] drops (also on panic); [`crate::netns::sweep_stale`]
+//! removes what a killed run left.
 
 use std::{
     io::{Read as _, Write as _},
@@ -53,8 +53,8 @@ use crate::{
 pub const W_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
 /// W's port, and the port every nginx here listens on.
 pub const W_PORT: u16 = 8080;
-/// Where each gateway host's agent serves its metrics (on the host's own address): the
-/// front's health check of that gateway.
+/// Where each gateway host's agent serves its metrics (on every address, so also on the
+/// host's own IPv4 and IPv6 addresses): the front's health check of that gateway.
 pub const GATEWAY_METRICS_PORT: u16 = 9641;
 /// The gateways' route to W: requests below this path go to the pool whose server is W.
 pub const W_PATH_PREFIX: &str = "/w";
