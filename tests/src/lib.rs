@@ -13,6 +13,7 @@ pub mod procs;
 pub mod regions;
 pub mod render;
 pub mod servers;
+pub mod together;
 pub mod topology;
 pub mod world;
 pub mod wrk;

@@ -331,13 +331,19 @@ impl Plan {
     }
 
     /// A namespace named after `role` under this plan.
-    fn netns(&self, role: &str) -> Netns {
+    pub(crate) fn netns(&self, role: &str) -> Netns {
         Netns::create(&format!("{}{role}", self.tag))
     }
 }
 
 /// Joins `host` to the router over `eth0` <-> `router_if` on link `net`, with a default route.
-fn attach(plan: &Plan, router: &Netns, host: Netns, router_if: &str, net: usize) -> Host {
+pub(crate) fn attach(
+    plan: &Plan,
+    router: &Netns,
+    host: Netns,
+    router_if: &str,
+    net: usize,
+) -> Host {
     attach_via(plan, router, host, router_if, router_if, net)
 }
 
@@ -426,7 +432,7 @@ fn vips_on_loopback(ns: &Netns) {
 
 /// Forwarding on, reverse-path filtering off (decapsulated packets arrive with the client's
 /// source on a link that is not the client's route).
-fn forwarding(ns: &Netns) {
+pub(crate) fn forwarding(ns: &Netns) {
     ns.run(&[
         "sh",
         "-c",

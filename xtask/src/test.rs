@@ -146,7 +146,7 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "netns",
-        what: "network-namespace, end-to-end, two-region and L7 gateway tests: the real xlb, nginx, curl, wrk (serial)",
+        what: "network-namespace, end-to-end, two-region, L7 gateway and together (L4 + gateway) tests: the real xlb, nginx, curl, wrk (serial)",
         needs_root: true,
         command: || {
             let mut c = cargo();
@@ -166,6 +166,8 @@ const STEPS: &[Step] = &[
                 "failover",
                 "--test",
                 "l7",
+                "--test",
+                "together",
                 "--",
             ])
             .args(["--test-threads=1"]);
