@@ -208,3 +208,23 @@ fn gateway_terminates_tls_with_alpn() {
         "{r:?}"
     );
 }
+
+/// A host whose VIPs are all l7 forwards nothing in XDP, so it needs no router: the agent
+/// starts and serves without a default route (with `next_hop_mac = "auto"`, which would
+/// otherwise refuse to start), over IPv4 and IPv6.
+#[test]
+fn a_gateway_only_host_needs_no_default_route() {
+    let t = L7Topology::build(&L7Options::default());
+    t.lb.run(&["ip", "-4", "route", "del", "default"]);
+    t.lb.run(&["ip", "-6", "route", "del", "default"]);
+    let vips = format!(
+        "{}\n{}",
+        t.basic_vip("web4", IpAddr::V4(L7_VIP_V4), 80, UPSTREAM_HTTP_PORT),
+        t.basic_vip("web6", IpAddr::V6(L7_VIP_V6), 80, UPSTREAM_HTTP_PORT)
+    );
+    let _agent = gateway(&t, &vips, SocketAddr::from((L7_VIP_V4, 80)));
+    for url in [t.vip_url(80, "/"), t.vip6_url(80, "/")] {
+        let r = t.curl(&Curl::http1(&url));
+        assert_eq!((r.exit, r.status), (0, 200), "{url}: {r:?}");
+    }
+}

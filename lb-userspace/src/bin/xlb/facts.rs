@@ -36,6 +36,18 @@ pub struct HostFacts {
 impl HostFacts {
     /// The next-hop MAC for `cfg`: the configured one, or the resolved gateway's.
     pub fn nexthop(&self, cfg: &Config) -> anyhow::Result<[u8; 6]> {
+        // A host whose VIPs are all l7 forwards nothing in XDP (every VIP packet goes to the
+        // stack): it needs no router MAC, and a gateway-only host may have no default route.
+        let forwards = cfg
+            .vips
+            .iter()
+            .any(|v| v.mode != lb_userspace::config::VipMode::L7);
+        if !forwards && self.gateway_mac.is_none() {
+            return Ok(match cfg.agent.next_hop_mac {
+                NextHopMac::Fixed(mac) => mac.0,
+                NextHopMac::Auto => [0; 6],
+            });
+        }
         match cfg.agent.next_hop_mac {
             NextHopMac::Fixed(mac) => Ok(mac.0),
             NextHopMac::Auto => self.gateway_mac.ok_or_else(|| match self.gateways.first() {
