@@ -3039,14 +3039,16 @@ encap_source_v4 = "10.255.0.0/16"
 encap_source_v6 = "fd00:ff::/96"
 "#;
 
-    fn ok(text: &str) -> Config {
+    /// Parses `text` as `xlb.toml`, panicking with every error if it is invalid.
+    pub(super) fn ok(text: &str) -> Config {
         match parse("xlb.toml", text) {
             Ok(config) => config,
             Err(errors) => panic!("expected a valid config, got:\n{errors}"),
         }
     }
 
-    fn errors(text: &str) -> Vec<String> {
+    /// Every error of `text` as `xlb.toml`, panicking if it is valid.
+    pub(super) fn errors(text: &str) -> Vec<String> {
         match parse("xlb.toml", text) {
             Ok(config) => panic!("expected errors, got {config:#?}"),
             Err(errors) => errors.errors().iter().map(ToString::to_string).collect(),
@@ -3056,7 +3058,7 @@ encap_source_v6 = "fd00:ff::/96"
     /// Asserts that there is exactly one error and that it starts with `expected` (file, line,
     /// key and the start of the message).
     #[track_caller]
-    fn assert_only_error(text: &str, expected: &str) {
+    pub(super) fn assert_only_error(text: &str, expected: &str) {
         let all = errors(text);
         assert_eq!(
             all.len(),

@@ -1348,7 +1348,8 @@ fn read_rate_limit(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Config, VipMode, parse};
+    use super::super::VipMode;
+    use super::super::tests::{assert_only_error as only_error, errors, ok};
     use super::*;
 
     /// Lines 1-2: the agent; 3-8: an l7 VIP; tests append from line 9.
@@ -1361,36 +1362,6 @@ port = 80
 protocol = "tcp"
 mode = "l7"
 "#;
-
-    fn ok(text: &str) -> Config {
-        match parse("xlb.toml", text) {
-            Ok(c) => c,
-            Err(e) => panic!("expected a valid config, got:\n{e}"),
-        }
-    }
-
-    fn errors(text: &str) -> Vec<String> {
-        match parse("xlb.toml", text) {
-            Ok(c) => panic!("expected errors, got {c:#?}"),
-            Err(e) => e.errors().iter().map(ToString::to_string).collect(),
-        }
-    }
-
-    #[track_caller]
-    fn only_error(text: &str, start: &str) {
-        let all = errors(text);
-        assert_eq!(
-            all.len(),
-            1,
-            "expected one error, got:\n  {}",
-            all.join("\n  ")
-        );
-        assert!(
-            all[0].starts_with(start),
-            "got {:?}, expected it to start with {start:?}",
-            all[0]
-        );
-    }
 
     #[test]
     fn an_l7_vip_without_tables_gets_the_default_gateway() {
