@@ -166,6 +166,8 @@ const STEPS: &[Step] = &[
                 "failover",
                 "--test",
                 "l7",
+                "--test",
+                "gateway",
                 "--",
             ])
             .args(["--test-threads=1"]);
