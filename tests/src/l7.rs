@@ -865,3 +865,599 @@ mod tests {
         assert_eq!(r.echo("forwarded"), None);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// For tests/gateway.rs: a recording upstream that speaks raw HTTP/1.1 (and echoes WebSocket
+// frames), raw client exchanges for requests curl will not send, and small encoders.
+
+/// One request head a [`RecordingUpstream`] received, with the body it read after it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    /// The request line and header fields, exactly as received (without the blank line).
+    pub head: String,
+    /// The body (Content-Length or chunked, decoded); empty when none or not read whole.
+    pub body: Vec<u8>,
+}
+
+impl RecordedRequest {
+    /// The request line, e.g. `GET /admin HTTP/1.1`.
+    pub fn request_line(&self) -> &str {
+        self.head.lines().next().unwrap_or_default()
+    }
+
+    /// The request target of the request line.
+    pub fn target(&self) -> &str {
+        self.request_line().split(' ').nth(1).unwrap_or_default()
+    }
+
+    /// Every value of header `name` (any case), in order.
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.head
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_once(':'))
+            .filter(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim())
+            .collect()
+    }
+
+    /// The first value of header `name`.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.header_all(name).into_iter().next()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Recorded {
+    requests: std::sync::Mutex<Vec<RecordedRequest>>,
+}
+
+/// A raw HTTP/1.1 server on a thread inside a namespace: records every request head it gets
+/// (exactly as the gateway sent it: what a proxy forwards, strips and adds), answers each with
+/// `status`, `X-Upstream: recorder` and the head as the body, keeps connections alive, and
+/// answers a WebSocket upgrade with 101 and then echoes every frame (unmasked, as a server
+/// sends them). Stops, with its connections, when dropped.
+#[derive(Debug)]
+pub struct RecordingUpstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    recorded: std::sync::Arc<Recorded>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RecordingUpstream {
+    /// Listens on `addr` inside `ns` (an address of that namespace) and answers `status`.
+    pub fn start(ns: &Netns, addr: SocketAddr, status: u16) -> RecordingUpstream {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let recorded = Arc::new(Recorded::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = in_netns(ns, move || std::net::TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("recording upstream cannot listen on {addr}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let (rec, halt) = (recorded.clone(), stop.clone());
+        let acceptor = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !halt.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (rec, halt) = (rec.clone(), halt.clone());
+                        conns.push(std::thread::spawn(move || {
+                            let _ = serve_recorded(stream, status, &rec, &halt);
+                        }));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        RecordingUpstream {
+            addr,
+            recorded,
+            stop,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    /// Every request received so far, in order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.recorded
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many request heads arrived.
+    pub fn count(&self) -> usize {
+        self.recorded
+            .requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// A `[[vip.backend]]` table for this server in pool `pool`.
+    pub fn backend_toml(&self, pool: &str) -> String {
+        format!(
+            "[[vip.backend]]\naddress = \"{}\"\nport = {}\npool = \"{pool}\"\n",
+            self.addr.ip(),
+            self.addr.port()
+        )
+    }
+}
+
+impl Drop for RecordingUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+    }
+}
+
+/// Reads more bytes into `buf`; `Ok(false)` on EOF or when told to stop. Polls `stop` every
+/// 100 ms while waiting.
+fn read_more(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<bool> {
+    use std::io::Read as _;
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return Ok(false),
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return Ok(true);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Where the head ends in `buf` (the index after the blank line).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4)
+}
+
+/// A chunked body at the start of `buf`: `Some((body, consumed))` when complete, `None` when
+/// more bytes are needed; `Err` when it is not valid chunking.
+fn parse_chunked(buf: &[u8]) -> Result<Option<(Vec<u8>, usize)>, ()> {
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let line = std::str::from_utf8(&buf[at..at + eol]).map_err(|_| ())?;
+        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| ())?;
+        at += eol + 2;
+        if size == 0 {
+            // Trailers, then the blank line.
+            loop {
+                let Some(eol) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+                    return Ok(None);
+                };
+                at += eol + 2;
+                if eol == 0 {
+                    return Ok(Some((body, at)));
+                }
+            }
+        }
+        if buf.len() < at + size + 2 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&buf[at..at + size]);
+        at += size + 2;
+    }
+}
+
+fn serve_recorded(
+    mut stream: TcpStream,
+    status: u16,
+    rec: &Recorded,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let mut buf = Vec::new();
+    loop {
+        let end = loop {
+            if let Some(end) = head_end(&buf) {
+                break end;
+            }
+            if !read_more(&mut stream, &mut buf, stop)? {
+                return Ok(());
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end - 4]).into_owned();
+        buf.drain(..end);
+        let index = {
+            let mut requests = rec.requests.lock().unwrap_or_else(|e| e.into_inner());
+            requests.push(RecordedRequest {
+                head: head.clone(),
+                body: Vec::new(),
+            });
+            requests.len() - 1
+        };
+        let request = RecordedRequest {
+            head: head.clone(),
+            body: Vec::new(),
+        };
+        let has_token = |name: &str, token: &str| {
+            request
+                .header_all(name)
+                .iter()
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
+        };
+        let body = if has_token("transfer-encoding", "chunked") {
+            loop {
+                match parse_chunked(&buf) {
+                    Ok(Some((body, used))) => {
+                        buf.drain(..used);
+                        break body;
+                    }
+                    Ok(None) => {
+                        if !read_more(&mut stream, &mut buf, stop)? {
+                            return Ok(());
+                        }
+                    }
+                    Err(()) => return Ok(()),
+                }
+            }
+        } else {
+            let length: usize = request
+                .header("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < length {
+                if !read_more(&mut stream, &mut buf, stop)? {
+                    return Ok(());
+                }
+            }
+            buf.drain(..length).collect()
+        };
+        rec.requests.lock().unwrap_or_else(|e| e.into_inner())[index]
+            .body
+            .clone_from(&body);
+        if has_token("upgrade", "websocket") && has_token("connection", "upgrade") {
+            let key = request.header("sec-websocket-key").unwrap_or_default();
+            stream.write_all(
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                     Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\
+                     X-Upstream: recorder\r\n\r\n",
+                    websocket_accept(key)
+                )
+                .as_bytes(),
+            )?;
+            return echo_websocket(stream, buf, stop);
+        }
+        let reason = match status {
+            200 => "OK",
+            500 => "Internal Server Error",
+            503 => "Service Unavailable",
+            _ => "Status",
+        };
+        let close = has_token("connection", "close");
+        stream.write_all(
+            format!(
+                "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\n\
+                 X-Upstream: recorder\r\nContent-Length: {}\r\n{}\r\n{head}",
+                head.len(),
+                if close { "Connection: close\r\n" } else { "" }
+            )
+            .as_bytes(),
+        )?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// Echoes WebSocket frames (RFC 6455 5.2) until a close frame or the end of the connection.
+fn echo_websocket(
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    loop {
+        match parse_ws_frame(&buf) {
+            Some((opcode, payload, used)) => {
+                buf.drain(..used);
+                stream.write_all(&ws_frame(opcode, &payload, None))?;
+                if opcode == 8 {
+                    return Ok(());
+                }
+            }
+            None => {
+                if !read_more(&mut stream, &mut buf, stop)? {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// One whole WebSocket frame at the start of `buf`: (opcode, unmasked payload, bytes used).
+pub fn parse_ws_frame(buf: &[u8]) -> Option<(u8, Vec<u8>, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let opcode = buf[0] & 0x0f;
+    let masked = buf[1] & 0x80 != 0;
+    let (len, mut at) = match buf[1] & 0x7f {
+        126 => (
+            usize::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
+            4,
+        ),
+        127 => (
+            usize::try_from(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)).ok()?,
+            10,
+        ),
+        n => (usize::from(n), 2),
+    };
+    let mask = if masked {
+        let m: [u8; 4] = buf.get(at..at + 4)?.try_into().ok()?;
+        at += 4;
+        Some(m)
+    } else {
+        None
+    };
+    let payload = buf.get(at..at + len)?;
+    let payload = match mask {
+        Some(m) => payload
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ m[i % 4])
+            .collect(),
+        None => payload.to_vec(),
+    };
+    Some((opcode, payload, at + len))
+}
+
+/// A final WebSocket frame with `opcode` and `payload`, masked with `mask` (clients must mask,
+/// servers must not).
+pub fn ws_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut frame = vec![0x80 | opcode];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => frame.push(mask_bit | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            frame.push(mask_bit | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(mask_bit | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(m) => {
+            frame.extend_from_slice(&m);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        }
+        None => frame.extend_from_slice(payload),
+    }
+    frame
+}
+
+/// `Sec-WebSocket-Accept` for a `Sec-WebSocket-Key` (RFC 6455 4.2.2).
+pub fn websocket_accept(key: &str) -> String {
+    let digest = ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        format!("{key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11").as_bytes(),
+    );
+    base64(digest.as_ref(), false)
+}
+
+/// Base64 (RFC 4648): the standard alphabet with padding, or base64url without (JWTs, JWKs).
+pub fn base64(data: &[u8], url: bool) -> String {
+    let alphabet: &[u8; 64] = if url {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    } else {
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    };
+    let mut out = String::new();
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(char::from(alphabet[(n >> (18 - 6 * i)) as usize & 63]));
+        }
+        if !url {
+            for _ in chunk.len()..3 {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Lowercase hex of SHA-256 of `data` (what an API key file stores).
+pub fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One HTTP/1.x response as bytes on the wire showed it.
+#[derive(Debug, Clone, Default)]
+pub struct RawResponse {
+    /// The status code.
+    pub status: u16,
+    /// Header fields, names in lower case, in order.
+    pub headers: Vec<(String, String)>,
+    /// The body (by Content-Length, chunked decoded, or up to the end of the connection).
+    pub body: String,
+}
+
+impl RawResponse {
+    /// The first value of header `name` (any case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a raw exchange got back: every response the bytes held, and how the connection ended.
+#[derive(Debug, Clone)]
+pub struct RawExchange {
+    /// The responses, in order (several when the server answered pipelined requests).
+    pub responses: Vec<RawResponse>,
+    /// Every byte received.
+    pub raw: String,
+    /// Whether the server closed the connection (EOF or reset) within the timeout.
+    pub closed: bool,
+    /// How long from connecting to the close (or the timeout).
+    pub elapsed: Duration,
+}
+
+impl RawExchange {
+    /// The status of the first response; 0 without one.
+    pub fn status(&self) -> u16 {
+        self.responses.first().map_or(0, |r| r.status)
+    }
+
+    /// The first response; panics (with what came back) when there was none.
+    pub fn response(&self) -> &RawResponse {
+        self.responses
+            .first()
+            .unwrap_or_else(|| panic!("no response; got {:?}", self.raw))
+    }
+}
+
+/// Parses every whole response in `raw`.
+pub fn parse_responses(raw: &[u8]) -> Vec<RawResponse> {
+    let mut responses = Vec::new();
+    let mut rest = raw;
+    while let Some(end) = head_end(rest) {
+        let head = String::from_utf8_lossy(&rest[..end - 4]).into_owned();
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let mut response = RawResponse {
+            status,
+            headers,
+            body: String::new(),
+        };
+        rest = &rest[end..];
+        if (100..200).contains(&status) {
+            responses.push(response);
+            if status == 101 {
+                break;
+            }
+            continue;
+        }
+        let chunked = response
+            .header("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        if chunked {
+            match parse_chunked(rest) {
+                Ok(Some((body, used))) => {
+                    response.body = String::from_utf8_lossy(&body).into_owned();
+                    rest = &rest[used..];
+                }
+                _ => {
+                    responses.push(response);
+                    break;
+                }
+            }
+        } else if let Some(len) = response
+            .header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            let len = len.min(rest.len());
+            response.body = String::from_utf8_lossy(&rest[..len]).into_owned();
+            rest = &rest[len..];
+        } else {
+            response.body = String::from_utf8_lossy(rest).into_owned();
+            rest = &[];
+        }
+        responses.push(response);
+    }
+    responses
+}
+
+/// Connects from `ns` to `addr`, writes `request` (write errors after the server closed are
+/// not failures: the server may refuse before reading it all) and reads until the server
+/// closes the connection or `timeout` passes. Send `Connection: close` to make an ordinary
+/// request end quickly.
+pub fn raw_exchange(
+    ns: &Netns,
+    addr: SocketAddr,
+    request: &[u8],
+    timeout: Duration,
+) -> RawExchange {
+    let request = request.to_vec();
+    in_netns(ns, move || {
+        use std::io::{Read as _, Write as _};
+        let started = Instant::now();
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        let _ = stream.write_all(&request);
+        let mut raw = Vec::new();
+        let mut closed = false;
+        let deadline = started + timeout;
+        let mut chunk = [0u8; 16 * 1024];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            let _ = stream.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+            match stream.read(&mut chunk) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => raw.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        RawExchange {
+            responses: parse_responses(&raw),
+            raw: String::from_utf8_lossy(&raw).into_owned(),
+            closed,
+            elapsed: started.elapsed(),
+        }
+    })
+}

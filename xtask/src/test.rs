@@ -168,6 +168,8 @@ const STEPS: &[Step] = &[
                 "l7",
                 "--test",
                 "together",
+                "--test",
+                "gateway",
                 "--",
             ])
             .args(["--test-threads=1"]);

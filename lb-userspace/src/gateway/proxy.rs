@@ -171,7 +171,7 @@ pub(crate) async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let framed = req.headers().contains_key(header::CONTENT_LENGTH)
         || req.headers().contains_key(header::TRANSFER_ENCODING);
-    let (in_flight, raw_framing) = conn.watch.request_started(framed);
+    let (in_flight, raw_framing) = conn.watch.request_started();
     let request_id = request_id(req.headers(), &gw.settings.request_id_header);
     let path = req.uri().path();
     let path = match path.char_indices().nth(256) {
@@ -194,7 +194,8 @@ pub(crate) async fn handle(
         start: Instant::now(),
     });
     let mut extra: Vec<(HeaderName, HeaderValue)> = Vec::new();
-    let mut response = if raw_framing.is_some_and(RawFraming::ambiguous) {
+    // Only a request with a body can be framed ambiguously.
+    let mut response = if framed && raw_framing.is_some_and(RawFraming::ambiguous) {
         refuse(
             &gw,
             Refusal::Framing,

@@ -733,12 +733,11 @@ pub(crate) struct ConnWatch {
     tunnel: AtomicBool,
     /// The reader waiting with a deadline that a request's end changes.
     reader: AtomicWaker,
-    /// HTTP/1: the bytes read since the last request started (the next request's head, up to
-    /// `head_limit`), for [`raw_framing`]: hyper drops a Content-Length sent with
+    /// HTTP/1: every byte hyper reads, followed from message to message, so each request's
+    /// raw head is seen, pipelined ones included: hyper drops a Content-Length sent with
     /// Transfer-Encoding, and repeated equal ones, before the gateway sees the headers. Only
     /// ever locked by this connection's one task.
-    head: Mutex<Vec<u8>>,
-    head_limit: usize,
+    heads: Mutex<HeadScanner>,
 }
 
 const NO_HEAD: u64 = u64::MAX;
@@ -757,8 +756,7 @@ impl ConnWatch {
             head_since: AtomicU64::new(0),
             tunnel: AtomicBool::new(false),
             reader: AtomicWaker::new(),
-            head: Mutex::new(Vec::new()),
-            head_limit,
+            heads: Mutex::new(HeadScanner::new(head_limit)),
         }
     }
 
@@ -767,21 +765,20 @@ impl ConnWatch {
     }
 
     /// A request head has been received: no client timeout until its response is done.
-    /// With `inspect` (the request has framing headers), also returns how its raw head framed
-    /// the body, when the head's bytes were seen (HTTP/1, not pipelined).
-    pub(crate) fn request_started(
-        self: &Arc<Self>,
-        inspect: bool,
-    ) -> (InFlight, Option<RawFraming>) {
+    /// Also returns how its raw head framed the body (HTTP/1; `None` for HTTP/2).
+    pub(crate) fn request_started(self: &Arc<Self>) -> (InFlight, Option<RawFraming>) {
         self.head_since.store(NO_HEAD, SeqCst);
         self.in_flight.fetch_add(1, SeqCst);
         let framing = if self.h2 {
             None
         } else {
-            let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-            let framing = if inspect { raw_framing(&head) } else { None };
-            head.clear();
-            framing
+            // Every request takes its own head off the queue, in order, whatever it carries.
+            Some(
+                self.heads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .next_head(),
+            )
         };
         (InFlight(self.clone()), framing)
     }
@@ -791,18 +788,19 @@ impl ConnWatch {
         self.tunnel.store(true, SeqCst);
     }
 
-    /// Bytes arrived: on an idle HTTP/1 connection they start (or continue) a new request's
-    /// head.
+    /// Bytes arrived (HTTP/1): the scanner follows them; on an idle connection they start (or
+    /// continue) a new request's head.
     fn bytes_read(&self, bytes: &[u8]) {
-        if self.h2 || self.in_flight.load(SeqCst) != 0 || self.tunnel.load(SeqCst) {
+        if self.h2 || self.tunnel.load(SeqCst) {
             return;
         }
-        if self.head_since.load(SeqCst) == NO_HEAD {
+        self.heads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .feed(bytes);
+        if self.in_flight.load(SeqCst) == 0 && self.head_since.load(SeqCst) == NO_HEAD {
             self.head_since.store(self.now_ms(), SeqCst);
         }
-        let mut head = self.head.lock().unwrap_or_else(|e| e.into_inner());
-        let room = self.head_limit.saturating_sub(head.len());
-        head.extend_from_slice(&bytes[..bytes.len().min(room)]);
     }
 
     /// When the connection is to be closed if nothing else happens; `None` while a request
@@ -827,14 +825,202 @@ pub(crate) struct RawFraming {
     pub(crate) content_lengths: usize,
     /// Whether a Transfer-Encoding field was present.
     pub(crate) transfer_encoding: bool,
+    /// The first Content-Length's value, when it is a plain number.
+    pub(crate) content_length: Option<u64>,
+    /// The head was not seen (see [`HeadScanner`]).
+    pub(crate) unknown: bool,
 }
 
 impl RawFraming {
+    /// A head the scanner did not see.
+    pub(crate) const UNKNOWN: RawFraming = RawFraming {
+        content_lengths: 0,
+        transfer_encoding: false,
+        content_length: None,
+        unknown: true,
+    };
+
     /// Whether the head was ambiguous: Content-Length with Transfer-Encoding, or more than one
-    /// Content-Length (hyper keeps one of equal duplicates and drops CL next to TE).
+    /// Content-Length (hyper keeps one of equal duplicates and drops CL next to TE); or not
+    /// seen, which cannot be shown unambiguous.
     pub(crate) fn ambiguous(self) -> bool {
-        self.content_lengths > 1 || (self.content_lengths > 0 && self.transfer_encoding)
+        self.unknown
+            || self.content_lengths > 1
+            || (self.content_lengths > 0 && self.transfer_encoding)
     }
+}
+
+/// Follows an HTTP/1 connection's bytes from message to message (head, then the body as the
+/// head frames it: chunked when Transfer-Encoding is present, as hyper reads it, else
+/// Content-Length, else none) and queues each request head's [`RawFraming`], so that a request
+/// pipelined behind another is inspected like the first. It only needs to agree with hyper on
+/// requests hyper accepts; on anything it cannot follow (a head above the limit, a bad chunk
+/// size) it stops, and hyper fails the connection on the same bytes; should hyper serve a
+/// request the scanner did not follow after all, its framing is [`RawFraming::UNKNOWN`], which
+/// counts as ambiguous: the check fails closed.
+#[derive(Debug)]
+pub(crate) struct HeadScanner {
+    state: Scan,
+    /// The head being read, or the chunk-size / trailer line being read.
+    line: Vec<u8>,
+    /// Framing of heads read whose requests hyper has not started yet.
+    heads: std::collections::VecDeque<RawFraming>,
+    head_limit: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// Reading a request head (leading empty lines skipped, as hyper does).
+    Head,
+    /// Skipping this many bytes of a Content-Length body.
+    Body(u64),
+    /// Reading a chunk-size line.
+    ChunkSize,
+    /// Skipping this many bytes of chunk data plus its CRLF.
+    ChunkData(u64),
+    /// Reading trailer lines up to the empty one.
+    Trailers,
+    /// Lost: no more heads are queued.
+    Lost,
+}
+
+/// Most queued heads: hyper reads at most its buffer ahead, so this is never reached by heads
+/// hyper will serve; beyond it the scanner gives up rather than grow.
+const MAX_QUEUED_HEADS: usize = 4096;
+
+impl HeadScanner {
+    pub(crate) fn new(head_limit: usize) -> Self {
+        Self {
+            state: Scan::Head,
+            line: Vec::new(),
+            heads: std::collections::VecDeque::new(),
+            head_limit,
+        }
+    }
+
+    /// The framing of the next request's head, in the order hyper parses them.
+    pub(crate) fn next_head(&mut self) -> RawFraming {
+        self.heads.pop_front().unwrap_or(RawFraming::UNKNOWN)
+    }
+
+    /// Follows `bytes`, the next ones read from the client.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match self.state {
+                Scan::Lost => return,
+                Scan::Head => {
+                    if self.line.is_empty() {
+                        let skip = bytes
+                            .iter()
+                            .position(|&b| b != b'\r' && b != b'\n')
+                            .unwrap_or(bytes.len());
+                        bytes = &bytes[skip..];
+                        if bytes.is_empty() {
+                            return;
+                        }
+                    }
+                    // Look for the end in what is new, with 3 bytes of overlap.
+                    let from = self.line.len().saturating_sub(3);
+                    let room = (self.head_limit + 4).saturating_sub(self.line.len());
+                    let take = bytes.len().min(room);
+                    self.line.extend_from_slice(&bytes[..take]);
+                    match head_end(&self.line[from..]) {
+                        Some(end) => {
+                            let end = from + end;
+                            let used = take - (self.line.len() - end);
+                            self.line.truncate(end);
+                            bytes = &bytes[used..];
+                            self.head_done();
+                        }
+                        None if take == bytes.len() => return,
+                        None => self.state = Scan::Lost,
+                    }
+                }
+                Scan::Body(left) => {
+                    let n = left.min(bytes.len() as u64);
+                    bytes = &bytes[n as usize..];
+                    self.state = if n == left {
+                        Scan::Head
+                    } else {
+                        Scan::Body(left - n)
+                    };
+                }
+                Scan::ChunkData(left) => {
+                    let n = left.min(bytes.len() as u64);
+                    bytes = &bytes[n as usize..];
+                    self.state = if n == left {
+                        Scan::ChunkSize
+                    } else {
+                        Scan::ChunkData(left - n)
+                    };
+                }
+                Scan::ChunkSize | Scan::Trailers => {
+                    let Some(eol) = bytes.iter().position(|&b| b == b'\n') else {
+                        self.line.extend_from_slice(bytes);
+                        if self.line.len() > self.head_limit {
+                            self.state = Scan::Lost;
+                        }
+                        return;
+                    };
+                    self.line.extend_from_slice(&bytes[..eol]);
+                    bytes = &bytes[eol + 1..];
+                    let line = std::mem::take(&mut self.line);
+                    let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                    self.state = match self.state {
+                        Scan::Trailers if line.is_empty() => Scan::Head,
+                        Scan::Trailers => Scan::Trailers,
+                        _ => match chunk_size(line) {
+                            Some(0) => Scan::Trailers,
+                            Some(size) => Scan::ChunkData(size.saturating_add(2)),
+                            None => Scan::Lost,
+                        },
+                    };
+                }
+            }
+        }
+    }
+
+    /// A whole head is in `line`: queue its framing and follow its body.
+    fn head_done(&mut self) {
+        let head = std::mem::take(&mut self.line);
+        let framing = raw_framing(&head);
+        self.state = match framing {
+            Some(f) if f.transfer_encoding => Scan::ChunkSize,
+            Some(f) if f.content_lengths > 0 => match f.content_length {
+                Some(0) => Scan::Head,
+                Some(n) => Scan::Body(n),
+                // An unparsable length: hyper refuses it.
+                None => Scan::Lost,
+            },
+            _ => Scan::Head,
+        };
+        if framing.is_none() {
+            self.state = Scan::Lost;
+        }
+        if self.heads.len() >= MAX_QUEUED_HEADS {
+            self.state = Scan::Lost;
+            return;
+        }
+        self.heads.push_back(framing.unwrap_or(RawFraming::UNKNOWN));
+    }
+}
+
+/// Where a head ends in `buf` (the index after its blank line, CRLF or bare LF).
+fn head_end(buf: &[u8]) -> Option<usize> {
+    (0..buf.len()).find_map(|i| match &buf[i..] {
+        [b'\n', b'\n', ..] => Some(i + 2),
+        [b'\n', b'\r', b'\n', ..] => Some(i + 3),
+        _ => None,
+    })
+}
+
+/// The size of a chunk-size line (`1a;ext=1`).
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.split(|&b| b == b';').next()?.trim_ascii();
+    if digits.is_empty() || digits.len() > 16 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
 }
 
 /// Counts the framing fields of the request head at the start of `head`; `None` when it does
@@ -851,6 +1037,8 @@ fn raw_framing(head: &[u8]) -> Option<RawFraming> {
     let mut framing = RawFraming {
         content_lengths: 0,
         transfer_encoding: false,
+        content_length: None,
+        unknown: false,
     };
     for line in lines {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
@@ -858,6 +1046,12 @@ fn raw_framing(head: &[u8]) -> Option<RawFraming> {
         };
         let name = &line[..colon];
         if name.eq_ignore_ascii_case(b"content-length") {
+            if framing.content_lengths == 0 {
+                framing.content_length = std::str::from_utf8(line[colon + 1..].trim_ascii())
+                    .ok()
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse().ok());
+            }
             framing.content_lengths += 1;
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             framing.transfer_encoding = true;
@@ -982,6 +1176,68 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ConnIo<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The scanner's verdicts for a connection's bytes fed in pieces of `step` bytes, one per
+    /// request hyper would start (`None`: unknown), ending with the next one (the scanner's
+    /// queue is then empty, so unknown).
+    fn scan(bytes: &[u8], step: usize, requests: usize) -> Vec<Option<bool>> {
+        let mut scanner = HeadScanner::new(1024);
+        for piece in bytes.chunks(step) {
+            scanner.feed(piece);
+        }
+        (0..=requests)
+            .map(|_| {
+                let f = scanner.next_head();
+                (!f.unknown).then(|| f.ambiguous())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_scanner_sees_every_pipelined_head() {
+        let conn: &[u8] = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n\
+            POST /b HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello\
+            POST /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n\
+            6;ext=\"a;b\"\r\nGET /x\r\n10\r\n0123456789abcdef\r\n0\r\nX-Trailer: 1\r\n\r\n\
+            \r\nPOST /d HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\
+            Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+            POST /e HTTP/1.1\nHost: a\nContent-Length: 2\nContent-Length: 2\n\nhi\
+            GET /f HTTP/1.1\r\nHost: a\r\n\r\n";
+        // Body bytes that look like a head (`GET /x`) are skipped as body; a blank line
+        // before a request line is skipped as hyper skips it.
+        let want = vec![
+            Some(false),
+            Some(false),
+            Some(false),
+            Some(true),
+            Some(true),
+            Some(false),
+            None,
+        ];
+        for step in [1, 2, 3, 7, 64, conn.len()] {
+            assert_eq!(scan(conn, step, 6), want, "fed {step} bytes at a time");
+        }
+    }
+
+    #[test]
+    fn the_scanner_fails_closed_when_it_cannot_follow() {
+        // A bad chunk size: lost; what follows is unknown (hyper fails the connection).
+        let lost = scan(
+            b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\
+              POST /b HTTP/1.1\r\nContent-Length: 1\r\n\r\nx",
+            5,
+            1,
+        );
+        assert_eq!(lost, vec![Some(false), None]);
+        // A head longer than the limit.
+        let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(2000));
+        assert_eq!(scan(long.as_bytes(), 100, 0), vec![None]);
+        let mut scanner = HeadScanner::new(1024);
+        scanner.feed(long.as_bytes());
+        assert!(scanner.next_head().ambiguous(), "an unseen head is never trusted");
+        // Not a request line.
+        assert_eq!(scan(b"hello\r\n\r\n", 3, 0), vec![None]);
+    }
 
     #[test]
     fn raw_framing_sees_what_hyper_merges() {

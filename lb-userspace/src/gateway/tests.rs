@@ -573,6 +573,45 @@ async fn ambiguous_framing_never_reaches_the_upstream() {
     assert_eq!(f.a.last().body, "hello");
 }
 
+/// Regression: the framing check read only the head that started a read, so an ambiguous
+/// request pipelined behind an innocent one (arriving while that one was in flight) was
+/// forwarded. Each pipelined head must be checked like the first.
+#[tokio::test]
+async fn pipelined_ambiguous_framing_is_refused_too() {
+    let f = fixture("pipelined", |_| {}).await;
+    let innocent = "GET /public/first HTTP/1.1\r\nHost: a\r\n\r\n";
+    let attacks = [
+        "POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "POST /public/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+        "POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    ];
+    for (i, attack) in attacks.iter().enumerate() {
+        // Two innocent requests (one with a body the scanner must skip), then the attack,
+        // then one more that must never be served.
+        let request = format!(
+            "{innocent}POST /public/body HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\n\r\n\
+             GET /public/not-a-head HTTP/1.1\r\n\r\n\
+             {attack}GET /public/after HTTP/1.1\r\nHost: a\r\n\r\n"
+        );
+        let mut stream = TcpStream::connect(f.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await;
+        let out = String::from_utf8_lossy(&out);
+        let statuses: Vec<&str> = out
+            .split("HTTP/1.1 ")
+            .skip(1)
+            .filter_map(|r| r.get(..3))
+            .collect();
+        assert_eq!(statuses, ["200", "200", "400"], "attack {i}: {out}");
+        assert_eq!(
+            f.a.heads.load(Ordering::SeqCst),
+            2 * (i + 1),
+            "attack {i} reached the upstream"
+        );
+    }
+}
+
 #[tokio::test]
 async fn header_and_body_limits() {
     let f = fixture("limits", |gw| {
