@@ -47,6 +47,11 @@ pub enum PathError {
     /// never sent in a request) and `\` (some servers treat it as `/`).
     #[error("byte 0x{0:02x} is not allowed in a path")]
     InvalidByte(u8),
+    /// A `.` or `..` segment with parameters (`..;x`, `.;`): Tomcat, Jetty and Spring drop the
+    /// parameters and resolve it as a dot segment, other servers keep it as a name; either
+    /// reading can reach a path the other would not, so it is refused.
+    #[error("a dot segment with ';' parameters")]
+    DotSegmentWithParameters,
 }
 
 /// Characters RFC 3986 2.3 calls unreserved: percent-encoding them changes nothing, so they are
@@ -101,12 +106,36 @@ pub fn normalize_path(raw: &str, encoded_slash: EncodedSlash) -> Result<String, 
         return Err(PathError::NotAbsolute);
     }
     let decoded = decode_unreserved(path.as_bytes(), encoded_slash)?;
+    if decoded
+        .split('/')
+        .any(|segment| matches!(segment.split_once(';'), Some(("." | "..", _))))
+    {
+        return Err(PathError::DotSegmentWithParameters);
+    }
     let mut out = remove_dot_segments(&decoded);
     if let Some(query) = query {
         out.push('?');
         out.push_str(query);
     }
     Ok(out)
+}
+
+/// The path routes are matched against: `normalized` (from [`normalize_path`]) without its query
+/// and without `;parameters` in each segment, empty segments merged again (`/admin;x/y` ->
+/// `/admin/y`, `/;x/admin` -> `/admin`). Servers that strip parameters (Tomcat, Jetty, Spring)
+/// serve `/admin;jsessionid=1` as `/admin`, so it must meet `/admin`'s route and auth; for
+/// servers that keep them it is a different name under the same prefix, which the same route
+/// covers. The upstream still receives the normalised path with its parameters.
+pub fn routing_path(normalized: &str) -> std::borrow::Cow<'_, str> {
+    let path = normalized.split_once('?').map_or(normalized, |(p, _)| p);
+    if !path.contains(';') {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let stripped: Vec<&str> = path
+        .split('/')
+        .map(|segment| segment.split_once(';').map_or(segment, |(name, _)| name))
+        .collect();
+    std::borrow::Cow::Owned(remove_dot_segments(&stripped.join("/")))
 }
 
 /// Step 2-4 of [`normalize_path`] over the path bytes.
@@ -406,6 +435,42 @@ mod tests {
             ("/a/?x=//y", "/a/?x=//y"),
         ] {
             assert_eq!(norm(raw).unwrap(), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn dot_segments_with_parameters_are_refused_in_every_spelling() {
+        for raw in [
+            "/public/..;/admin",
+            "/public/..;x=1/admin",
+            "/public/.;/admin",
+            "/public/.;x",
+            "/..;",
+            "/public/%2e%2e;/admin",
+            "/public/%2E.;a=b/admin",
+            "/public/.%2e;/admin?x",
+        ] {
+            assert_eq!(norm(raw), Err(PathError::DotSegmentWithParameters), "{raw}");
+        }
+        // Parameters on other segments, and dots that are data, stay.
+        assert_eq!(norm("/a;v=1/b").unwrap(), "/a;v=1/b");
+        assert_eq!(norm("/a/...;x").unwrap(), "/a/...;x");
+        assert_eq!(norm("/a/.x;y").unwrap(), "/a/.x;y");
+        assert_eq!(norm("/a?q=..;").unwrap(), "/a?q=..;");
+    }
+
+    #[test]
+    fn routes_see_the_path_without_parameters_or_query() {
+        for (normalized, routed) in [
+            ("/admin", "/admin"),
+            ("/admin?x=;y", "/admin"),
+            ("/admin;jsessionid=1", "/admin"),
+            ("/admin;x/y", "/admin/y"),
+            ("/;x/admin", "/admin"),
+            ("/a;/b;c/", "/a/b/"),
+            ("/public/a;v=1/b?q", "/public/a/b"),
+        ] {
+            assert_eq!(routing_path(normalized), routed, "{normalized}");
         }
     }
 

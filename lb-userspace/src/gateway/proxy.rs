@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 
 use super::Body;
 use super::auth::{ApiKeys, AuthError, JwtVerifier};
-use super::normalize::{check_framing, normalize_path, strip_hop_by_hop};
+use super::normalize::{check_framing, normalize_path, routing_path, strip_hop_by_hop};
 use super::observe::{Refusal, RouteMetrics, VipMetrics};
 use super::ratelimit::{Limiter, response_headers};
 use super::route::{PathMatch, RouteTable};
@@ -253,13 +253,9 @@ async fn pipeline(
         Ok(path) => path,
         Err(e) => return refuse(gw, Refusal::Path, StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    let Some(host) = request_host(&req) else {
-        return refuse(
-            gw,
-            Refusal::Host,
-            StatusCode::BAD_REQUEST,
-            "missing or ambiguous Host",
-        );
+    let host = match request_host(&req) {
+        Ok(host) => host,
+        Err(why) => return refuse(gw, Refusal::Host, StatusCode::BAD_REQUEST, why),
     };
     // Before routing: a client must not be able to forge an identity, nor steer routing with
     // a header only the gateway may set.
@@ -267,7 +263,8 @@ async fn pipeline(
         req.headers_mut().remove(name);
     }
     // 3. Route.
-    let Some(index) = gw.table.find(&host, req.method(), &path, req.headers()) else {
+    let routed = routing_path(&path);
+    let Some(index) = gw.table.find(&host, req.method(), &routed, req.headers()) else {
         return refuse(gw, Refusal::NoRoute, StatusCode::NOT_FOUND, "no route");
     };
     let route = &settings.routes[index];
@@ -562,18 +559,59 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 /// The host the request is for: the target's authority (HTTP/2 `:authority`, or an
 /// absolute-form HTTP/1 target, which RFC 9112 3.2.2 says wins over Host), else the one Host
-/// field. `None` when HTTP/1.1 has no Host or there are several (RFC 9112 3.2: 400); HTTP/1.0
-/// without one gets the empty host (only host-less routes match).
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    if let Some(authority) = req.uri().authority() {
-        return Some(authority.as_str().to_owned());
+/// field. Refused when HTTP/1.1 has no Host or there are several (RFC 9112 3.2: 400), and when
+/// it is not a plain `host[:port]` (see [`valid_host`]); HTTP/1.0 without one gets the empty
+/// host (only host-less routes match).
+fn request_host(req: &Request<Incoming>) -> Result<String, &'static str> {
+    let host = if let Some(authority) = req.uri().authority() {
+        authority.as_str()
+    } else {
+        let mut hosts = req.headers().get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (Some(host), None) => host.to_str().map_err(|_| "invalid Host")?,
+            (None, None) if req.version() < Version::HTTP_11 => return Ok(String::new()),
+            _ => return Err("missing or ambiguous Host"),
+        }
+    };
+    if valid_host(host) {
+        Ok(host.to_owned())
+    } else {
+        Err("invalid Host")
     }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    match (hosts.next(), hosts.next()) {
-        (Some(host), None) => host.to_str().ok().map(str::to_owned),
-        (None, None) if req.version() < Version::HTTP_11 => Some(String::new()),
-        _ => None,
-    }
+}
+
+/// Whether `host` is a plain `name[:port]`: a DNS-style name (letters, digits, `-`, `_`, `.`),
+/// an IPv4 address or a bracketed IPv6 address, with an optional port of 1 to 5 digits. No
+/// userinfo, percent-encoding, path, second port or whitespace: upstreams parse those each their
+/// own way (nginx takes `a.example` out of `a.example:80:80`), and would then serve another
+/// host's content under the route the gateway picked for this one.
+fn valid_host(host: &str) -> bool {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return false;
+        }
+        match after {
+            "" => return true,
+            _ => match after.strip_prefix(':') {
+                Some(port) => ("", Some(port)),
+                None => return false,
+            },
+        }
+    } else {
+        match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        }
+    };
+    let port_ok =
+        port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    let name_ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    port_ok && name_ok && (host.starts_with('[') || !name.is_empty())
 }
 
 /// The identity (key name or JWT subject) of an authenticated request, `None` on routes without
@@ -685,7 +723,7 @@ fn limit_key(
     headers: &HeaderMap,
 ) -> Vec<u8> {
     let by_client = || client.to_string().into_bytes();
-    match &route.rate_limit.as_ref().map(|l| &l.key) {
+    let key = match &route.rate_limit.as_ref().map(|l| &l.key) {
         Some(LimitKey::ApiKey | LimitKey::JwtSubject) => {
             identity.map_or_else(by_client, |i| i.as_bytes().to_vec())
         }
@@ -694,7 +732,27 @@ fn limit_key(
             .map(|v| v.as_bytes().to_vec())
             .unwrap_or_default(),
         Some(LimitKey::ClientIp) | None => by_client(),
+    };
+    compact_key(key)
+}
+
+/// Longest limiter key kept as sent; longer ones are replaced by a digest.
+const MAX_RAW_KEY: usize = 31;
+
+/// `key` in at most 32 bytes, so that a limiter's `max_keys` bound its memory whatever clients
+/// send (a header value may be `max_header_bytes` long): short keys are kept with a 0 tag, longer
+/// ones become a 1 tag and 31 bytes of their SHA-256, which no client can make collide with
+/// another's.
+fn compact_key(mut key: Vec<u8>) -> Vec<u8> {
+    if key.len() <= MAX_RAW_KEY {
+        key.insert(0, 0);
+        return key;
     }
+    let digest = ring::digest::digest(&ring::digest::SHA256, &key);
+    let mut out = Vec::with_capacity(MAX_RAW_KEY + 1);
+    out.push(1);
+    out.extend_from_slice(&digest.as_ref()[..MAX_RAW_KEY]);
+    out
 }
 
 /// The `Upgrade` value of an HTTP/1.1 upgrade request (WebSocket and the like): `Connection`
@@ -854,6 +912,30 @@ mod tests {
             h["forwarded"],
             "for=\"[2001:db8::1]\";proto=https;host=\"a.example:8443\""
         );
+    }
+
+    #[test]
+    fn header_limit_keys_are_small_whatever_the_header() {
+        // Each remembered key costs its size: with the value itself as key, max_keys (100000
+        // by default) values of max_header_bytes (32 KiB) would hold gigabytes.
+        let mut route = GatewayRoute::catch_all();
+        route.rate_limit = Some(l7::RateLimit {
+            rate: 1.0,
+            burst: 1,
+            key: LimitKey::Header(HeaderName::from_static("x-tenant")),
+            max_keys: 10,
+        });
+        let client: IpAddr = "192.0.2.1".parse().unwrap();
+        let key = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-tenant", HeaderValue::try_from(value).unwrap());
+            limit_key(&route, client, None, &h)
+        };
+        let big = "a".repeat(32 * 1024);
+        assert!(key(&big).len() <= 32, "{}", key(&big).len());
+        assert_ne!(key(&big), key(&format!("{big}b")));
+        assert_ne!(key("t1"), key("t2"));
+        assert_eq!(key("t1"), key("t1"));
     }
 
     #[test]

@@ -1234,7 +1234,10 @@ mod tests {
         assert_eq!(scan(long.as_bytes(), 100, 0), vec![None]);
         let mut scanner = HeadScanner::new(1024);
         scanner.feed(long.as_bytes());
-        assert!(scanner.next_head().ambiguous(), "an unseen head is never trusted");
+        assert!(
+            scanner.next_head().ambiguous(),
+            "an unseen head is never trusted"
+        );
         // Not a request line.
         assert_eq!(scan(b"hello\r\n\r\n", 3, 0), vec![None]);
     }

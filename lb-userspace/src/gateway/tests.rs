@@ -1117,3 +1117,114 @@ async fn upstream_failures_and_health() {
         m.contains("xlb_gateway_requests_total{vip=\"web\",route=\"default\",class=\"5xx\"} 1")
     );
 }
+
+// ---- attacks found while trying to break the gateway ----
+
+/// Tomcat, Jetty and Spring drop `;parameters` from each path segment before resolving dot
+/// segments, so for them `/public/..;/admin` is `/admin` and `/admin;x` is `/admin`. The
+/// gateway must not route such a path to a route the upstream would not have served it as.
+#[tokio::test]
+async fn path_parameters_cannot_dodge_a_route() {
+    let f = fixture("pathparams", |gw| {
+        gw.routes.push(route("catch-all", prefix("/"), "default"));
+    })
+    .await;
+    for path in [
+        "/public/..;/admin",
+        "/public/..;x=1/admin/y",
+        "/public/.;/..;/admin",
+        "/admin;jsessionid=1",
+        "/admin;x/y",
+        "/public/%2e%2e;/admin",
+    ] {
+        let r = get(f.addr, path, "").await;
+        assert!(
+            r.status == 400 || r.status == 401,
+            "{path}: {} {}",
+            r.status,
+            r.body
+        );
+    }
+    assert_eq!(f.a.count() + f.b.count(), 0, "nothing reached an upstream");
+    // Parameters that do not change the route still pass, as sent.
+    let r = get(f.addr, "/public/a;v=1/b", "").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(f.a.last().uri, "/public/a;v=1/b");
+    // A dot segment with parameters is refused even where both readings stay on one route:
+    // the gateway cannot tell which reading the upstream takes.
+    let r = get(f.addr, "/public/x/..;/y", "").await;
+    assert_eq!(r.status, 400);
+    // Parameters cannot move a request off its route either: `/admin;x` meets `/admin`'s auth.
+    assert_eq!(get(f.addr, "/admin;jsessionid=1", "").await.status, 401);
+}
+
+/// The gateway routes on the Host it parses; an upstream may parse a malformed one differently
+/// (nginx takes `special.example` out of `special.example:80:80`), and then serves another
+/// host's content through the catch-all's policy. Such hosts are refused.
+#[tokio::test]
+async fn malformed_hosts_are_refused() {
+    let f = fixture("badhost", |_| {}).await;
+    for host in [
+        "special.example:80:80",
+        "user@special.example",
+        "special.example/public",
+        "special.example x",
+        "special.example:",
+        "special.example:8o",
+        "[::1",
+        "special.example%2f",
+    ] {
+        let r = get(f.addr, "/public/x", &format!("Host: {host}\r\n")).await;
+        assert_eq!(r.status, 400, "{host}: {}", r.body);
+    }
+    let r = raw(
+        f.addr,
+        b"GET http://user@special.example/public/x HTTP/1.1\r\nHost: www.example\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 400, "userinfo in an absolute-form target");
+    assert_eq!(f.a.count() + f.b.count(), 0);
+    for host in [
+        "Special.Example:80",
+        "special.example.",
+        "127.0.0.1:8080",
+        "[::1]:80",
+        "a_b.example",
+    ] {
+        let r = get(f.addr, "/public/x", &format!("Host: {host}\r\n")).await;
+        assert_eq!(r.status, 200, "{host}: {}", r.body);
+    }
+    // Absolute form: the target's authority routes and becomes the upstream's Host.
+    let r = raw(
+        f.addr,
+        b"GET http://special.example/public/x HTTP/1.1\r\nHost: www.example\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "B"));
+    assert_eq!(f.b.last().headers["host"], "special.example");
+}
+
+/// hyper drops a Content-Length sent with Transfer-Encoding before the gateway sees the
+/// headers; the raw-head check catches that for a request read on its own, but a pipelined
+/// request's head is read while the previous request is in flight.
+#[tokio::test]
+async fn pipelined_content_length_with_transfer_encoding_is_refused() {
+    let f = fixture("pipelined", |_| {}).await;
+    let attack: &[u8] = b"GET /public/1 HTTP/1.1\r\nHost: a\r\n\r\n\
+        POST /public/2 HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG";
+    let mut stream = TcpStream::connect(f.addr).await.unwrap();
+    stream.write_all(attack).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(
+        f.a.count(),
+        1,
+        "only the first request went upstream: {text}"
+    );
+    assert_eq!(f.a.last().uri, "/public/1");
+    assert!(text.contains("HTTP/1.1 400"), "{text}");
+}
