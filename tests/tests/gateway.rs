@@ -855,7 +855,27 @@ fn attacks_are_refused_or_neutralised() {
         );
         x
     };
-    let mut forwarded = 0;
+    let smuggled = "GET /admin/smuggled HTTP/1.1\r\nHost: api.test\r\n\r\n";
+    // Pipelined: an ambiguous request behind an innocent one is refused like a first one
+    // (hyper reads it while the first is in flight; the gateway follows every raw head).
+    let before = rec.count();
+    let x = exchange(
+        &t,
+        guard,
+        format!(
+            "GET /public/first HTTP/1.1\r\nHost: api.test\r\n\r\n\
+             POST /public/a HTTP/1.1\r\nHost: api.test\r\nContent-Length: 40\r\n\r\n\
+             GET /admin/in-a-body HTTP/1.1\r\n\r\n\
+             POST /public/a HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}",
+            5 + smuggled.len()
+        )
+        .as_bytes(),
+    );
+    let statuses: Vec<u16> = x.responses.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 200, 400], "pipelined CL + TE: {x:?}");
+    assert_eq!(rec.count(), before + 2, "pipelined: {:?}", rec.requests());
+    let mut forwarded = rec.count();
     // Each accepted request: 200 from the recorder, returns what it received.
     let mut passed = |what: &str, addr: SocketAddr, request: &[u8]| {
         let x = exchange(&t, addr, request);
@@ -872,7 +892,6 @@ fn attacks_are_refused_or_neutralised() {
     };
 
     // Ambiguous framing, with a smuggled request behind it.
-    let smuggled = "GET /admin/smuggled HTTP/1.1\r\nHost: api.test\r\n\r\n";
     refused(
         "CL + TE",
         format!(
@@ -930,6 +949,8 @@ fn attacks_are_refused_or_neutralised() {
         "/public/./.././admin/x",
         "/public/x/../../admin/x",
         "/%61dmin/x",
+        "/admin;jsessionid=1/x",
+        "/;x/admin/x",
     ] {
         let before = rec.count();
         let x = exchange(&t, guard, &raw_get("api.test", target, &[]));
@@ -968,6 +989,28 @@ fn attacks_are_refused_or_neutralised() {
         400,
     );
     refused("NUL", &raw_get("api.test", "/public/a%00.png", &[]), 400);
+    for target in [
+        "/public/..;/admin/x",
+        "/public/%2e%2e;x=1/admin/x",
+        "/public/.;/a",
+    ] {
+        refused(target, &raw_get("api.test", target, &[]), 400);
+    }
+    for host in [
+        "api.test:80:80",
+        "user@api.test",
+        "api.test/admin",
+        "api.test%2f",
+        "api.test:8o",
+        "[::1",
+    ] {
+        refused(host, &raw_get(host, "/public/a", &[]), 400);
+    }
+    refused(
+        "userinfo in an absolute-form target",
+        b"GET http://user@api.test/public/a HTTP/1.1\r\nHost: api.test\r\n\r\n",
+        400,
+    );
     refused(
         "no Host",
         b"GET /public/a HTTP/1.1\r\nConnection: close\r\n\r\n",
@@ -1113,6 +1156,8 @@ fn attacks_are_refused_or_neutralised() {
     assert_eq!(
         targets,
         [
+            "/public/first",
+            "/public/a",
             "/admin/x?q=1",
             "/public/~user/a-b",
             "/files/a%2Fb/..%2F..%2Fc",
