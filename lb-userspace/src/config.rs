@@ -115,6 +115,7 @@ const AGENT_KEYS: &[&str] = &[
     "region",
     "tunnel_addresses",
     "capacity_port",
+    "gateway_workers",
 ];
 const REGION_KEYS: &[&str] = &[
     "name",
@@ -237,6 +238,10 @@ pub struct Agent {
     /// `capacity_port`: the UDP port of this agent's capacity endpoint, 1..=65535.
     /// Default 9301.
     pub capacity_port: u16,
+    /// `gateway_workers`: threads serving the L7 gateway (each runs its own event loop and
+    /// accepts on its own `SO_REUSEPORT` socket per listener, as nginx's worker processes do);
+    /// 0 means one per CPU the agent may run on. Read at start. Default 0; valid 0..=1024.
+    pub gateway_workers: u16,
 }
 
 /// One `[[region]]` table: another region's xlb host, to which a VIP's new flows are
@@ -1677,6 +1682,7 @@ struct AgentDraft {
     region: Field<String>,
     tunnel_addresses: Field<Vec<Loc<IpAddr>>>,
     capacity_port: Field<u16>,
+    gateway_workers: Field<u16>,
 }
 
 struct RegionDraft {
@@ -1887,6 +1893,7 @@ fn read_agent(cx: &mut Ctx<'_>, root: &TableRef<'_, '_>) -> Option<AgentDraft> {
         region: cx.parsed(&t, "region", Optional, NAME_EXPECTED, parse_name),
         tunnel_addresses: read_tunnel_addresses(cx, &t),
         capacity_port: cx.int(&t, "capacity_port", Optional, 1..=65535),
+        gateway_workers: cx.int(&t, "gateway_workers", Optional, 0..=1024),
         path: t.path,
         span: t.span,
     })
@@ -2941,6 +2948,7 @@ fn build(agent: AgentDraft, vips: Vec<VipDraft>, regions: Vec<RegionDraft>) -> O
             .map(|a| a.value)
             .collect(),
         capacity_port: agent.capacity_port.or(DEFAULT_CAPACITY_PORT)?,
+        gateway_workers: agent.gateway_workers.or(0)?,
     };
     let regions = regions
         .into_iter()
@@ -3347,7 +3355,7 @@ vip = 3
                 "xlb.toml:4: agent.vip: unknown key; allowed keys here: interface, xdp_mode, \
                  next_hop_mac, encap_source_v4, encap_source_v6, egress_mtu, admin_socket, \
                  metrics_listen, state_dir, bpffs_dir, flow_table_entries, region, \
-                 tunnel_addresses, capacity_port",
+                 tunnel_addresses, capacity_port, gateway_workers",
             ]
         );
         assert_only_error(
@@ -4265,6 +4273,7 @@ region = "eu-west"
         assert_eq!(config.agent.region, "local");
         assert!(config.agent.tunnel_addresses.is_empty());
         assert_eq!(config.agent.capacity_port, 9301);
+        assert_eq!(config.agent.gateway_workers, 0, "one per CPU by default");
         assert!(config.regions.is_empty());
         let failover = config.vips[0].failover;
         assert_eq!(failover, Failover::default());
@@ -4302,6 +4311,16 @@ region = "eu-west"
         assert_eq!(vip.failover.min_healthy, 0.7);
         assert_eq!(vip.failover.hold_down, Duration::from_secs(30));
         assert_eq!(rules::check(&config), Vec::<String>::new());
+    }
+
+    #[test]
+    fn gateway_workers_are_parsed_and_bounded() {
+        let with = |line: &str| format!("[agent]\ninterface = \"eth0\"\n{line}\n");
+        assert_eq!(ok(&with("gateway_workers = 4")).agent.gateway_workers, 4);
+        assert_only_error(
+            &with("gateway_workers = 2000"),
+            "xlb.toml:3: agent.gateway_workers: 2000 is out of range; expected 0..=1024",
+        );
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub mod ratelimit;
 pub mod route;
 pub mod server;
 pub mod upstream;
+mod workers;
+
+pub use workers::{count as worker_count, set_count as set_worker_count};
 
 pub use server::{GatewayError, GatewayStatus, Gateways, RouteStatus, check};
 

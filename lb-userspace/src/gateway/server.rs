@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd as _;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, RwLock};
@@ -42,6 +42,7 @@ use super::proxy::{self, Authenticator, ClientConn, RouteLimiter, RouteRuntime, 
 use super::ratelimit::Limiter;
 use super::route::{HeaderMatch, HostMatch, PathMatch, RouteTable};
 use super::upstream::{PoolStatus, Upstreams};
+use super::workers::{self, Workers};
 use crate::config::l7::{self, LimitKey, RateLimit, RouteAuth};
 use crate::config::{Config, Protocol, Vip};
 
@@ -113,9 +114,11 @@ struct Carried {
     limiters: HashMap<RouteKey, (RateLimit, Arc<RouteLimiter>)>,
 }
 
-/// A bound listener and the gateway its connections use; replaced in place on reload.
+/// A bound listener (one socket per worker) and the gateway its connections use; replaced in
+/// place on reload.
 struct Listener {
-    shared: Arc<ListenerShared>,
+    /// One per worker, so that a request reads the gateway from its own thread's copy.
+    shared: Vec<Arc<ListenerShared>>,
     stop: watch::Sender<bool>,
 }
 
@@ -139,9 +142,18 @@ pub struct Gateways {
     /// The serving gateways, in configuration order.
     current: Vec<Arc<VipGateway>>,
     carried: Carried,
+    /// The serving threads, while there are listeners (their accept loops hold them too, until
+    /// drained).
+    workers: Option<Arc<Workers>>,
 }
 
 impl Gateways {
+    /// The serving threads, to watch them stop (tests).
+    #[cfg(test)]
+    pub(crate) fn workers(&self) -> Option<std::sync::Weak<Workers>> {
+        self.workers.as_ref().map(Arc::downgrade)
+    }
+
     /// No gateways, no listeners.
     pub fn new() -> Self {
         Self::default()
@@ -161,15 +173,29 @@ impl Gateways {
         healthy: &dyn Fn(usize, usize) -> bool,
     ) -> Result<(), GatewayError> {
         let (built, carried) = build(cfg, &self.carried).map_err(|lines| GatewayError { lines })?;
+        let workers = match (&self.workers, built.is_empty()) {
+            (Some(workers), _) => Some(workers.clone()),
+            (None, true) => None,
+            (None, false) => match Workers::start(workers::count()) {
+                Ok(workers) => Some(workers),
+                Err(e) => {
+                    return Err(GatewayError {
+                        lines: vec![format!("cannot start the gateway's worker threads: {e}")],
+                    });
+                }
+            },
+        };
+        let sockets = workers.as_ref().map_or(0, |w| w.len());
         let mut bound = HashMap::new();
         let mut lines = Vec::new();
         for (vi, gw) in &built {
             if self.listeners.contains_key(&gw.listen) {
                 continue;
             }
-            match bind(gw.listen) {
-                Ok(listener) => {
-                    bound.insert(gw.listen, listener);
+            // Every worker's socket is bound before anything changes.
+            match (0..sockets).map(|_| bind(gw.listen)).collect() {
+                Ok(listeners) => {
+                    bound.insert(gw.listen, listeners);
                 }
                 Err(e) => lines.push(format!(
                     "vip[{vi}] ({}): cannot listen on {}: {e}",
@@ -188,20 +214,29 @@ impl Gateways {
         for (_, gw) in &built {
             let listener = match self.listeners.remove(&gw.listen) {
                 Some(existing) => {
-                    *existing
-                        .shared
-                        .current
-                        .write()
-                        .unwrap_or_else(|e| e.into_inner()) = gw.clone();
+                    for shared in &existing.shared {
+                        *shared.current.write().unwrap_or_else(|e| e.into_inner()) = gw.clone();
+                    }
                     existing
                 }
                 None => {
-                    let socket = bound.remove(&gw.listen).expect("bound above");
-                    let shared = Arc::new(ListenerShared {
-                        current: RwLock::new(gw.clone()),
-                    });
+                    let sockets: Vec<std::net::TcpListener> =
+                        bound.remove(&gw.listen).expect("bound above");
+                    let workers = workers.as_ref().expect("started with the first listener");
                     let (stop, stopped) = watch::channel(false);
-                    tokio::spawn(accept_loop(socket, shared.clone(), stopped));
+                    let mut shared = Vec::new();
+                    for (socket, runtime) in sockets.into_iter().zip(workers.handles()) {
+                        let mine = Arc::new(ListenerShared {
+                            current: RwLock::new(gw.clone()),
+                        });
+                        runtime.spawn(accept_loop(
+                            socket,
+                            mine.clone(),
+                            stopped.clone(),
+                            workers.clone(),
+                        ));
+                        shared.push(mine);
+                    }
                     tracing::info!(vip = %gw.vip, listen = %gw.listen, "gateway listening");
                     Listener { shared, stop }
                 }
@@ -212,6 +247,8 @@ impl Gateways {
             tracing::info!(listen = %addr, "gateway listener closing");
             let _ = removed.stop.send(true);
         }
+        // Without listeners the threads stop once the removed ones have drained.
+        self.workers = workers.filter(|_| !listeners.is_empty());
         self.listeners = listeners;
         self.current = built.into_iter().map(|(_, gw)| gw).collect();
         self.carried = carried;
@@ -534,14 +571,17 @@ fn http_builders(
 
 /// A listening socket on `addr` that may be bound before the address exists on the host
 /// (`IP_FREEBIND` / `IPV6_FREEBIND`: the operator adds the VIP to lo or the NIC, possibly
-/// after the agent starts) and rebound at once after a restart (`SO_REUSEADDR`).
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// after the agent starts), rebound at once after a restart (`SO_REUSEADDR`), and bound once
+/// per worker (`SO_REUSEPORT`: the kernel spreads connections over the workers' sockets). A
+/// std socket, registered with its worker's runtime there.
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
     let (level, name) = if addr.is_ipv4() {
         (libc::SOL_IP, libc::IP_FREEBIND)
     } else {
@@ -563,15 +603,32 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         return Err(io::Error::last_os_error());
     }
     socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    let fd = socket.into_raw_fd();
+    // SAFETY: `fd` is the bound socket just released by `socket`; the std listener owns it
+    // from here on (and closes it if `listen` fails).
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+    // SAFETY: a valid socket fd and a backlog in range.
+    if unsafe { libc::listen(fd, LISTEN_BACKLOG as libc::c_int) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// Accepts until told to stop, then lets the connections finish their requests.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     shared: Arc<ListenerShared>,
     mut stop: watch::Receiver<bool>,
+    _workers: Arc<Workers>,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "gateway listener cannot join its worker's runtime");
+            return;
+        }
+    };
     let (drain, draining) = watch::channel(false);
     let mut conns = JoinSet::new();
     loop {

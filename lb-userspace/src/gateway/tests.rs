@@ -1075,6 +1075,7 @@ async fn removed_vips_stop_listening_and_check_reports_every_problem() {
         "old gateway still serving"
     );
 
+    let workers = gateways.workers().expect("worker threads while listening");
     let mut empty = cfg.clone();
     empty.vips.clear();
     gateways.apply(&empty, &|_, _| true).unwrap();
@@ -1084,6 +1085,15 @@ async fn removed_vips_stop_listening_and_check_reports_every_problem() {
         assert!(Instant::now() < deadline, "listener still open");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // With no listener left the worker threads stop; a gateway added again starts new ones.
+    let deadline = Instant::now() + WAIT;
+    while workers.strong_count() > 0 {
+        assert!(Instant::now() < deadline, "worker threads still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(gateways.workers().is_none());
+    gateways.apply(&cfg, &|_, _| true).unwrap();
+    assert_eq!(get(addr, "/", "").await.status, 200, "serving again");
 }
 
 #[tokio::test]

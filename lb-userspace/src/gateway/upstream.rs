@@ -36,10 +36,11 @@ use tokio::net::TcpStream;
 use crate::config::l7::{self, Balance, HashOn, UpstreamProtocol};
 use crate::gateway::Body;
 use crate::gateway::balance::{self, Candidate, Rng, SmoothWeightedRoundRobin};
+use crate::gateway::workers;
 
 /// Most idle HTTP/1.1 connections kept per server: enough for a burst's worth of reuse, bounded
 /// so that a spike does not leave thousands of sockets open on both sides afterwards (the
-/// oldest are closed first).
+/// oldest are closed first); shared equally by the gateway workers' stacks.
 pub const MAX_IDLE_PER_SERVER: usize = 256;
 
 /// Most HTTP/2 connections per server. One is normal; more are opened only while all are at the
@@ -438,7 +439,11 @@ impl Pool {
             return;
         }
         let pool: Weak<PoolInner> = Arc::downgrade(&self.inner);
+        // The task runs on the worker that sent first; should that worker's runtime end (its
+        // listeners removed), the next request starts it again.
+        let restart = SweeperRunning(pool.clone());
         tokio::spawn(async move {
+            let _restart = restart;
             loop {
                 let every = match pool.upgrade() {
                     Some(inner) => {
@@ -455,6 +460,17 @@ impl Pool {
                 }
             }
         });
+    }
+}
+
+/// Clears the pool's sweeper flag when its task ends or is dropped.
+struct SweeperRunning(Weak<PoolInner>);
+
+impl Drop for SweeperRunning {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.sweeper.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -528,8 +544,10 @@ struct Server {
     errors_total: AtomicU64,
     /// Passive outlier detection.
     outlier: Mutex<Outlier>,
-    /// Idle HTTP/1.1 connections, most recently used last.
-    idle: Mutex<VecDeque<IdleConnection>>,
+    /// Idle HTTP/1.1 connections, most recently used last, one stack per gateway worker: a
+    /// connection's task runs on the worker that opened it, so a request taking it from
+    /// another worker would wake that thread for every read and write.
+    idle: Box<[Mutex<VecDeque<IdleConnection>>]>,
     /// Open HTTP/2 connections, oldest first.
     h2: Mutex<Vec<H2Connection>>,
     /// Held while an HTTP/2 connection is being opened, so that a burst of requests opens one
@@ -615,7 +633,9 @@ impl Server {
             timeouts_total: AtomicU64::new(0),
             errors_total: AtomicU64::new(0),
             outlier: Mutex::new(Outlier::default()),
-            idle: Mutex::new(VecDeque::new()),
+            idle: (0..workers::count())
+                .map(|_| Mutex::new(VecDeque::new()))
+                .collect(),
             h2: Mutex::new(Vec::new()),
             h2_connecting: tokio::sync::Mutex::new(None),
         }
@@ -624,7 +644,9 @@ impl Server {
     /// Closes idle connections and stops pooling: the server left the configuration.
     fn retire(&self) {
         self.retired.store(true, Ordering::Relaxed);
-        lock(&self.idle).clear();
+        for idle in &self.idle {
+            lock(idle).clear();
+        }
         lock(&self.h2).clear();
     }
 
@@ -695,7 +717,7 @@ impl Server {
     /// so closing) expired and closed ones on the way.
     async fn checkout_h1(&self, config: &l7::Pool) -> Option<http1::SendRequest<Body>> {
         loop {
-            let IdleConnection { mut sender, since } = lock(&self.idle).pop_back()?;
+            let IdleConnection { mut sender, since } = lock(self.my_idle()).pop_back()?;
             if sender.is_closed() || since.elapsed() >= config.idle_timeout {
                 continue;
             }
@@ -711,17 +733,22 @@ impl Server {
         }
     }
 
+    /// The calling worker's idle HTTP/1.1 connections.
+    fn my_idle(&self) -> &Mutex<VecDeque<IdleConnection>> {
+        &self.idle[workers::current() % self.idle.len()]
+    }
+
     /// Pools an HTTP/1.1 connection whose exchange has ended.
     fn park_h1(&self, sender: http1::SendRequest<Body>) {
         if self.retired.load(Ordering::Relaxed) || sender.is_closed() {
             return;
         }
-        let mut idle = lock(&self.idle);
+        let mut idle = lock(self.my_idle());
         idle.push_back(IdleConnection {
             sender,
             since: Instant::now(),
         });
-        while idle.len() > MAX_IDLE_PER_SERVER {
+        while idle.len() > MAX_IDLE_PER_SERVER.div_ceil(self.idle.len()) {
             idle.pop_front();
         }
     }
@@ -777,7 +804,9 @@ impl Server {
 
     /// Closes idle connections older than `idle_timeout` (and forgets closed ones).
     fn sweep(&self, idle_timeout: Duration) {
-        lock(&self.idle).retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
+        for idle in &self.idle {
+            lock(idle).retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
+        }
         lock(&self.h2).retain(|c| {
             !c.sender.is_closed()
                 && (c.streams.active.load(Ordering::Relaxed) > 0
@@ -788,10 +817,11 @@ impl Server {
     /// The server's state for `xlb status`.
     fn status(&self, now: Instant) -> ServerStatus {
         let ejected_until = lock(&self.outlier).ejected_until.filter(|&u| u > now);
-        let idle_h1 = lock(&self.idle)
+        let idle_h1: usize = self
+            .idle
             .iter()
-            .filter(|c| !c.sender.is_closed())
-            .count();
+            .map(|idle| lock(idle).iter().filter(|c| !c.sender.is_closed()).count())
+            .sum();
         let idle_h2 = lock(&self.h2)
             .iter()
             .filter(|c| !c.sender.is_closed() && c.streams.active.load(Ordering::Relaxed) == 0)

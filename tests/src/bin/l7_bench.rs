@@ -1,8 +1,8 @@
 //! `cargo xtask bench l7`: xlb's L7 gateway against nginx and HAProxy as HTTP reverse proxies,
 //! with wrk (keep-alive) and one nginx upstream returning a fixed 100-byte body. Each proxy
 //! runs in turn on the xlb host of the L7 topology (`xlb_tests::l7`), listening on the same
-//! VIP:port and proxying to the same upstream, with two workers each (the agent's two-worker
-//! runtime, nginx `worker_processes 2`, HAProxy `nbthread 2`). Rounds alternate the proxies in
+//! VIP:port and proxying to the same upstream, with two workers each (`gateway_workers = 2`,
+//! nginx `worker_processes 2`, HAProxy `nbthread 2`). Rounds alternate the proxies in
 //! a rotated order; the table holds medians. Per proxy: requests/s, p50 and p99 latency, the
 //! proxy's own CPU time per 1,000 requests (its processes' utime + stime over the measured
 //! run) and its memory (VmRSS and VmHWM at the end of the run, summed over its processes).
@@ -196,6 +196,13 @@ fn start(
         Proxy::Xlb => {
             let vips = t.basic_vip("web", IpAddr::V4(L7_VIP_V4), PORT, UPSTREAM_HTTP_PORT);
             let config = t.write_agent_config(&vips);
+            // As many serving threads as nginx and HAProxy get.
+            let text = t.agent_config(&vips).replacen(
+                "[agent]\n",
+                &format!("[agent]\ngateway_workers = {WORKERS}\n"),
+                1,
+            );
+            std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
             // No access log, as nginx (`access_log off`) and HAProxy (no `log`) run here.
             let mut agent = Daemon::start_with_log_filter(
                 &t.lb,

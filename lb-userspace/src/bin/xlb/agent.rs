@@ -621,6 +621,10 @@ async fn serve(args: AgentArgs) -> anyhow::Result<()> {
     // From here on `cfg` is the effective configuration: the file with the run-time changes
     // kept in state_dir that still apply to it.
     let (mut control, cfg) = control::Control::load(args.config.as_deref(), file)?;
+    // Before any gateway is built: its per-worker state is sized from this.
+    if let Some(c) = &cfg {
+        lb_userspace::gateway::set_worker_count(c.agent.gateway_workers);
+    }
     let (interface, mode, flow_entries) = match (&cfg, &args.interface) {
         (Some(c), _) => (
             c.agent.interface.clone(),
