@@ -295,6 +295,14 @@ async fn pipeline(
     };
     // 5. Rate-limit.
     if let Some(limiter) = &runtime.limiter {
+        // Upstreams differ on which of repeated fields they read (first, last, joined): a
+        // bucket keyed on one of them could be dodged by varying another.
+        if let Some(LimitKey::Header(name)) = route.rate_limit.as_ref().map(|l| &l.key)
+            && req.headers().get_all(name).iter().nth(1).is_some()
+        {
+            runtime.metrics.rate_limited();
+            return text(StatusCode::BAD_REQUEST, "repeated rate limit key header");
+        }
         let key = limit_key(route, conn.peer.ip(), identity.as_deref(), req.headers());
         let decision = limiter.check(&key, Instant::now());
         for (name, value) in response_headers(limiter, &decision) {
@@ -902,8 +910,9 @@ fn strip_prefix(path: &str, prefix: &str) -> String {
     }
 }
 
-/// X-Forwarded-For (the client appended), X-Forwarded-Proto (replaced) and Forwarded (RFC 7239,
-/// an element appended).
+/// X-Forwarded-For (the client appended), X-Forwarded-Proto and X-Forwarded-Host (replaced:
+/// upstreams that trust the gateway's forwarding headers build links on them) and Forwarded
+/// (RFC 7239, an element appended).
 fn forwarding_headers(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: &str) {
     let proto = if tls { "https" } else { "http" };
     let append = |headers: &mut HeaderMap, name: HeaderName, element: String| {
@@ -919,6 +928,14 @@ fn forwarding_headers(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: 
     };
     append(headers, X_FORWARDED_FOR.clone(), client.to_string());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    match HeaderValue::from_str(host) {
+        Ok(value) if !host.is_empty() => {
+            headers.insert(X_FORWARDED_HOST.clone(), value);
+        }
+        _ => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
     let node = match client {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
@@ -933,6 +950,7 @@ fn forwarding_headers(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: 
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// A Forwarded parameter value: a token as is, anything else as a quoted-string.
 fn forwarded_value(v: &str) -> String {
@@ -1025,6 +1043,7 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 2001:db8::1");
         assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "a.example:8443");
         assert_eq!(
             h["forwarded"],
             "for=\"[2001:db8::1]\";proto=https;host=\"a.example:8443\""

@@ -1364,3 +1364,60 @@ async fn a_client_stalling_its_body_does_not_eject_the_upstream() {
     assert!(!server.ejected, "{server:?}");
     assert_eq!(get(f.addr, "/public/x", "").await.status, 200);
 }
+
+/// Rate-limit bypass with a repeated key header: a route limited per `X-Tenant` keyed its
+/// bucket on the first field only, while upstreams differ on which of repeated fields they use
+/// (PHP and other CGI-style servers, many frameworks keep the last; Node joins them). A client
+/// sending `X-Tenant: <random>` then `X-Tenant: acme` got a fresh bucket per request, every
+/// request served as `acme`'s. A repeated key header is refused, as a repeated API key is.
+#[tokio::test]
+async fn a_repeated_limit_key_header_cannot_dodge_the_limit() {
+    let f = fixture("limitdup", |gw| {
+        let mut tenant = route("tenant", PathMatch::Exact("/tenant".into()), "default");
+        tenant.rate_limit = Some(RateLimit {
+            rate: 0.01,
+            burst: 2,
+            key: LimitKey::Header(HeaderName::from_static("x-tenant")),
+            max_keys: 1000,
+        });
+        gw.routes.push(tenant);
+    })
+    .await;
+    for i in 0..5 {
+        let extra = format!("X-Tenant: r{i}\r\nX-Tenant: acme\r\n");
+        let r = get(f.addr, "/tenant", &extra).await;
+        assert!(matches!(r.status, 200 | 400 | 429), "{r:?}");
+    }
+    assert!(f.a.count() <= 2, "{} requests served as acme", f.a.count());
+    // One field each: limited per value as before.
+    for (tenant, want) in [("acme", 200), ("acme", 200), ("acme", 429), ("other", 200)] {
+        let r = get(f.addr, "/tenant", &format!("X-Tenant: {tenant}\r\n")).await;
+        assert_eq!(r.status, want, "{tenant}");
+    }
+}
+
+/// Host poisoning through the gateway: it sets `X-Forwarded-For` and `-Proto`, so upstreams
+/// are configured to trust its `X-Forwarded-*` (Express `trust proxy`, Rails, Django
+/// `USE_X_FORWARDED_HOST`, Spring `ForwardedHeaderFilter`); but a client's `X-Forwarded-Host`
+/// went up untouched, and those upstreams build absolute links (password-reset mails,
+/// redirects, OAuth callbacks) on the attacker's host. It is set to the host the gateway
+/// routed on, as `X-Forwarded-Proto` is.
+#[tokio::test]
+async fn a_client_x_forwarded_host_is_replaced() {
+    let f = fixture("xfhost", |_| {}).await;
+    let r = get(
+        f.addr,
+        "/public/x",
+        "Host: www.example\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Host: evil2.example\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let values: Vec<_> =
+        f.a.last()
+            .headers
+            .get_all("x-forwarded-host")
+            .iter()
+            .cloned()
+            .collect();
+    assert_eq!(values, ["www.example"]);
+}
