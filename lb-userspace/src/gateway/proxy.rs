@@ -530,7 +530,9 @@ impl hyper::body::Body for Prepend {
 
 /// The client's request body, failing when the client sends nothing for `timeout` while the
 /// gateway waits for it (only then: a body not polled because the upstream is slow to read is
-/// not the client's delay). `wait` is set while it waits.
+/// not the client's delay). `wait` is set while it waits. The client's trailer fields are
+/// dropped: nothing checks them, and upstreams that merge trailers into the headers would take
+/// a forged identity header (or anything else the gateway removes) from them.
 struct ClientBody {
     inner: Incoming,
     timeout: Duration,
@@ -549,7 +551,13 @@ impl hyper::body::Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        while let Poll::Ready(Some(Ok(frame))) = &polled
+            && frame.is_trailers()
+        {
+            polled = Pin::new(&mut this.inner).poll_frame(cx);
+        }
+        match polled {
             Poll::Pending => {
                 if !this.armed {
                     this.armed = true;

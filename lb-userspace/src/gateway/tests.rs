@@ -1421,3 +1421,58 @@ async fn a_client_x_forwarded_host_is_replaced() {
             .collect();
     assert_eq!(values, ["www.example"]);
 }
+
+/// Identity forgery in request trailers: a chunked body may end with trailer fields, which the
+/// gateway passed through as body frames without looking at them. An HTTP/2 upstream receives
+/// them as a trailing HEADERS frame, and servers and frameworks that merge trailers into the
+/// request's headers (or copy them on) take `X-Xlb-Identity: root` from the client. Request
+/// trailers are dropped (nginx does not forward them either).
+#[tokio::test]
+async fn request_trailers_cannot_carry_an_identity() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let trailers = Arc::new(Mutex::new(Vec::<HeaderMap>::new()));
+    let t = trailers.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let t = t.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let t = t.clone();
+                async move {
+                    let collected = req.into_body().collect().await?;
+                    if let Some(tr) = collected.trailers() {
+                        t.lock().unwrap().push(tr.clone());
+                    }
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from("H2"))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    let port = free_port();
+    let mut gw = l7::Gateway::defaults();
+    gw.pools[0].protocol = l7::UpstreamProtocol::Http2;
+    let cfg = config(port, gw, &[(up, "default")]);
+    let mut gateways = Gateways::new();
+    gateways.apply(&cfg, &|_, _| true).unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let r = raw(
+        addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nX-Xlb-Identity: root\r\n\r\n",
+    )
+    .await
+    .expect("a response");
+    assert_eq!((r.status, r.body.as_str()), (200, "H2"));
+    let seen = trailers.lock().unwrap();
+    assert!(
+        seen.iter().all(|t| !t.contains_key("x-xlb-identity")),
+        "{seen:?}"
+    );
+}
