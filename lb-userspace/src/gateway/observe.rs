@@ -121,15 +121,18 @@ pub(crate) enum Refusal {
     NoRoute,
     /// Body above `max_body_bytes`: 413.
     TooLarge,
+    /// A request body that made no progress for the idle timeout: 408.
+    BodyTimeout,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 5] = [
+    const ALL: [Refusal; 6] = [
         Refusal::Framing,
         Refusal::Path,
         Refusal::Host,
         Refusal::NoRoute,
         Refusal::TooLarge,
+        Refusal::BodyTimeout,
     ];
 
     pub(crate) fn name(self) -> &'static str {
@@ -139,6 +142,7 @@ impl Refusal {
             Refusal::Host => "host",
             Refusal::NoRoute => "no_route",
             Refusal::TooLarge => "too_large",
+            Refusal::BodyTimeout => "body_timeout",
         }
     }
 }

@@ -5,6 +5,7 @@
 //! between them and turns their verdicts into responses.
 
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,7 +27,7 @@ use super::observe::{Refusal, RouteMetrics, VipMetrics};
 use super::ratelimit::{Limiter, response_headers};
 use super::route::{PathMatch, RouteTable};
 use super::server::{ConnWatch, InFlight, RawFraming};
-use super::upstream::Upstreams;
+use super::upstream::{ClientBodyWait, Upstreams};
 use crate::config::l7::{self, GatewayRoute, LimitKey, RouteAuth};
 
 /// A route's credential check, built from its files when the gateway is built.
@@ -259,7 +260,19 @@ async fn pipeline(
     };
     // Before routing: a client must not be able to forge an identity, nor steer routing with
     // a header only the gateway may set.
-    for name in &gw.identity_headers {
+    // CGI-style upstreams (PHP, WSGI, Rack) read `X_Id` and `X-Id` as one variable
+    // (`HTTP_X_ID`), so every spelling that differs only in `-`/`_` goes too.
+    let forged: Vec<HeaderName> = req
+        .headers()
+        .keys()
+        .filter(|name| {
+            gw.identity_headers
+                .iter()
+                .any(|id| same_but_underscores(name, id))
+        })
+        .cloned()
+        .collect();
+    for name in forged {
         req.headers_mut().remove(name);
     }
     // 3. Route.
@@ -282,6 +295,14 @@ async fn pipeline(
     };
     // 5. Rate-limit.
     if let Some(limiter) = &runtime.limiter {
+        // Upstreams differ on which of repeated fields they read (first, last, joined): a
+        // bucket keyed on one of them could be dodged by varying another.
+        if let Some(LimitKey::Header(name)) = route.rate_limit.as_ref().map(|l| &l.key)
+            && req.headers().get_all(name).iter().nth(1).is_some()
+        {
+            runtime.metrics.rate_limited();
+            return text(StatusCode::BAD_REQUEST, "repeated rate limit key header");
+        }
         let key = limit_key(route, conn.peer.ip(), identity.as_deref(), req.headers());
         let decision = limiter.check(&key, Instant::now());
         for (name, value) in response_headers(limiter, &decision) {
@@ -349,6 +370,28 @@ async fn pipeline(
     let client_fault = Arc::new(AtomicBool::new(false));
     let (large, fault) = (too_large.clone(), client_fault.clone());
     let limit = usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX);
+    // A client that stops sending its body is cut off after the idle timeout (no other client
+    // timeout runs while a request is in flight), and the upstream learns when the body waits
+    // for the client (a request timeout then is the client's delay).
+    let wait = ClientBodyWait::default();
+    let body_timed_out = Arc::new(AtomicBool::new(false));
+    parts.extensions.insert(wait.clone());
+    let body = ClientBody {
+        inner: body,
+        timeout: settings.idle_timeout,
+        sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        armed: false,
+        wait,
+        timed_out: body_timed_out.clone(),
+    };
+    let body_timeout = || {
+        refuse(
+            gw,
+            Refusal::BodyTimeout,
+            StatusCode::REQUEST_TIMEOUT,
+            "request body timeout",
+        )
+    };
     let mut body: Body = Limited::new(body, limit)
         .map_err(move |e| {
             if e.is::<LengthLimitError>() {
@@ -372,6 +415,7 @@ async fn pipeline(
                 rest: body,
             }
             .boxed(),
+            Some(Err(_)) if body_timed_out.load(Ordering::Relaxed) => return body_timeout(),
             Some(Err(_)) if too_large.load(Ordering::Relaxed) => {
                 return refuse(
                     gw,
@@ -405,6 +449,9 @@ async fn pipeline(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "request body too large",
                 );
+            }
+            if body_timed_out.load(Ordering::Relaxed) || e.status() == StatusCode::REQUEST_TIMEOUT {
+                return body_timeout();
             }
             if client_fault.load(Ordering::Relaxed) {
                 return refuse(
@@ -478,6 +525,68 @@ impl hyper::body::Body for Prepend {
             hint.set_lower(hint.lower() + n);
         }
         hint
+    }
+}
+
+/// The client's request body, failing when the client sends nothing for `timeout` while the
+/// gateway waits for it (only then: a body not polled because the upstream is slow to read is
+/// not the client's delay). `wait` is set while it waits. The client's trailer fields are
+/// dropped: nothing checks them, and upstreams that merge trailers into the headers would take
+/// a forged identity header (or anything else the gateway removes) from them.
+struct ClientBody {
+    inner: Incoming,
+    timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    wait: ClientBodyWait,
+    timed_out: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        while let Poll::Ready(Some(Ok(frame))) = &polled
+            && frame.is_trailers()
+        {
+            polled = Pin::new(&mut this.inner).poll_frame(cx);
+        }
+        match polled {
+            Poll::Pending => {
+                if !this.armed {
+                    this.armed = true;
+                    let deadline = tokio::time::Instant::now() + this.timeout;
+                    this.sleep.as_mut().reset(deadline);
+                    this.wait.0.store(true, Ordering::SeqCst);
+                }
+                match this.sleep.as_mut().poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(()) => {
+                        this.timed_out.store(true, Ordering::SeqCst);
+                        Poll::Ready(Some(Err("client request body timeout".into())))
+                    }
+                }
+            }
+            Poll::Ready(frame) => {
+                this.armed = false;
+                this.wait.0.store(false, Ordering::SeqCst);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -755,8 +864,22 @@ fn compact_key(mut key: Vec<u8>) -> Vec<u8> {
     out
 }
 
-/// The `Upgrade` value of an HTTP/1.1 upgrade request (WebSocket and the like): `Connection`
-/// lists `upgrade` and `Upgrade` is present.
+/// Whether two header names are equal once `_` is read as `-` (names are lowercase).
+fn same_but_underscores(a: &HeaderName, b: &HeaderName) -> bool {
+    let dash = |c: &u8| if *c == b'_' { b'-' } else { *c };
+    a.as_str().len() == b.as_str().len()
+        && a.as_str()
+            .as_bytes()
+            .iter()
+            .map(dash)
+            .eq(b.as_str().as_bytes().iter().map(dash))
+}
+
+/// The `Upgrade` value of an HTTP/1.1 WebSocket upgrade request: `Connection` lists `upgrade`
+/// and there is one `Upgrade` field, `websocket`. No other protocol is tunnelled: after an
+/// `h2c` upgrade the client would speak HTTP/2 to the upstream directly, every later request
+/// past routing, auth and limits (h2c smuggling); other upgrades go up as plain requests
+/// (`Upgrade` is hop-by-hop).
 fn websocket_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
@@ -768,8 +891,18 @@ fn websocket_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| req.headers().get(header::UPGRADE).cloned())
-        .flatten()
+    let mut upgrades = req.headers().get_all(header::UPGRADE).iter();
+    match (upgrades.next(), upgrades.next()) {
+        (Some(value), None)
+            if asks
+                && value
+                    .to_str()
+                    .is_ok_and(|v| v.trim().eq_ignore_ascii_case("websocket")) =>
+        {
+            Some(value.clone())
+        }
+        _ => None,
+    }
 }
 
 /// `path` (with query) without the route's prefix; the rest keeps its leading slash (`/api` on
@@ -785,8 +918,9 @@ fn strip_prefix(path: &str, prefix: &str) -> String {
     }
 }
 
-/// X-Forwarded-For (the client appended), X-Forwarded-Proto (replaced) and Forwarded (RFC 7239,
-/// an element appended).
+/// X-Forwarded-For (the client appended), X-Forwarded-Proto and X-Forwarded-Host (replaced:
+/// upstreams that trust the gateway's forwarding headers build links on them) and Forwarded
+/// (RFC 7239, an element appended).
 fn forwarding_headers(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: &str) {
     let proto = if tls { "https" } else { "http" };
     let append = |headers: &mut HeaderMap, name: HeaderName, element: String| {
@@ -802,6 +936,14 @@ fn forwarding_headers(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: 
     };
     append(headers, X_FORWARDED_FOR.clone(), client.to_string());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    match HeaderValue::from_str(host) {
+        Ok(value) if !host.is_empty() => {
+            headers.insert(X_FORWARDED_HOST.clone(), value);
+        }
+        _ => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
+    }
     let node = match client {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
@@ -816,6 +958,7 @@ fn forwarding_headers(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: 
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// A Forwarded parameter value: a token as is, anything else as a quoted-string.
 fn forwarded_value(v: &str) -> String {
@@ -908,6 +1051,7 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 2001:db8::1");
         assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "a.example:8443");
         assert_eq!(
             h["forwarded"],
             "for=\"[2001:db8::1]\";proto=https;host=\"a.example:8443\""

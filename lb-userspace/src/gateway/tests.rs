@@ -1238,3 +1238,251 @@ async fn pipelined_content_length_with_transfer_encoding_is_refused() {
     assert_eq!(f.a.last().uri, "/public/1");
     assert!(text.contains("HTTP/1.1 400"), "{text}");
 }
+
+// ---- attacks found in break round 2 ----
+
+/// h2c smuggling: `Upgrade: h2c` (RFC 7540 3.2) on an HTTP/1.1 request to an unauthenticated
+/// route. The gateway passed any `Upgrade` through and, on the upstream's 101, turned the client
+/// connection into a raw tunnel to that upstream. An upstream that accepts h2c upgrades (Go's
+/// `h2c` handler, many HTTP/2-capable servers on a plain port) then speaks HTTP/2 with the
+/// client directly, and every later request on it (`/admin`, another host) bypasses routing,
+/// authentication and rate limits. Only WebSocket is tunnelled; any other `Upgrade` is a
+/// hop-by-hop header like the rest and the request goes up as a plain one.
+#[tokio::test]
+async fn h2c_upgrade_is_not_tunnelled() {
+    let f = fixture("h2cupgrade", |_| {}).await;
+    for upgrade in [
+        "h2c",
+        "websocket, h2c",
+        "h2c, websocket",
+        "WebSocket/13 h2c",
+    ] {
+        let request = format!(
+            "GET /public/x HTTP/1.1\r\nHost: a\r\nConnection: close, Upgrade, HTTP2-Settings\r\n\
+             Upgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+        );
+        let r = raw(f.addr, request.as_bytes()).await.expect("a response");
+        assert_eq!((r.status, r.body.as_str()), (200, "A"), "{upgrade}");
+        let seen = f.a.last();
+        assert!(!seen.headers.contains_key("upgrade"), "{upgrade}: {seen:?}");
+        assert!(!seen.headers.contains_key("http2-settings"), "{upgrade}");
+    }
+    // WebSocket still passes (see websocket_upgrade_is_tunnelled), in any letter case.
+    let r = raw(
+        f.addr,
+        b"GET /ws/x HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .expect("a response");
+    assert_eq!(r.status, 101);
+}
+
+/// Identity forgery with underscores: CGI-style upstreams (PHP, WSGI/Django, Rack, anything
+/// reading `HTTP_X_XLB_IDENTITY` from the environment) map both `X-Xlb-Identity` and
+/// `X_Xlb_Identity` to the same variable. The gateway removed only the dash spelling of
+/// identity headers, so a client on an unauthenticated route (or next to the gateway's own
+/// value on an authenticated one) could name itself anyone. Every spelling that differs only
+/// in `-`/`_` is removed.
+#[tokio::test]
+async fn identity_headers_spelled_with_underscores_are_removed() {
+    let f = fixture("underscore", |_| {}).await;
+    let forged = |seen: &Seen| {
+        seen.headers
+            .iter()
+            .filter(|(n, _)| n.as_str().replace('_', "-") == "x-xlb-identity")
+            .map(|(n, v)| format!("{n}: {v:?}"))
+            .collect::<Vec<_>>()
+    };
+    let r = get(
+        f.addr,
+        "/public/x",
+        "X_Xlb_Identity: root\r\nX-Xlb_Identity: root\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(forged(&f.a.last()), Vec::<String>::new());
+    let r = get(
+        f.addr,
+        "/admin/x",
+        &format!("X_Xlb_Identity: root\r\nX-Api-Key: {API_KEY}\r\n"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(forged(&f.b.last()), ["x-xlb-identity: \"ci\""]);
+    // Other headers with underscores are the upstream's business and pass.
+    get(f.addr, "/public/x", "X_Other: 1\r\n").await;
+    assert_eq!(f.a.last().headers["x_other"], "1");
+}
+
+/// Slowloris on the body: a request head announcing a body, then nothing. The head is
+/// complete, so the header timeout no longer applies; a request is in flight, so the idle
+/// timeout does not either; and nothing has gone upstream, so no upstream timeout runs: the
+/// gateway waited for the first body byte forever, one task, socket and buffer per such
+/// connection, for as many connections as the client opens. A body that makes no progress for
+/// the idle timeout is answered 408 and its connection closed.
+#[tokio::test]
+async fn a_stalled_request_body_is_cut_off() {
+    let f = fixture("slowbody", |gw| {
+        gw.header_timeout = Duration::from_millis(300);
+        gw.idle_timeout = Duration::from_millis(600);
+    })
+    .await;
+    for body in ["", "hello"] {
+        let mut stream = TcpStream::connect(f.addr).await.unwrap();
+        let head =
+            format!("POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n{body}");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let start = Instant::now();
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(read.is_ok(), "{body:?}: still open after {WAIT:?}: {text}");
+        assert!(start.elapsed() < Duration::from_secs(3), "{body:?}");
+        assert!(text.starts_with("HTTP/1.1 408"), "{body:?}: {text}");
+    }
+    assert_eq!(f.a.count(), 0, "no request completed upstream");
+}
+
+/// Misreport and ejection by slow clients: the pool's `request_timeout` ran from the moment the
+/// request started upstream, body included. A client that sends part of its body and stalls
+/// makes an upstream that (like most) waits for the whole body miss the timeout: the client got
+/// 504, and the healthy server was charged a timeout, so `outlier_consecutive_failures` such
+/// requests eject it (a handful of stalled POSTs take every server out of rotation). A body the
+/// client has not finished is the client's delay: 408, and the server is not charged.
+#[tokio::test]
+async fn a_client_stalling_its_body_does_not_eject_the_upstream() {
+    let f = fixture("slowbody504", |gw| {
+        gw.idle_timeout = Duration::from_millis(1500);
+        gw.pools[0].request_timeout = Duration::from_millis(300);
+        gw.pools[0].outlier_consecutive_failures = 1;
+    })
+    .await;
+    let mut stream = TcpStream::connect(f.addr).await.unwrap();
+    stream
+        .write_all(b"POST /public/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nhello")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    let status = f.gateways.status();
+    let server = &status[0].pools[0].servers[0];
+    assert_eq!(server.port, f.a.addr.port());
+    assert_eq!(server.timeouts_total, 0, "{server:?}");
+    assert!(!server.ejected, "{server:?}");
+    assert_eq!(get(f.addr, "/public/x", "").await.status, 200);
+}
+
+/// Rate-limit bypass with a repeated key header: a route limited per `X-Tenant` keyed its
+/// bucket on the first field only, while upstreams differ on which of repeated fields they use
+/// (PHP and other CGI-style servers, many frameworks keep the last; Node joins them). A client
+/// sending `X-Tenant: <random>` then `X-Tenant: acme` got a fresh bucket per request, every
+/// request served as `acme`'s. A repeated key header is refused, as a repeated API key is.
+#[tokio::test]
+async fn a_repeated_limit_key_header_cannot_dodge_the_limit() {
+    let f = fixture("limitdup", |gw| {
+        let mut tenant = route("tenant", PathMatch::Exact("/tenant".into()), "default");
+        tenant.rate_limit = Some(RateLimit {
+            rate: 0.01,
+            burst: 2,
+            key: LimitKey::Header(HeaderName::from_static("x-tenant")),
+            max_keys: 1000,
+        });
+        gw.routes.push(tenant);
+    })
+    .await;
+    for i in 0..5 {
+        let extra = format!("X-Tenant: r{i}\r\nX-Tenant: acme\r\n");
+        let r = get(f.addr, "/tenant", &extra).await;
+        assert!(matches!(r.status, 200 | 400 | 429), "{r:?}");
+    }
+    assert!(f.a.count() <= 2, "{} requests served as acme", f.a.count());
+    // One field each: limited per value as before.
+    for (tenant, want) in [("acme", 200), ("acme", 200), ("acme", 429), ("other", 200)] {
+        let r = get(f.addr, "/tenant", &format!("X-Tenant: {tenant}\r\n")).await;
+        assert_eq!(r.status, want, "{tenant}");
+    }
+}
+
+/// Host poisoning through the gateway: it sets `X-Forwarded-For` and `-Proto`, so upstreams
+/// are configured to trust its `X-Forwarded-*` (Express `trust proxy`, Rails, Django
+/// `USE_X_FORWARDED_HOST`, Spring `ForwardedHeaderFilter`); but a client's `X-Forwarded-Host`
+/// went up untouched, and those upstreams build absolute links (password-reset mails,
+/// redirects, OAuth callbacks) on the attacker's host. It is set to the host the gateway
+/// routed on, as `X-Forwarded-Proto` is.
+#[tokio::test]
+async fn a_client_x_forwarded_host_is_replaced() {
+    let f = fixture("xfhost", |_| {}).await;
+    let r = get(
+        f.addr,
+        "/public/x",
+        "Host: www.example\r\nX-Forwarded-Host: evil.example\r\nX-Forwarded-Host: evil2.example\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let values: Vec<_> =
+        f.a.last()
+            .headers
+            .get_all("x-forwarded-host")
+            .iter()
+            .cloned()
+            .collect();
+    assert_eq!(values, ["www.example"]);
+}
+
+/// Identity forgery in request trailers: a chunked body may end with trailer fields, which the
+/// gateway passed through as body frames without looking at them. An HTTP/2 upstream receives
+/// them as a trailing HEADERS frame, and servers and frameworks that merge trailers into the
+/// request's headers (or copy them on) take `X-Xlb-Identity: root` from the client. Request
+/// trailers are dropped (nginx does not forward them either).
+#[tokio::test]
+async fn request_trailers_cannot_carry_an_identity() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let trailers = Arc::new(Mutex::new(Vec::<HeaderMap>::new()));
+    let t = trailers.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let t = t.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let t = t.clone();
+                async move {
+                    let collected = req.into_body().collect().await?;
+                    if let Some(tr) = collected.trailers() {
+                        t.lock().unwrap().push(tr.clone());
+                    }
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from("H2"))))
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    let port = free_port();
+    let mut gw = l7::Gateway::defaults();
+    gw.pools[0].protocol = l7::UpstreamProtocol::Http2;
+    let cfg = config(port, gw, &[(up, "default")]);
+    let mut gateways = Gateways::new();
+    gateways.apply(&cfg, &|_, _| true).unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let r = raw(
+        addr,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n0\r\nX-Xlb-Identity: root\r\n\r\n",
+    )
+    .await
+    .expect("a response");
+    assert_eq!((r.status, r.body.as_str()), (200, "H2"));
+    let seen = trailers.lock().unwrap();
+    assert!(
+        seen.iter().all(|t| !t.contains_key("x-xlb-identity")),
+        "{seen:?}"
+    );
+}

@@ -78,6 +78,24 @@ pub enum UpstreamError {
     /// could not be expressed to it: 502.
     #[error("upstream exchange failed: {0}")]
     Protocol(String),
+    /// The request timeout ran out while the request body was waiting for the client's bytes
+    /// (see [`ClientBodyWait`]): the client's delay, not the server's; 408, and the server is
+    /// not charged a timeout.
+    #[error("the client's request body stalled")]
+    ClientTimeout,
+}
+
+/// Put in a request's extensions by the gateway: set while the request body is waiting for the
+/// client's next bytes. An upstream that waits for the whole body cannot answer before the
+/// client sends it, so a request timeout that runs out then must not count against the server
+/// (slow clients would otherwise eject healthy servers).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ClientBodyWait(pub(crate) Arc<AtomicBool>);
+
+impl ClientBodyWait {
+    fn waiting(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 impl UpstreamError {
@@ -87,6 +105,7 @@ impl UpstreamError {
             UpstreamError::NoServer => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamError::Connect(_) | UpstreamError::Protocol(_) => StatusCode::BAD_GATEWAY,
             UpstreamError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::ClientTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 }
@@ -890,6 +909,7 @@ async fn attempt(
     upgrade: bool,
 ) -> Result<(Response<Body>, Duration), Failed> {
     let flight = Flight::start(server.clone());
+    let client_wait = req.extensions().get::<ClientBodyWait>().cloned();
     let result = if upgrade {
         send_upgrade(config, server, req).await
     } else {
@@ -938,6 +958,12 @@ async fn attempt(
                         .fetch_add(1, Ordering::Relaxed);
                     server.record(Outcome::Failure, pool, config);
                     UpstreamError::Connect(e)
+                }
+                AttemptError::Timeout
+                    if client_wait.as_ref().is_some_and(ClientBodyWait::waiting) =>
+                {
+                    server.requests_total.fetch_add(1, Ordering::Relaxed);
+                    UpstreamError::ClientTimeout
                 }
                 AttemptError::Timeout => {
                     server.requests_total.fetch_add(1, Ordering::Relaxed);
