@@ -321,6 +321,14 @@ async fn pipeline(
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
     strip_hop_by_hop(&mut parts.headers);
+    // IIS and some frameworks take the path from these instead of the request line: a route's
+    // auth would be decided on one path and the upstream serve another.
+    for name in &PATH_OVERRIDE_HEADERS {
+        parts.headers.remove(name);
+    }
+    if parts.version == Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
     if let Some(protocol) = &upgrade {
         parts
             .headers
@@ -787,7 +795,8 @@ fn take_query_param(path: &mut String, name: &str) -> Option<String> {
         .split('&')
         .filter(|param| {
             let (key, value) = param.split_once('=').unwrap_or((param, ""));
-            if key == name {
+            // `api%5Fkey` is `api_key` to the upstream: found (and removed) either way.
+            if key == name || (key.contains('%') && percent_decode(key) == name) {
                 found.get_or_insert_with(|| percent_decode(value));
                 false
             } else {
@@ -905,17 +914,69 @@ fn websocket_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
     }
 }
 
-/// `path` (with query) without the route's prefix; the rest keeps its leading slash (`/api` on
-/// `/api` goes up as `/`).
+/// Client headers that some upstreams read as the request's path (`X-Original-URL`,
+/// `X-Rewrite-URL`); never forwarded.
+static PATH_OVERRIDE_HEADERS: [HeaderName; 2] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+];
+
+/// An HTTP/2 client may split `cookie` into several fields (RFC 9113 8.2.3); they are joined
+/// with `"; "` into one, as that RFC requires before an HTTP/1.1 hop, where several Cookie
+/// lines are not allowed and upstreams would read only one.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    if values.nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<u8> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect::<Vec<_>>()
+        .join(&b"; "[..]);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
+/// `path` (normalised, with query) without the route's prefix, segment by segment as routing
+/// matched it (see [`routing_path`]: `;parameters` do not count, and a segment that is only
+/// parameters is not one), so `/api;v=1/users` on `/api` goes up as `/users`; the rest keeps its
+/// leading slash (`/api` on `/api` goes up as `/`).
 fn strip_prefix(path: &str, prefix: &str) -> String {
     if prefix == "/" {
         return path.to_owned();
     }
-    match path.strip_prefix(prefix) {
-        Some(rest) if rest.is_empty() || rest.starts_with('?') => format!("/{rest}"),
-        Some(rest) => rest.to_owned(),
-        None => path.to_owned(),
+    let (base, query) = match path.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (path, None),
+    };
+    let mut to_skip = prefix[1..].split('/').count();
+    let mut rest = base[1..].split('/').skip_while(|segment| {
+        if to_skip == 0 {
+            return false;
+        }
+        let name = segment.split_once(';').map_or(*segment, |(name, _)| name);
+        if !name.is_empty() {
+            to_skip -= 1;
+        }
+        true
+    });
+    let mut out = String::with_capacity(path.len());
+    out.push('/');
+    if let Some(first) = rest.next() {
+        out.push_str(first);
+        for segment in rest {
+            out.push('/');
+            out.push_str(segment);
+        }
     }
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
 }
 
 /// X-Forwarded-For (the client appended), X-Forwarded-Proto and X-Forwarded-Host (replaced:
@@ -1029,6 +1090,12 @@ mod tests {
         let mut p = "/a?x=1".to_owned();
         assert_eq!(take_query_param(&mut p, "api_key"), None);
         assert_eq!(p, "/a?x=1");
+        // An encoded spelling of the name is the same parameter to the upstream.
+        for spelled in ["api%5Fkey", "api%5fkey", "%61pi_key"] {
+            let mut p = format!("/a?{spelled}=k1&x=1");
+            assert_eq!(take_query_param(&mut p, "api_key").as_deref(), Some("k1"));
+            assert_eq!(p, "/a?x=1", "{spelled}");
+        }
     }
 
     #[test]
@@ -1037,6 +1104,34 @@ mod tests {
         assert_eq!(strip_prefix("/api", "/api"), "/");
         assert_eq!(strip_prefix("/api?q", "/api"), "/?q");
         assert_eq!(strip_prefix("/x", "/"), "/x");
+        assert_eq!(strip_prefix("/api/", "/api"), "/");
+        assert_eq!(strip_prefix("/api/v1/a/b/", "/api/v1"), "/a/b/");
+    }
+
+    #[test]
+    fn prefix_stripping_follows_segments_as_routed() {
+        // Parameters on a prefix segment go with it; elsewhere they stay.
+        assert_eq!(strip_prefix("/api;v=1/users", "/api"), "/users");
+        assert_eq!(strip_prefix("/api;v=1", "/api"), "/");
+        assert_eq!(strip_prefix("/api;v=1?q", "/api"), "/?q");
+        assert_eq!(strip_prefix("/api;x/v1;y/a;z", "/api/v1"), "/a;z");
+        // A segment of parameters only is not one (routing merged it away).
+        assert_eq!(strip_prefix("/;x/api/users", "/api"), "/users");
+    }
+
+    #[test]
+    fn http2_cookie_fields_are_joined() {
+        let mut h = HeaderMap::new();
+        h.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut h);
+        let all: Vec<_> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        let mut one = HeaderMap::new();
+        one.insert(header::COOKIE, HeaderValue::from_static("a=1"));
+        join_cookies(&mut one);
+        assert_eq!(one[header::COOKIE], "a=1");
     }
 
     #[test]

@@ -499,6 +499,32 @@ async fn client_identity_headers_are_removed() {
     assert_eq!(values, ["ci"]);
 }
 
+/// IIS and some frameworks serve the path in `X-Original-URL` / `X-Rewrite-URL` instead of the
+/// request line's: `/public/x` with `X-Original-URL: /admin` would pass the public route and be
+/// served as `/admin`. Never forwarded, in any letter case.
+#[tokio::test]
+async fn path_override_headers_are_removed() {
+    let f = fixture("pathoverride", |_| {}).await;
+    let r = get(
+        f.addr,
+        "/public/x",
+        "X-Original-URL: /admin/x\r\nx-rewrite-url: /admin/x\r\nX-ORIGINAL-URL: /admin\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = f.a.last();
+    assert!(
+        !seen.headers.contains_key("x-original-url"),
+        "{:?}",
+        seen.headers
+    );
+    assert!(
+        !seen.headers.contains_key("x-rewrite-url"),
+        "{:?}",
+        seen.headers
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_holds_under_concurrency() {
     let f = fixture("ratelimit", |_| {}).await;
