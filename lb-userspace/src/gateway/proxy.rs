@@ -492,7 +492,11 @@ async fn pipeline(
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol);
         conn.watch.tunnel();
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+        tokio::spawn(tunnel(
+            client_upgrade,
+            upstream_upgrade,
+            gw.settings.idle_timeout,
+        ));
         return response;
     }
     strip_hop_by_hop(response.headers_mut());
@@ -598,18 +602,104 @@ impl hyper::body::Body for ClientBody {
     }
 }
 
-/// Joins the client's and the upstream's upgraded connections (WebSocket) until either ends.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
-    match tokio::join!(client, upstream) {
-        (Ok(client), Ok(upstream)) => {
-            let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                tracing::debug!(error = %e, "upgraded connection ended");
-            }
-        }
+/// Joins the client's and the upstream's upgraded connections (WebSocket) until either ends,
+/// or until no byte has gone either way for `idle` (the VIP's `idle_timeout_ms`, as nginx's
+/// `proxy_read_timeout` ends a quiet WebSocket): a tunnel nobody uses must not hold two sockets
+/// and a task forever.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle: Duration,
+) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
         (client, upstream) => {
             tracing::debug!(client = ?client.err(), upstream = ?upstream.err(), "upgrade failed");
+            return;
         }
+    };
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut client = Active::new(TokioIo::new(client), &last, start);
+    let mut upstream = Active::new(TokioIo::new(upstream), &last, start);
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        let quiet = start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+        if quiet >= idle {
+            tracing::debug!(
+                idle_ms = idle.as_millis() as u64,
+                "idle upgraded connection closed"
+            );
+            return;
+        }
+        tokio::select! {
+            ended = &mut copy => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "upgraded connection ended");
+                }
+                return;
+            }
+            () = tokio::time::sleep(idle - quiet) => {}
+        }
+    }
+}
+
+/// An upgraded connection that notes when it last carried a byte (milliseconds after `start`,
+/// shared by both sides of a tunnel).
+struct Active<T> {
+    inner: T,
+    last: Arc<AtomicU64>,
+    start: Instant,
+}
+
+impl<T> Active<T> {
+    fn new(inner: T, last: &Arc<AtomicU64>, start: Instant) -> Self {
+        Self {
+            inner,
+            last: last.clone(),
+            start,
+        }
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(now, Ordering::Relaxed);
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Active<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Active<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

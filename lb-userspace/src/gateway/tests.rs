@@ -876,6 +876,56 @@ async fn websocket_upgrade_is_tunnelled() {
     }
 }
 
+/// A WebSocket tunnel carrying nothing for the VIP's idle timeout is closed (both sides), as
+/// nginx's `proxy_read_timeout` ends one; one in use stays open past it.
+#[tokio::test]
+async fn an_idle_websocket_tunnel_is_closed() {
+    let f = fixture("wsidle", |gw| gw.idle_timeout = Duration::from_millis(400)).await;
+    let mut stream = TcpStream::connect(f.addr).await.unwrap();
+    stream
+        .write_all(
+            b"GET /ws/chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(WAIT, stream.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1, "closed during the 101");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    // In use for longer than the idle timeout: kept.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(900) {
+        stream.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut echo))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Then quiet: closed soon after the timeout.
+    let quiet = Instant::now();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .expect("the gateway closes an idle tunnel")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        quiet.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn status_and_metrics() {
     let f = fixture("status", |_| {}).await;
