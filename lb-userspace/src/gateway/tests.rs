@@ -920,7 +920,7 @@ async fn an_idle_websocket_tunnel_is_closed() {
         .unwrap_or(0);
     assert_eq!(n, 0);
     assert!(
-        quiet.elapsed() >= Duration::from_millis(300),
+        quiet.elapsed() >= Duration::from_millis(200),
         "{:?}",
         quiet.elapsed()
     );
