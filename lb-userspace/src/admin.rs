@@ -91,6 +91,12 @@ pub enum Request {
         /// MAC, dsr-l2 VIPs only.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         mac: Option<String>,
+        /// The server's port, `l7` VIPs only (default: the VIP's port).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u32>,
+        /// The upstream pool, `l7` VIPs only (default `default`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<String>,
     },
     /// Remove a backend.
     BackendRemove {
@@ -98,6 +104,10 @@ pub enum Request {
         vip: String,
         /// The backend's address.
         address: IpAddr,
+        /// The server's port, `l7` VIPs only: needed when several of the VIP's servers share
+        /// the address.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u32>,
     },
     /// Drain a backend: weight 0, established flows stay.
     BackendDrain {
@@ -105,6 +115,10 @@ pub enum Request {
         vip: String,
         /// The backend's address.
         address: IpAddr,
+        /// The server's port, `l7` VIPs only: needed when several of the VIP's servers share
+        /// the address.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u32>,
     },
     /// Undrain a backend: back to its weight.
     BackendUndrain {
@@ -112,6 +126,10 @@ pub enum Request {
         vip: String,
         /// The backend's address.
         address: IpAddr,
+        /// The server's port, `l7` VIPs only: needed when several of the VIP's servers share
+        /// the address.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u32>,
     },
     /// Set a backend's weight.
     BackendSetWeight {
@@ -119,6 +137,10 @@ pub enum Request {
         vip: String,
         /// The backend's address.
         address: IpAddr,
+        /// The server's port, `l7` VIPs only: needed when several of the VIP's servers share
+        /// the address.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u32>,
         /// 0..=65535.
         weight: u32,
     },
@@ -156,10 +178,21 @@ impl Request {
     /// The reason, in the file's words (e.g. `port: 70000 is out of range; expected
     /// 0..=65535`).
     pub fn change(&self) -> Result<Option<Change>, String> {
-        let backend = |vip: &str, address: &IpAddr| BackendRef {
-            vip: vip.to_owned(),
-            address: *address,
+        let port = |port: &Option<u32>| -> Result<Option<u16>, String> {
+            port.map(|p| {
+                in_range("port", p, 1..=65535)?;
+                Ok(p as u16)
+            })
+            .transpose()
         };
+        let backend =
+            |vip: &str, address: &IpAddr, p: &Option<u32>| -> Result<BackendRef, String> {
+                Ok(BackendRef {
+                    vip: vip.to_owned(),
+                    address: *address,
+                    port: port(p)?,
+                })
+            };
         let change = match self {
             Request::VipAdd {
                 name,
@@ -193,6 +226,8 @@ impl Request {
                 weight,
                 region,
                 mac,
+                port: server_port,
+                pool,
             } => {
                 let weight = weight.unwrap_or(u32::from(config::DEFAULT_WEIGHT));
                 in_range("weight", weight, rules::WEIGHT_RANGE)?;
@@ -210,18 +245,30 @@ impl Request {
                     weight: weight as u16,
                     region,
                     mac,
+                    port: port(server_port)?,
+                    pool: match pool {
+                        Some(p) => Some(field("pool", rules::name(p))?),
+                        None => None,
+                    },
                 })
             }
-            Request::BackendRemove { vip, address } => Change::RemoveBackend(backend(vip, address)),
-            Request::BackendDrain { vip, address } => Change::Drain(backend(vip, address)),
-            Request::BackendUndrain { vip, address } => Change::Undrain(backend(vip, address)),
+            Request::BackendRemove { vip, address, port } => {
+                Change::RemoveBackend(backend(vip, address, port)?)
+            }
+            Request::BackendDrain { vip, address, port } => {
+                Change::Drain(backend(vip, address, port)?)
+            }
+            Request::BackendUndrain { vip, address, port } => {
+                Change::Undrain(backend(vip, address, port)?)
+            }
             Request::BackendSetWeight {
                 vip,
                 address,
+                port,
                 weight,
             } => {
                 in_range("weight", *weight, rules::WEIGHT_RANGE)?;
-                Change::SetWeight(backend(vip, address), *weight as u16)
+                Change::SetWeight(backend(vip, address, port)?, *weight as u16)
             }
             Request::VipList
             | Request::BackendList { .. }
@@ -372,6 +419,9 @@ impl std::fmt::Display for Health {
 pub struct BackendInfo {
     /// Address.
     pub address: IpAddr,
+    /// The upstream server's port (`l7` VIPs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// Weight in force (0 when drained).
     pub weight: u16,
     /// Weight when not drained.
@@ -910,6 +960,8 @@ mod tests {
             weight: Some(7),
             region: None,
             mac: None,
+            port: None,
+            pool: None,
         };
         let response = call(&path, &request, Duration::from_secs(5)).expect("call");
         assert!(response.ok, "{response:?}");
@@ -1055,6 +1107,7 @@ mod tests {
         let weight = Request::BackendSetWeight {
             vip: "web".into(),
             address: "10.0.0.1".parse().unwrap(),
+            port: None,
             weight: 65536,
         };
         assert_eq!(
@@ -1067,7 +1120,18 @@ mod tests {
             weight: None,
             region: None,
             mac: Some("01:00:00:00:00:01".into()),
+            port: None,
+            pool: None,
         };
+        let port = Request::BackendDrain {
+            vip: "web".into(),
+            address: "10.0.0.1".parse().unwrap(),
+            port: Some(0),
+        };
+        assert_eq!(
+            port.change().unwrap_err(),
+            "port: 0 is out of range; expected 1..=65535"
+        );
         assert!(
             mac.change()
                 .unwrap_err()

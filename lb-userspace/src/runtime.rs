@@ -69,7 +69,8 @@ impl RuntimeError {
     }
 }
 
-/// A backend of a VIP, by VIP name and backend address: its identity across reloads.
+/// A backend of a VIP, by VIP name, backend address and, on `l7` VIPs, the server's port (one
+/// host may run several upstream servers): its identity across reloads.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendRef {
@@ -77,11 +78,30 @@ pub struct BackendRef {
     pub vip: String,
     /// The backend's address.
     pub address: IpAddr,
+    /// The server's port on an `l7` VIP; `None` on other VIPs. A change may leave it out when
+    /// the address alone names one backend: [`apply`] fills it in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+impl BackendRef {
+    /// Whether `backend` is the one this names.
+    fn is(&self, backend: &Backend) -> bool {
+        self.address == backend.address && self.port == backend.port
+    }
 }
 
 impl fmt::Display for BackendRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "backend {} of VIP {:?}", self.address, self.vip)
+        match self.port {
+            Some(port) => write!(
+                f,
+                "backend {} of VIP {:?}",
+                std::net::SocketAddr::new(self.address, port),
+                self.vip
+            ),
+            None => write!(f, "backend {} of VIP {:?}", self.address, self.vip),
+        }
     }
 }
 
@@ -142,6 +162,12 @@ pub struct BackendSpec {
     /// MAC, for dsr-l2 VIPs.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "mac_text")]
     pub mac: Option<MacAddr>,
+    /// The server's port, `l7` VIPs only (default: the VIP's port; [`apply`] fills it in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The upstream pool, `l7` VIPs only (default `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 impl BackendSpec {
@@ -150,6 +176,7 @@ impl BackendSpec {
         BackendRef {
             vip: self.vip.clone(),
             address: self.address,
+            port: self.port,
         }
     }
 }
@@ -248,7 +275,7 @@ impl Overlay {
         let added = self
             .backends_added
             .iter()
-            .any(|b| b.vip == backend.vip && b.address == backend.address);
+            .any(|b| b.backend_ref() == *backend);
         if added { Origin::Runtime } else { Origin::File }
     }
 
@@ -261,7 +288,7 @@ impl Overlay {
         if let Some(b) = self
             .backends_added
             .iter()
-            .find(|b| b.vip == backend.vip && b.address == backend.address)
+            .find(|b| b.backend_ref() == *backend)
         {
             return Some(b.weight);
         }
@@ -273,7 +300,7 @@ impl Overlay {
             .find(|v| v.name == backend.vip)?
             .backends
             .iter()
-            .find(|b| b.address == backend.address)
+            .find(|b| backend.is(b))
             .map(|b| b.weight)
     }
 
@@ -393,7 +420,7 @@ pub fn effective(file: &Config, overlay: &Overlay) -> Result<Config, Vec<String>
         };
         let backends = &mut cfg.vips[vi].backends;
         let before = backends.len();
-        backends.retain(|x| x.address != b.address);
+        backends.retain(|x| !b.is(x));
         if backends.len() == before {
             errors.push(format!(
                 "{b} cannot be removed: the file has no such backend"
@@ -414,18 +441,18 @@ pub fn effective(file: &Config, overlay: &Overlay) -> Result<Config, Vec<String>
             weight: spec.weight,
             region: spec.region.clone(),
             mac: spec.mac,
-            port: (vip.mode == VipMode::L7).then_some(vip.port),
-            pool: crate::config::l7::DEFAULT_POOL.to_owned(),
+            port: (vip.mode == VipMode::L7).then(|| spec.port.unwrap_or(vip.port)),
+            pool: spec
+                .pool
+                .clone()
+                .unwrap_or_else(|| crate::config::l7::DEFAULT_POOL.to_owned()),
             health_check: vip.health_check.clone(),
         });
     }
     let mut set = |b: &BackendRef, weight: u16, what: &str| {
-        let backend = index.get(&b.vip).and_then(|&vi| {
-            cfg.vips[vi]
-                .backends
-                .iter_mut()
-                .find(|x| x.address == b.address)
-        });
+        let backend = index
+            .get(&b.vip)
+            .and_then(|&vi| cfg.vips[vi].backends.iter_mut().find(|x| b.is(x)));
         match backend {
             Some(backend) => backend.weight = weight,
             None => errors.push(format!("{b} cannot be {what}: there is no such backend")),
@@ -456,14 +483,35 @@ fn find_vip<'c>(cfg: &'c Config, name: &str) -> Result<&'c Vip, RuntimeError> {
     })
 }
 
-fn find_backend<'c>(cfg: &'c Config, b: &BackendRef) -> Result<&'c Backend, RuntimeError> {
-    find_vip(cfg, &b.vip)?
+/// The backend `b` names, and `b` with its port filled in: on an `l7` VIP a change may give
+/// the address alone when only one of the VIP's servers has it.
+fn find_backend(cfg: &Config, b: &BackendRef) -> Result<BackendRef, RuntimeError> {
+    let vip = find_vip(cfg, &b.vip)?;
+    let mut found = vip
         .backends
         .iter()
-        .find(|x| x.address == b.address)
-        .ok_or_else(|| {
-            RuntimeError::refused(format!("VIP {:?} has no backend {}", b.vip, b.address))
-        })
+        .filter(|x| x.address == b.address && (b.port.is_none() || x.port == b.port));
+    match (found.next(), found.next()) {
+        (Some(x), None) => Ok(BackendRef {
+            port: x.port,
+            ..b.clone()
+        }),
+        (Some(_), Some(_)) => {
+            let ports: Vec<String> = vip
+                .backends
+                .iter()
+                .filter(|x| x.address == b.address)
+                .filter_map(|x| x.port.map(|p| p.to_string()))
+                .collect();
+            Err(RuntimeError::refused(format!(
+                "VIP {:?} has several backends at {} (ports {}); give the port",
+                b.vip,
+                b.address,
+                ports.join(", ")
+            )))
+        }
+        (None, _) => Err(RuntimeError::refused(format!("VIP {:?} has no {b}", b.vip))),
+    }
 }
 
 /// The overlay after `change`, checked: the effective configuration it gives must satisfy
@@ -513,21 +561,43 @@ pub fn apply(file: &Config, overlay: &Overlay, change: &Change) -> Result<Overla
         }
         Change::AddBackend(spec) => {
             let vip = find_vip(&current, &spec.vip)?;
-            if vip.backends.iter().any(|b| b.address == spec.address) {
+            let mut spec = spec.clone();
+            if vip.mode == VipMode::L7 {
+                spec.port = Some(spec.port.unwrap_or(vip.port));
+                let pools: Vec<&str> = vip
+                    .gateway
+                    .iter()
+                    .flat_map(|g| g.pools.iter().map(|p| p.name.as_str()))
+                    .chain([crate::config::l7::DEFAULT_POOL])
+                    .collect();
+                if let Some(pool) = &spec.pool
+                    && !pools.contains(&pool.as_str())
+                {
+                    return Err(RuntimeError::refused(format!(
+                        "VIP {:?} has no pool {pool:?}; pools: {}",
+                        spec.vip,
+                        pools.join(", ")
+                    )));
+                }
+            } else if spec.port.is_some() || spec.pool.is_some() {
                 return Err(RuntimeError::refused(format!(
-                    "{} is already a backend of VIP {:?}",
-                    spec.address, spec.vip
+                    "a backend's port and pool apply to l7 VIPs only; VIP {:?} is {}",
+                    spec.vip, vip.mode
                 )));
             }
-            next.forget_backend(&spec.backend_ref());
-            next.backends_added.push(spec.clone());
+            let added = spec.backend_ref();
+            if vip.backends.iter().any(|b| added.is(b)) {
+                return Err(RuntimeError::refused(format!("{added} already exists")));
+            }
+            next.forget_backend(&added);
+            next.backends_added.push(spec);
         }
         Change::RemoveBackend(b) => {
-            find_backend(&current, b)?;
+            let b = &find_backend(&current, b)?;
             let added = next
                 .backends_added
                 .iter()
-                .position(|x| x.vip == b.vip && x.address == b.address);
+                .position(|x| x.backend_ref() == *b);
             match added {
                 Some(i) => {
                     next.backends_added.remove(i);
@@ -539,21 +609,21 @@ pub fn apply(file: &Config, overlay: &Overlay, change: &Change) -> Result<Overla
             next.forget_backend(b);
         }
         Change::Drain(b) => {
-            find_backend(&current, b)?;
-            next.drained.insert(b.clone());
+            next.drained.insert(find_backend(&current, b)?);
         }
         Change::Undrain(b) => {
-            find_backend(&current, b)?;
-            next.drained.remove(b);
+            next.drained.remove(&find_backend(&current, b)?);
         }
         Change::SetWeight(b, weight) => {
-            find_backend(&current, b)?;
-            next.weights.insert(b.clone(), *weight);
+            next.weights.insert(find_backend(&current, b)?, *weight);
         }
     }
     effective(file, &next).map_err(RuntimeError::Refused)?;
     Ok(next)
 }
+
+/// A backend within its VIP: address, and port on `l7` VIPs.
+type ServerKey = (IpAddr, Option<u16>);
 
 /// An overlay fitted to a (new) file, with the effective configuration it gives.
 #[derive(Debug, Clone, PartialEq)]
@@ -575,17 +645,17 @@ pub fn rebase(file: &Config, overlay: &Overlay) -> Rebased {
     // A cheap pass first, over names and addresses only: what is left over after a file edit
     // is usually an entry about something the file no longer has.
     let mut kept = Overlay::default();
-    let mut vips: HashMap<String, (Origin, HashSet<IpAddr>)> = file
+    let mut vips: HashMap<String, (Origin, HashSet<ServerKey>)> = file
         .vips
         .iter()
         .map(|v| {
-            let addresses = v.backends.iter().map(|b| b.address).collect();
+            let addresses = v.backends.iter().map(|b| (b.address, b.port)).collect();
             (v.name.clone(), (Origin::File, addresses))
         })
         .collect();
-    let has = |vips: &HashMap<String, (Origin, HashSet<IpAddr>)>, b: &BackendRef| {
+    let has = |vips: &HashMap<String, (Origin, HashSet<ServerKey>)>, b: &BackendRef| {
         vips.get(&b.vip)
-            .is_some_and(|(_, a)| a.contains(&b.address))
+            .is_some_and(|(_, a)| a.contains(&(b.address, b.port)))
     };
     // VIPs added at run time that were dropped: what was added to them goes too, even when
     // the file now has a VIP of that name (it is another VIP).
@@ -614,13 +684,13 @@ pub fn rebase(file: &Config, overlay: &Overlay) -> Rebased {
                 }
             }
             Entry::RemoveBackend(b) => match vips.get_mut(&b.vip) {
-                Some((Origin::File, addresses)) => (!addresses.remove(&b.address))
+                Some((Origin::File, addresses)) => (!addresses.remove(&(b.address, b.port)))
                     .then(|| "the file no longer has that backend".to_owned()),
                 _ => Some("the file no longer has that VIP".to_owned()),
             },
             Entry::AddBackend(spec) => match vips.get_mut(&spec.vip) {
                 None => Some("its VIP is gone".to_owned()),
-                Some((_, addresses)) => (!addresses.insert(spec.address))
+                Some((_, addresses)) => (!addresses.insert((spec.address, spec.port)))
                     .then(|| "the file now has that backend".to_owned()),
             },
             Entry::Weight(b, _) | Entry::Drain(b) => {
@@ -847,6 +917,8 @@ mod weight_list {
     struct Item {
         vip: String,
         address: std::net::IpAddr,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        port: Option<u16>,
         weight: u16,
     }
 
@@ -859,6 +931,7 @@ mod weight_list {
             .map(|(b, w)| Item {
                 vip: b.vip.clone(),
                 address: b.address,
+                port: b.port,
                 weight: *w,
             })
             .collect();
@@ -875,6 +948,7 @@ mod weight_list {
                     BackendRef {
                         vip: i.vip,
                         address: i.address,
+                        port: i.port,
                     },
                     i.weight,
                 )
@@ -928,6 +1002,7 @@ address = "10.0.1.1"
         BackendRef {
             vip: vip.into(),
             address: address.parse().unwrap(),
+            port: None,
         }
     }
 
@@ -938,6 +1013,8 @@ address = "10.0.1.1"
             weight: 100,
             region: "local".into(),
             mac: None,
+            port: None,
+            pool: None,
         }
     }
 
@@ -981,6 +1058,124 @@ address = "10.0.1.1"
             .iter()
             .map(|b| (b.address.to_string(), b.weight))
             .collect()
+    }
+
+    /// An l7 VIP whose upstream servers share an address on different ports.
+    const L7_FILE: &str = r#"
+[agent]
+interface = "eth0"
+
+[[vip]]
+name = "api"
+address = "192.0.2.30"
+port = 80
+protocol = "tcp"
+mode = "l7"
+
+[[vip.backend]]
+address = "10.0.2.1"
+port = 8080
+
+[[vip.backend]]
+address = "10.0.2.1"
+port = 8081
+
+[[vip.backend]]
+address = "10.0.2.2"
+"#;
+
+    #[test]
+    fn l7_servers_sharing_an_address_are_told_apart_by_port() {
+        let file = config::parse("xlb.toml", L7_FILE).expect("valid");
+        let at = |port: Option<u16>, address: &str| BackendRef {
+            port,
+            ..b("api", address)
+        };
+        let weights = |cfg: &Config| -> Vec<(String, u16)> {
+            cfg.vips[0]
+                .backends
+                .iter()
+                .map(|b| (format!("{}:{}", b.address, b.port.unwrap()), b.weight))
+                .collect()
+        };
+        let none = Overlay::default();
+        // The address alone is ambiguous: refused, naming the ports.
+        let e = apply(&file, &none, &Change::Drain(at(None, "10.0.2.1"))).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("several backends at 10.0.2.1 (ports 8080, 8081); give the port"),
+            "{e}"
+        );
+        // With the port, only that server.
+        let o = apply(&file, &none, &Change::Drain(at(Some(8081), "10.0.2.1"))).unwrap();
+        assert_eq!(
+            weights(&effective(&file, &o).unwrap()),
+            [
+                ("10.0.2.1:8080".to_owned(), 100),
+                ("10.0.2.1:8081".to_owned(), 0),
+                ("10.0.2.2:80".to_owned(), 100)
+            ]
+        );
+        // A unique address needs no port; the entry is kept with it.
+        let o = apply(&file, &o, &Change::SetWeight(at(None, "10.0.2.2"), 5)).unwrap();
+        assert_eq!(o.weights.keys().next(), Some(&at(Some(80), "10.0.2.2")));
+        let e = apply(&file, &o, &Change::Drain(at(Some(9999), "10.0.2.1"))).unwrap_err();
+        assert!(
+            e.to_string().contains("has no backend 10.0.2.1:9999"),
+            "{e}"
+        );
+        // Another server on the same host, into a named pool... that must exist.
+        let mut add = BackendSpec {
+            port: Some(8082),
+            pool: Some("nope".into()),
+            ..spec("api", "10.0.2.1")
+        };
+        let e = apply(&file, &o, &Change::AddBackend(add.clone())).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("has no pool \"nope\"; pools: default"),
+            "{e}"
+        );
+        add.pool = None;
+        let o = apply(&file, &o, &Change::AddBackend(add.clone())).unwrap();
+        let e = apply(&file, &o, &Change::AddBackend(add)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("10.0.2.1:8082 of VIP \"api\" already exists"),
+            "{e}"
+        );
+        // Port 80 (the VIP's) by default: that one exists already on 10.0.2.2.
+        let e = apply(&file, &o, &Change::AddBackend(spec("api", "10.0.2.2"))).unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        // Removing one server of the host keeps the other.
+        let o = apply(
+            &file,
+            &o,
+            &Change::RemoveBackend(at(Some(8080), "10.0.2.1")),
+        )
+        .unwrap();
+        let eff = effective(&file, &o).unwrap();
+        assert_eq!(
+            weights(&eff),
+            [
+                ("10.0.2.1:8081".to_owned(), 0),
+                ("10.0.2.2:80".to_owned(), 5),
+                ("10.0.2.1:8082".to_owned(), 100)
+            ]
+        );
+        // Kept across a reload of the same file and through runtime.json.
+        let rebased = rebase(&file, &o);
+        assert!(rebased.dropped.is_empty(), "{:?}", rebased.dropped);
+        assert_eq!(rebased.effective, eff);
+        let json = serde_json::to_string(&o).unwrap();
+        assert_eq!(serde_json::from_str::<Overlay>(&json).unwrap(), o);
+        // Port and pool are for l7 VIPs only.
+        let l4 = BackendSpec {
+            port: Some(8080),
+            ..spec("web", "10.0.0.9")
+        };
+        let e = apply(&super::tests::file(), &none, &Change::AddBackend(l4)).unwrap_err();
+        assert!(e.to_string().contains("apply to l7 VIPs only"), "{e}");
     }
 
     #[test]
@@ -1149,7 +1344,7 @@ address = "10.0.1.1"
         refused(
             &o,
             Change::AddBackend(spec("web", "10.0.0.1")),
-            "10.0.0.1 is already a backend of VIP \"web\"",
+            "backend 10.0.0.1 of VIP \"web\" already exists",
         );
         refused(
             &o,

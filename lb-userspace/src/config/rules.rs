@@ -564,7 +564,8 @@ pub fn check(cfg: &Config) -> Vec<String> {
         );
         say(&at, l7_protocol(vip.mode, vip.protocol));
         say(&at, l7_port(vip.mode, vip.port));
-        for (i, first) in first_duplicates(vip.backends.iter().map(|b| Some(b.address))) {
+        // An l7 VIP's servers are told apart by port too (`port` is `None` on other VIPs).
+        for (i, first) in first_duplicates(vip.backends.iter().map(|b| Some((b.address, b.port)))) {
             let address = vip.backends[i].address;
             say(
                 &at,

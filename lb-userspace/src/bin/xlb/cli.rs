@@ -151,6 +151,12 @@ pub struct BackendAddArgs {
     /// The backend's MAC, for dsr-l2 VIPs (default: from the neighbour table).
     #[arg(long, value_name = "M")]
     mac: Option<String>,
+    /// The upstream server's port, for l7 VIPs [default: the VIP's port].
+    #[arg(long, value_name = "PORT")]
+    port: Option<u16>,
+    /// The upstream pool, for l7 VIPs [default: default].
+    #[arg(long, value_name = "POOL")]
+    pool: Option<String>,
 }
 
 /// A backend of a VIP.
@@ -160,6 +166,9 @@ pub struct BackendArgs {
     vip: String,
     /// The backend's address.
     address: IpAddr,
+    /// The upstream server's port, for an l7 VIP with several servers at the address.
+    #[arg(long, value_name = "PORT")]
+    port: Option<u16>,
 }
 
 /// Arguments of `xlb backend set-weight`.
@@ -171,6 +180,9 @@ pub struct SetWeightArgs {
     address: IpAddr,
     /// The new weight, 0..=65535.
     weight: u16,
+    /// The upstream server's port, for an l7 VIP with several servers at the address.
+    #[arg(long, value_name = "PORT")]
+    port: Option<u16>,
 }
 
 /// Arguments of `xlb status`.
@@ -315,6 +327,8 @@ pub fn backend(socket: &Path, command: BackendCommand) -> ExitCode {
                 weight: a.weight.map(u32::from),
                 region: a.region,
                 mac: a.mac,
+                port: a.port.map(u32::from),
+                pool: a.pool,
             },
         ),
         BackendCommand::Remove(b) => change(
@@ -322,6 +336,7 @@ pub fn backend(socket: &Path, command: BackendCommand) -> ExitCode {
             Request::BackendRemove {
                 vip: b.vip,
                 address: b.address,
+                port: b.port.map(u32::from),
             },
         ),
         BackendCommand::Drain(b) => change(
@@ -329,6 +344,7 @@ pub fn backend(socket: &Path, command: BackendCommand) -> ExitCode {
             Request::BackendDrain {
                 vip: b.vip,
                 address: b.address,
+                port: b.port.map(u32::from),
             },
         ),
         BackendCommand::Undrain(b) => change(
@@ -336,6 +352,7 @@ pub fn backend(socket: &Path, command: BackendCommand) -> ExitCode {
             Request::BackendUndrain {
                 vip: b.vip,
                 address: b.address,
+                port: b.port.map(u32::from),
             },
         ),
         BackendCommand::SetWeight(a) => change(
@@ -343,6 +360,7 @@ pub fn backend(socket: &Path, command: BackendCommand) -> ExitCode {
             Request::BackendSetWeight {
                 vip: a.vip,
                 address: a.address,
+                port: a.port.map(u32::from),
                 weight: u32::from(a.weight),
             },
         ),
@@ -363,7 +381,10 @@ pub fn backend(socket: &Path, command: BackendCommand) -> ExitCode {
                     b.weight.to_string()
                 };
                 t.row(vec![
-                    b.address.to_string(),
+                    match b.port {
+                        Some(port) => std::net::SocketAddr::new(b.address, port).to_string(),
+                        None => b.address.to_string(),
+                    },
                     weight,
                     yes_no(b.drained),
                     b.region.clone(),

@@ -295,6 +295,7 @@ impl Running {
                 let r = BackendRef {
                     vip: vip.to_owned(),
                     address: b.address,
+                    port: b.port,
                 };
                 let configured = self
                     .control
@@ -304,6 +305,7 @@ impl Running {
                     .unwrap_or(b.weight);
                 BackendInfo {
                     address: b.address,
+                    port: b.port,
                     weight: b.weight,
                     configured_weight: configured,
                     drained: overlay.is_drained(&r),
@@ -429,6 +431,7 @@ impl Running {
                     let r = BackendRef {
                         vip: v.name.clone(),
                         address: b.address,
+                        port: b.port,
                     };
                     BackendStatus {
                         address: b.address,
@@ -605,10 +608,12 @@ mod tests {
                 BackendRef {
                     vip: "web".into(),
                     address: "10.0.0.2".parse().unwrap(),
+                    port: None,
                 },
                 BackendRef {
                     vip: "gone".into(),
                     address: "10.0.0.9".parse().unwrap(),
+                    port: None,
                 },
             ]
             .into(),
