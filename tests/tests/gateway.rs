@@ -1744,3 +1744,56 @@ fn metrics_count_requests_per_route() {
         ours.join("\n")
     );
 }
+
+/// Run-time changes through the real CLI on an `l7` VIP whose servers share one address on
+/// different ports: the address alone is refused as ambiguous, `--port` names one server (a
+/// drained one gets no requests), and `backend add --port` adds another server on that host.
+#[test]
+fn the_cli_tells_servers_on_one_host_apart_by_port() {
+    let t = L7Topology::build(&L7Options {
+        upstreams: 1,
+        ..L7Options::default()
+    });
+    let (a, b, c) = (
+        recorder(&t, 9000, 200),
+        recorder(&t, 9001, 200),
+        recorder(&t, 9002, 200),
+    );
+    let mut vips = vip("multi", IpAddr::V4(L7_VIP_V4), 80);
+    vips += &a.backend_toml("default");
+    vips += &b.backend_toml("default");
+    let _agent = start_gateway(&t, &vips, vip4(80));
+    let host = UPSTREAM_HOST;
+    let send = |n: usize| {
+        for _ in 0..n {
+            let x = exchange(&t, vip4(80), &raw_get("api.test", "/x", &[]));
+            assert_eq!(x.status(), 200, "{x:?}");
+        }
+    };
+    send(4);
+    assert!(a.count() > 0 && b.count() > 0, "both serve");
+
+    let (code, out, err) = xlb(&t, &["backend", "drain", "multi", host]);
+    assert_ne!(code, 0, "the address alone must be refused: {out}");
+    assert!(
+        err.contains("several backends at") && err.contains("give the port"),
+        "{err}"
+    );
+    let (code, out, err) = xlb(&t, &["backend", "drain", "multi", host, "--port", "9001"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (before_a, before_b) = (a.count(), b.count());
+    send(6);
+    assert_eq!(b.count(), before_b, "the drained server got requests");
+    assert_eq!(a.count(), before_a + 6);
+
+    let (code, out, err) = xlb(&t, &["backend", "add", "multi", host, "--port", "9002"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, list, _) = xlb(&t, &["backend", "list", "multi"]);
+    assert_eq!(code, 0);
+    for server in ["9000", "9001", "9002"] {
+        assert!(list.contains(&format!("{host}:{server}")), "{list}");
+    }
+    send(6);
+    assert!(c.count() > 0, "the added server gets requests");
+    assert_eq!(b.count(), before_b);
+}
