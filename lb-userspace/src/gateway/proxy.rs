@@ -320,7 +320,15 @@ async fn pipeline(
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let authority = parts.uri.authority().map(|a| a.as_str().to_owned());
+    let accepts_trailers = accepts_trailers(&parts.headers);
     strip_hop_by_hop(&mut parts.headers);
+    // `TE: trailers` is the one TE an HTTP/2 hop allows, and gRPC servers require it; the
+    // gateway passes trailers through, so the client's acceptance holds for it too.
+    if accepts_trailers {
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     // IIS and some frameworks take the path from these instead of the request line: a route's
     // auth would be decided on one path and the upstream serve another.
     for name in &PATH_OVERRIDE_HEADERS {
@@ -1002,6 +1010,19 @@ fn websocket_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
         }
         _ => None,
     }
+}
+
+/// Whether the client's `TE` lists `trailers` (RFC 9110 10.1.4).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let name = coding.split(';').next().unwrap_or("").trim();
+            name.eq_ignore_ascii_case("trailers")
+        })
 }
 
 /// Client headers that some upstreams read as the request's path (`X-Original-URL`,

@@ -499,6 +499,29 @@ async fn client_identity_headers_are_removed() {
     assert_eq!(values, ["ci"]);
 }
 
+/// `TE: trailers` (gRPC requires it; the only TE HTTP/2 allows) goes upstream as exactly that;
+/// any other TE coding is hop-by-hop and removed.
+#[tokio::test]
+async fn te_trailers_alone_is_forwarded() {
+    let f = fixture("te", |_| {}).await;
+    for (te, want) in [
+        ("trailers", Some("trailers")),
+        ("gzip, Trailers", Some("trailers")),
+        ("trailers;q=1", Some("trailers")),
+        ("gzip", None),
+        ("trailersx", None),
+    ] {
+        let r = get(f.addr, "/public/x", &format!("TE: {te}\r\n")).await;
+        assert_eq!(r.status, 200);
+        let seen = f.a.last();
+        assert_eq!(
+            seen.headers.get("te").map(|v| v.to_str().unwrap()),
+            want,
+            "{te}"
+        );
+    }
+}
+
 /// IIS and some frameworks serve the path in `X-Original-URL` / `X-Rewrite-URL` instead of the
 /// request line's: `/public/x` with `X-Original-URL: /admin` would pass the public route and be
 /// served as `/admin`. Never forwarded, in any letter case.
