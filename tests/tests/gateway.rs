@@ -1172,8 +1172,9 @@ fn attacks_are_refused_or_neutralised() {
 // ---- 6. WebSocket ---------------------------------------------------------------------------
 
 /// A WebSocket upgrade passes through to an upstream that speaks it: 101 with the upstream's
-/// accept key (the RFC 6455 example), then frames echoed both ways, also after longer than the
-/// client header and idle timeouts (an upgraded connection has none), and a close.
+/// accept key (the RFC 6455 example), then frames echoed both ways, also after a pause longer
+/// than the client header timeout (an upgraded connection has none; only a tunnel quiet for the
+/// whole `idle_timeout_ms` is closed, see the in-process tests), and a close.
 #[test]
 fn websocket_upgrades_pass_through() {
     let t = L7Topology::build(&L7Options {
@@ -1182,7 +1183,7 @@ fn websocket_upgrades_pass_through() {
     });
     let rec = recorder(&t, 9000, 200);
     let mut vips = vip("ws", IpAddr::V4(L7_VIP_V4), 80);
-    vips += "[vip.gateway]\nheader_timeout_ms = 1000\nidle_timeout_ms = 1000\n\n";
+    vips += "[vip.gateway]\nheader_timeout_ms = 1000\nidle_timeout_ms = 4000\n\n";
     vips += &rec.backend_toml("default");
     let _agent = start_gateway(&t, &vips, vip4(80));
 
