@@ -192,14 +192,13 @@ impl TogetherTopology {
                     "lo",
                     "nodad",
                 ]);
-                host.ns.run(&[
-                    "ping",
-                    "-c",
-                    "1",
-                    "-W",
-                    "2",
-                    &plan.v4(50 + k, 1).to_string(),
-                ]);
+                // Both families' neighbours resolved before any agent or check runs.
+                for router in [
+                    plan.v4(50 + k, 1).to_string(),
+                    plan.v6(50 + k, 1).to_string(),
+                ] {
+                    host.ns.run(&["ping", "-c", "1", "-W", "2", &router]);
+                }
                 let upstream = plan.v4(60, 10 + k as u8);
                 upstream_host.ns.run(&[
                     "ip",
@@ -365,7 +364,49 @@ impl TogetherTopology {
         let args = ["agent", "--config", file.to_str().expect("utf-8 path")];
         let mut agent = Daemon::start(&self.base.lb.ns, &self.xlb, &args);
         agent.wait_for("xlb_balancer attached", Duration::from_secs(20));
-        self.front_agent.insert(agent)
+        let agent = self.front_agent.insert(agent);
+        // Traffic starts only once the front has seen every running gateway pass `rise`
+        // checks in both families: a check that times out at start (a first neighbour
+        // resolution racing it) would otherwise take a gateway out and back while the test's
+        // first connections are on it, resetting them (the front re-selects flows of a down
+        // backend), which is the documented behaviour and not what these tests measure.
+        let front = SocketAddr::from(([127, 0, 0, 1], 9641));
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for (k, g) in self.gateways.iter().enumerate() {
+            if self.gateway_agents[k].is_none() {
+                continue;
+            }
+            for (vip, backend) in [
+                ("gateways", IpAddr::V4(g.host.v4)),
+                ("gateways6", IpAddr::V6(g.host.v6)),
+            ] {
+                let labels = format!("vip=\"{vip}\",backend=\"{backend}\"");
+                loop {
+                    let ok = metric(
+                        &self.base.lb.ns,
+                        front,
+                        &format!(
+                            "xlb_health_check_duration_seconds_count{{{labels},result=\"ok\"}}"
+                        ),
+                    );
+                    let up = metric(
+                        &self.base.lb.ns,
+                        front,
+                        &format!("xlb_backend_up{{{labels}}}"),
+                    );
+                    if ok >= 2 && up == 1 {
+                        break;
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "the front's checks of gateway{k} ({vip}, {backend}) did not pass \
+                         within 15 s: {ok} passed, up {up}"
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        agent
     }
 
     /// The front host's running agent; panics when none runs.

@@ -25,6 +25,7 @@
 pub mod auth;
 pub mod balance;
 pub mod files;
+pub(crate) mod h1;
 pub mod normalize;
 mod observe;
 mod proxy;

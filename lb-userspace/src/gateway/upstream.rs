@@ -1,16 +1,17 @@
 //! The gateway's upstream pools (issue 7 items 2 and 3): for each `[[vip.pool]]`, its servers,
-//! a connection pool per server on hyper's low-level client, the balancing decision of
+//! a connection pool per server (HTTP/1.1 on the gateway's own client, [`super::h1`]; HTTP/2
+//! and upgrades on hyper's low-level client), the balancing decision of
 //! [`super::balance`], passive outlier ejection, timeouts and retries of requests that never
 //! left the gateway.
 //!
 //! Connections are our own rather than hyper-util's pooling client because a retry is only safe
-//! when the request provably never reached a server, and only the low-level client says so: a
-//! failed connect still holds the request, and `try_send_request` hands back a request that a
-//! dying keep-alive connection never started to write.
+//! when the request provably never reached a server: a failed connect still holds the request,
+//! and both clients hand back a request that a dying keep-alive connection never took.
 //!
-//! - HTTP/1.1 pools keep a stack of idle keep-alive connections per server; the most recently
-//!   used is reused first (it is the least likely to have been closed by the server), and a
-//!   connection is returned as soon as its response body has ended.
+//! - HTTP/1.1 pools keep a stack of idle keep-alive connections per server and gateway worker;
+//!   the most recently used is reused first (it is the least likely to have been closed by the
+//!   server), and a connection is returned as soon as its response body has ended. The request
+//!   is written and the response read by the request's own task ([`super::h1`]).
 //! - HTTP/2 pools (h2c by prior knowledge) share one multiplexed connection per server and open
 //!   another only when it is closed or at the server's stream limit.
 //! - Requests with `Upgrade` (WebSocket) always get a fresh HTTP/1.1 connection that is never
@@ -28,7 +29,7 @@ use bytes::Bytes;
 use http::header::{CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -36,7 +37,7 @@ use tokio::net::TcpStream;
 use crate::config::l7::{self, Balance, HashOn, UpstreamProtocol};
 use crate::gateway::Body;
 use crate::gateway::balance::{self, Candidate, Rng, SmoothWeightedRoundRobin};
-use crate::gateway::workers;
+use crate::gateway::{h1, workers};
 
 /// Most idle HTTP/1.1 connections kept per server: enough for a burst's worth of reuse, bounded
 /// so that a spike does not leave thousands of sockets open on both sides afterwards (the
@@ -564,8 +565,8 @@ struct Server {
     /// Passive outlier detection.
     outlier: Mutex<Outlier>,
     /// Idle HTTP/1.1 connections, most recently used last, one stack per gateway worker: a
-    /// connection's task runs on the worker that opened it, so a request taking it from
-    /// another worker would wake that thread for every read and write.
+    /// socket is registered with the event loop of the worker that opened it, so a request
+    /// taking it from another worker would wake that thread for every read and write.
     idle: Box<[Mutex<VecDeque<IdleConnection>>]>,
     /// Open HTTP/2 connections, oldest first.
     h2: Mutex<Vec<H2Connection>>,
@@ -597,8 +598,8 @@ enum Outcome {
 
 /// A pooled HTTP/1.1 connection waiting for a request.
 struct IdleConnection {
-    /// The connection's request handle (dropping it closes the connection).
-    sender: http1::SendRequest<Body>,
+    /// The connection (dropping it closes the socket).
+    conn: h1::Connection,
     /// When it became idle.
     since: Instant,
 }
@@ -734,20 +735,12 @@ impl Server {
 
     /// The most recently idle pooled HTTP/1.1 connection that is still usable, dropping (and
     /// so closing) expired and closed ones on the way.
-    async fn checkout_h1(&self, config: &l7::Pool) -> Option<http1::SendRequest<Body>> {
+    fn checkout_h1(&self, config: &l7::Pool) -> Option<h1::Connection> {
+        let mut idle = lock(self.my_idle());
         loop {
-            let IdleConnection { mut sender, since } = lock(self.my_idle()).pop_back()?;
-            if sender.is_closed() || since.elapsed() >= config.idle_timeout {
-                continue;
-            }
-            if sender.is_ready() {
-                return Some(sender);
-            }
-            // Pooled right when its response ended, the connection task may not have noticed
-            // yet; it is ready as soon as it runs. The bound only guards against a connection
-            // wedged by a peer that stopped reading.
-            if let Ok(Ok(())) = tokio::time::timeout(config.connect_timeout, sender.ready()).await {
-                return Some(sender);
+            let IdleConnection { conn, since } = idle.pop_back()?;
+            if since.elapsed() < config.idle_timeout && conn.is_reusable() {
+                return Some(conn);
             }
         }
     }
@@ -758,13 +751,13 @@ impl Server {
     }
 
     /// Pools an HTTP/1.1 connection whose exchange has ended.
-    fn park_h1(&self, sender: http1::SendRequest<Body>) {
-        if self.retired.load(Ordering::Relaxed) || sender.is_closed() {
+    fn park_h1(&self, conn: h1::Connection) {
+        if self.retired.load(Ordering::Relaxed) {
             return;
         }
         let mut idle = lock(self.my_idle());
         idle.push_back(IdleConnection {
-            sender,
+            conn,
             since: Instant::now(),
         });
         while idle.len() > MAX_IDLE_PER_SERVER.div_ceil(self.idle.len()) {
@@ -824,7 +817,7 @@ impl Server {
     /// Closes idle connections older than `idle_timeout` (and forgets closed ones).
     fn sweep(&self, idle_timeout: Duration) {
         for idle in &self.idle {
-            lock(idle).retain(|c| !c.sender.is_closed() && c.since.elapsed() < idle_timeout);
+            lock(idle).retain(|c| c.since.elapsed() < idle_timeout && c.conn.is_reusable());
         }
         lock(&self.h2).retain(|c| {
             !c.sender.is_closed()
@@ -839,7 +832,7 @@ impl Server {
         let idle_h1: usize = self
             .idle
             .iter()
-            .map(|idle| lock(idle).iter().filter(|c| !c.sender.is_closed()).count())
+            .map(|idle| lock(idle).iter().filter(|c| c.conn.is_reusable()).count())
             .sum();
         let idle_h2 = lock(&self.h2)
             .iter()
@@ -889,14 +882,17 @@ struct Failed {
 /// What a successful exchange yields before it is counted.
 struct Exchange {
     /// The response head and streaming body.
-    response: Response<Incoming>,
+    response: Response<ExchangeBody>,
     /// From the send to the response head.
     latency: Duration,
-    /// The HTTP/1.1 connection to pool when the response ends, with whether the request body
-    /// has ended.
-    h1: Option<(http1::SendRequest<Body>, Arc<AtomicBool>)>,
-    /// The HTTP/2 connection whose stream the response occupies.
-    h2: Option<Arc<H2Streams>>,
+}
+
+/// A response body as the connection that carries it gives it.
+enum ExchangeBody {
+    /// From hyper (HTTP/2, with the stream it occupies; upgrades).
+    Hyper(Incoming, Option<Arc<H2Streams>>),
+    /// From the gateway's own HTTP/1.1 client, which pools its connection at the body's end.
+    H1(h1::ResponseBody),
 }
 
 /// One attempt on `server`: connect or reuse, send, wait for the response head; counts the
@@ -927,28 +923,30 @@ async fn attempt(
             }
             server.record(Outcome::Response(status), pool, config);
             let latency = exchange.latency;
-            let keep_alive = !closes_connection(exchange.response.headers());
-            let (parts, incoming) = exchange.response.into_parts();
+            let (parts, body) = exchange.response.into_parts();
             let mut flight = flight;
-            flight.stream = exchange.h2;
-            let body = TrackedBody {
-                inner: incoming,
-                done: Some(Done {
-                    _flight: flight,
-                    h1: exchange
-                        .h1
-                        .filter(|_| keep_alive)
-                        .map(|(sender, sent)| H1Return {
-                            server: server.clone(),
-                            sender,
-                            request_sent: sent,
-                        }),
-                }),
+            let body = match body {
+                ExchangeBody::Hyper(incoming, stream) => {
+                    flight.stream = stream;
+                    TrackedBody {
+                        inner: incoming,
+                        _flight: Some(flight),
+                    }
+                    .map_err(Into::into)
+                    .boxed()
+                }
+                ExchangeBody::H1(mut body) => {
+                    let server = server.clone();
+                    body.on_end(Box::new(move |conn| {
+                        if let Some(conn) = conn {
+                            server.park_h1(conn);
+                        }
+                        drop(flight);
+                    }));
+                    body.boxed()
+                }
             };
-            Ok((
-                Response::from_parts(parts, body.map_err(Into::into).boxed()),
-                latency,
-            ))
+            Ok((Response::from_parts(parts, body), latency))
         }
         Err((error, request)) => {
             let error = match error {
@@ -993,40 +991,35 @@ type SendResult = Result<Exchange, (AttemptError, Option<Request<Body>>)>;
 
 /// Sends over a pooled or new HTTP/1.1 keep-alive connection.
 async fn send_h1(config: &l7::Pool, server: &Server, req: Request<Body>) -> SendResult {
-    let (req, request_sent) = track_request_body(req);
     let mut req = req;
     loop {
-        let (mut sender, reused) = match server.checkout_h1(config).await {
-            Some(sender) => (sender, true),
-            None => match connect_h1(server.addr, config.connect_timeout, false).await {
-                Ok(sender) => (sender, false),
+        let (conn, reused) = match server.checkout_h1(config) {
+            Some(conn) => (conn, true),
+            None => match h1::Connection::connect(server.addr, config.connect_timeout).await {
+                Ok(conn) => (conn, false),
                 Err(e) => return Err((AttemptError::Connect(e), Some(req))),
             },
         };
         let started = Instant::now();
-        match tokio::time::timeout(config.request_timeout, sender.try_send_request(req)).await {
+        match tokio::time::timeout(config.request_timeout, h1::exchange(conn, req, reused)).await {
             Err(_) => return Err((AttemptError::Timeout, None)),
             Ok(Ok(response)) => {
                 return Ok(Exchange {
-                    response,
+                    response: response.map(ExchangeBody::H1),
                     latency: started.elapsed(),
-                    h1: Some((sender, request_sent)),
-                    h2: None,
                 });
             }
-            Ok(Err(mut e)) => match e.take_message() {
-                // A pooled connection the server closed while it sat idle: the request was not
-                // written, so it goes on the next connection as if this one had not been there
-                // (this is connection reuse, not a retry, and is safe for any method).
-                Some(unsent) if reused => req = unsent,
-                Some(unsent) => {
-                    return Err((
-                        AttemptError::Connect(e.into_error().to_string()),
-                        Some(unsent),
-                    ));
-                }
-                None => return Err((classify(&e.into_error()), None)),
-            },
+            // A pooled connection the server had closed: the request did not reach it, so it
+            // goes on the next connection as if this one had not been there (this is
+            // connection reuse, not a retry).
+            Ok(Err(h1::ExchangeError::NotSent(unsent, _))) if reused => req = *unsent,
+            Ok(Err(h1::ExchangeError::NotSent(unsent, e))) => {
+                return Err((AttemptError::Connect(e), Some(*unsent)));
+            }
+            Ok(Err(h1::ExchangeError::Upstream(e))) => {
+                return Err((AttemptError::Upstream(e), None));
+            }
+            Ok(Err(h1::ExchangeError::Client(e))) => return Err((AttemptError::Client(e), None)),
         }
     }
 }
@@ -1045,11 +1038,10 @@ async fn send_h2(config: &l7::Pool, server: &Server, mut req: Request<Body>) -> 
         match tokio::time::timeout(config.request_timeout, sender.try_send_request(req)).await {
             Err(_) => return Err((AttemptError::Timeout, None)),
             Ok(Ok(response)) => {
+                let stream = stream.keep();
                 return Ok(Exchange {
-                    response,
+                    response: response.map(|incoming| ExchangeBody::Hyper(incoming, stream)),
                     latency: started.elapsed(),
-                    h1: None,
-                    h2: stream.keep(),
                 });
             }
             Ok(Err(mut e)) => match e.take_message() {
@@ -1067,7 +1059,7 @@ async fn send_h2(config: &l7::Pool, server: &Server, mut req: Request<Body>) -> 
 /// Sends an upgrade request over a fresh HTTP/1.1 connection that supports upgrades and is
 /// never pooled: after a 101 it belongs to the tunnel, and otherwise it is not worth keeping.
 async fn send_upgrade(config: &l7::Pool, server: &Server, req: Request<Body>) -> SendResult {
-    let mut sender = match connect_h1(server.addr, config.connect_timeout, true).await {
+    let mut sender = match connect_upgradable(server.addr, config.connect_timeout).await {
         Ok(sender) => sender,
         Err(e) => return Err((AttemptError::Connect(e), Some(req))),
     };
@@ -1075,10 +1067,8 @@ async fn send_upgrade(config: &l7::Pool, server: &Server, req: Request<Body>) ->
     match tokio::time::timeout(config.request_timeout, sender.try_send_request(req)).await {
         Err(_) => Err((AttemptError::Timeout, None)),
         Ok(Ok(response)) => Ok(Exchange {
-            response,
+            response: response.map(|incoming| ExchangeBody::Hyper(incoming, None)),
             latency: started.elapsed(),
-            h1: None,
-            h2: None,
         }),
         Ok(Err(mut e)) => match e.take_message() {
             Some(unsent) => Err((
@@ -1114,12 +1104,11 @@ async fn connect_tcp(addr: SocketAddr) -> Result<TcpIo, String> {
 /// The I/O type of upstream connections.
 type TcpIo = TokioIo<TcpStream>;
 
-/// A new HTTP/1.1 connection (with upgrade support when `upgrades`), its task spawned; the
-/// whole of it within `connect_timeout`.
-async fn connect_h1(
+/// A new HTTP/1.1 connection on hyper with upgrade support (for WebSocket), its task spawned;
+/// the whole of it within `connect_timeout`.
+async fn connect_upgradable(
     addr: SocketAddr,
     connect_timeout: Duration,
-    upgrades: bool,
 ) -> Result<http1::SendRequest<Body>, String> {
     let connect = async {
         let io = connect_tcp(addr).await?;
@@ -1127,19 +1116,11 @@ async fn connect_h1(
             .handshake::<_, Body>(io)
             .await
             .map_err(|e| format!("HTTP/1.1 handshake with {addr}: {e}"))?;
-        if upgrades {
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!(server = %addr, error = %e, "upstream connection ended");
-                }
-            });
-        } else {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(server = %addr, error = %e, "upstream connection ended");
-                }
-            });
-        }
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(server = %addr, error = %e, "upstream connection ended");
+            }
+        });
         Ok(sender)
     };
     tokio::time::timeout(connect_timeout, connect)
@@ -1270,63 +1251,13 @@ impl Drop for Flight {
     }
 }
 
-/// An HTTP/1.1 connection to pool once its response has ended.
-struct H1Return {
-    /// Its server.
-    server: Arc<Server>,
-    /// The connection.
-    sender: http1::SendRequest<Body>,
-    /// Whether the request body has been sent completely.
-    request_sent: Arc<AtomicBool>,
-}
-
-impl H1Return {
-    /// Pools the connection: at once when the request body is sent too (the connection is idle
-    /// as soon as its task notices), else when hyper says it is ready (a server that answered
-    /// before reading the whole request body).
-    fn give_back(self) {
-        if self.request_sent.load(Ordering::Relaxed) {
-            self.server.park_h1(self.sender);
-            return;
-        }
-        let H1Return {
-            server, mut sender, ..
-        } = self;
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                server.park_h1(sender);
-            }
-        });
-    }
-}
-
-/// What happens when a response body ends.
-struct Done {
-    /// Ends the in-flight count (and HTTP/2 stream) on drop.
-    _flight: Flight,
-    /// The HTTP/1.1 connection to pool when the body ended cleanly.
-    h1: Option<H1Return>,
-}
-
-/// A response body that ends its request's accounting when it ends or is dropped, and pools its
-/// HTTP/1.1 connection when it ended cleanly.
+/// A hyper response body that ends its request's accounting (in-flight count, HTTP/2
+/// stream) when it ends or is dropped.
 struct TrackedBody {
     /// The upstream's body.
     inner: Incoming,
-    /// Taken when the body ends.
-    done: Option<Done>,
-}
-
-impl TrackedBody {
-    /// Ends the accounting; `complete` when the whole body was received.
-    fn finish(&mut self, complete: bool) {
-        if let Some(done) = self.done.take()
-            && complete
-            && let Some(h1) = done.h1
-        {
-            h1.give_back();
-        }
-    }
+    /// Dropped when the body ends.
+    _flight: Option<Flight>,
 }
 
 impl hyper::body::Body for TrackedBody {
@@ -1339,10 +1270,8 @@ impl hyper::body::Body for TrackedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.finish(true),
-            Poll::Ready(Some(Err(_))) => this.finish(false),
-            _ => {}
+        if let Poll::Ready(None | Some(Err(_))) = &polled {
+            this._flight = None;
         }
         polled
     }
@@ -1354,81 +1283,6 @@ impl hyper::body::Body for TrackedBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
-}
-
-impl Drop for TrackedBody {
-    fn drop(&mut self) {
-        // A body the reader stopped polling at its known end (a HEAD, a 204, an exact length)
-        // is complete; one dropped midway leaves the connection unusable, and hyper closes it.
-        let complete = self.inner.is_end_stream();
-        self.finish(complete);
-    }
-}
-
-/// A request body that records when it has been sent completely, so that its connection can
-/// be pooled the moment the response ends (see [`H1Return::give_back`]).
-struct TrackedRequestBody {
-    /// The client's body.
-    inner: Body,
-    /// Set at its end.
-    sent: Arc<AtomicBool>,
-}
-
-impl hyper::body::Body for TrackedRequestBody {
-    type Data = Bytes;
-    type Error = crate::gateway::BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            this.sent.store(true, Ordering::Relaxed);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        let end = self.inner.is_end_stream();
-        if end {
-            self.sent.store(true, Ordering::Relaxed);
-        }
-        end
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Wraps a request body that is not empty in a [`TrackedRequestBody`]; an empty one is sent as
-/// soon as the head is.
-fn track_request_body(req: Request<Body>) -> (Request<Body>, Arc<AtomicBool>) {
-    if req.body().is_end_stream() {
-        return (req, Arc::new(AtomicBool::new(true)));
-    }
-    let sent = Arc::new(AtomicBool::new(false));
-    let tracked = sent.clone();
-    let req = req.map(|inner| {
-        TrackedRequestBody {
-            inner,
-            sent: tracked,
-        }
-        .boxed()
-    });
-    (req, sent)
-}
-
-/// Whether the response ends its connection (`Connection: close`), so it is not pooled.
-fn closes_connection(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|token| token.trim().eq_ignore_ascii_case("close"))
 }
 
 /// Whether the request asks for a protocol upgrade (WebSocket): HTTP/1.1 with `Upgrade`.
@@ -1891,6 +1745,169 @@ mod tests {
             })
             .await;
         }
+        task.abort();
+    }
+
+    /// What a scripted upstream does with one request.
+    enum Act {
+        /// Writes these bytes and reads the next request.
+        Reply(&'static [u8]),
+        /// Closes the connection without answering.
+        Close,
+    }
+
+    /// A raw HTTP/1.1 upstream: for the `r`th request head (0-based) on its `c`th connection
+    /// (0-based) it does `script(c, r)`; it never reads request bodies. Returns its address
+    /// and its count of accepted connections.
+    async fn scripted(
+        script: fn(usize, usize) -> Act,
+    ) -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let c = count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    for r in 0.. {
+                        let end = loop {
+                            if let Some(at) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break at + 4;
+                            }
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => pending.extend_from_slice(&buf[..n]),
+                            }
+                        };
+                        pending.drain(..end);
+                        match script(c, r) {
+                            Act::Reply(bytes) => {
+                                if stream.write_all(bytes).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Act::Close => return,
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted, task)
+    }
+
+    #[tokio::test]
+    async fn ambiguously_framed_responses_are_refused_and_their_connection_dropped() {
+        fn script(_: usize, r: usize) -> Act {
+            Act::Reply(match r {
+                0 => {
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\nok"
+                }
+                1 => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+                2 => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, identity\r\n\r\n",
+                _ => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            })
+        }
+        let (addr, accepted, task) = scripted(script).await;
+        let (up, pool) = upstreams(
+            pool_config("p", |p| p.outlier_consecutive_failures = 0),
+            &[addr],
+        );
+        for i in 1..=3 {
+            let e = pool.send(get("/")).await.unwrap_err();
+            assert!(matches!(e, UpstreamError::Protocol(_)), "{e}");
+            assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+            // Not pooled: the next request needs a new connection (each of which the script
+            // starts at its first answer again).
+            assert_eq!(accepted.load(Ordering::SeqCst), i);
+            assert_eq!(server_status(&up, addr).idle_connections, 0);
+        }
+        assert_eq!(server_status(&up, addr).errors_total, 3);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn chunked_responses_keep_their_trailers_and_their_connection() {
+        fn script(_: usize, r: usize) -> Act {
+            Act::Reply(match r {
+                0 => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\ngrpc-status: 0\r\n\r\n",
+                _ => b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\n",
+            })
+        }
+        let (addr, accepted, task) = scripted(script).await;
+        let (up, pool) = upstreams(pool_config("p", |_| {}), &[addr]);
+        let fwd = pool.send(get("/")).await.unwrap();
+        let collected = fwd.response.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "abcde");
+        assert_eq!(server_status(&up, addr).idle_connections, 1);
+        // A HEAD's response has no body whatever its Content-Length says, and the connection
+        // stays usable.
+        let head = Request::head("/")
+            .header(HOST, "app.test")
+            .body(empty())
+            .unwrap();
+        let fwd = pool.send(head).await.unwrap();
+        assert_eq!(fwd.response.headers()["content-length"], "9");
+        assert!(body(fwd).await.is_empty());
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+        assert_eq!(server_status(&up, addr).idle_connections, 1);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_pooled_connection_closed_as_a_request_went_out_resends_only_idempotent_ones() {
+        // The first two connections answer once, then close when the next request arrives
+        // (an idle timeout racing it); later ones answer everything.
+        fn script(c: usize, r: usize) -> Act {
+            if c < 2 && r == 1 {
+                Act::Close
+            } else {
+                Act::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            }
+        }
+        let (addr, accepted, task) = scripted(script).await;
+        let (_up, pool) = upstreams(pool_config("p", |p| p.retries = 0), &[addr]);
+        assert_eq!(body(pool.send(get("/")).await.unwrap()).await, "ok");
+        // The GET goes out again on a new connection: not a retry, the same attempt.
+        let fwd = pool.send(get("/")).await.unwrap();
+        assert_eq!(fwd.attempts, 1);
+        assert_eq!(body(fwd).await, "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        // A POST may have been acted on before the close: it is not sent again.
+        let post = Request::post("/")
+            .header(HOST, "app.test")
+            .body(empty())
+            .unwrap();
+        let e = pool.send(post).await.unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY, "{e}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_response_before_the_request_body_ends_is_passed_on_and_not_pooled() {
+        fn script(_: usize, _: usize) -> Act {
+            Act::Reply(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 3\r\n\r\nbig")
+        }
+        let (addr, _accepted, task) = scripted(script).await;
+        let (up, pool) = upstreams(pool_config("p", |_| {}), &[addr]);
+        // A body that never ends: the server answers without reading it.
+        use futures_util::StreamExt as _;
+        let frames = futures_util::stream::iter([Ok::<_, crate::gateway::BoxError>(Frame::data(
+            Bytes::from_static(b"first"),
+        ))])
+        .chain(futures_util::stream::pending());
+        let req = Request::post("/upload")
+            .header(HOST, "app.test")
+            .body(BodyExt::boxed(http_body_util::StreamBody::new(frames)))
+            .unwrap();
+        let fwd = pool.send(req).await.unwrap();
+        assert_eq!(fwd.response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(body(fwd).await, "big");
+        assert_eq!(server_status(&up, addr).idle_connections, 0);
         task.abort();
     }
 
