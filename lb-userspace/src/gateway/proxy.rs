@@ -45,6 +45,8 @@ pub(crate) type RouteLimiter = Limiter<Vec<u8>>;
 
 /// What a route needs at request time besides its configuration.
 pub(crate) struct RouteRuntime {
+    /// The route's name, shared with every request's access-log record.
+    pub(crate) name: Arc<str>,
     pub(crate) auth: Authenticator,
     pub(crate) limiter: Option<Arc<RouteLimiter>>,
     pub(crate) metrics: Arc<RouteMetrics>,
@@ -53,7 +55,8 @@ pub(crate) struct RouteRuntime {
 /// One l7 VIP's gateway, built and validated: what a listener serves requests with. Replaced
 /// as a whole on reload, so a request sees one consistent configuration.
 pub(crate) struct VipGateway {
-    pub(crate) vip: String,
+    /// The VIP's name, shared with every request's access-log record.
+    pub(crate) vip: Arc<str>,
     pub(crate) listen: SocketAddr,
     pub(crate) settings: l7::Gateway,
     pub(crate) table: RouteTable,
@@ -71,16 +74,45 @@ pub(crate) struct VipGateway {
 /// The client connection a request arrived on.
 pub(crate) struct ClientConn {
     pub(crate) peer: SocketAddr,
-    pub(crate) tls: bool,
     pub(crate) watch: Arc<ConnWatch>,
+    /// The forwarding headers' client parts, made once per connection (a keep-alive client
+    /// sends many requests).
+    pub(crate) forwarded: ForwardedClient,
+}
+
+/// The client's address as `X-Forwarded-For` and `Forwarded` spell it, with the protocol.
+pub(crate) struct ForwardedClient {
+    /// The address, as an `X-Forwarded-For` element.
+    address: HeaderValue,
+    /// `for=...;proto=...`, the start of this hop's `Forwarded` element.
+    element: String,
+    /// `http` or `https`.
+    proto: &'static str,
+}
+
+impl ForwardedClient {
+    /// The parts for a client at `client`, over TLS when `tls`.
+    pub(crate) fn new(client: IpAddr, tls: bool) -> Self {
+        let proto = if tls { "https" } else { "http" };
+        let node = match client {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        Self {
+            address: HeaderValue::try_from(client.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            element: format!("for={node};proto={proto}"),
+            proto,
+        }
+    }
 }
 
 /// What the access log and the metrics record about one request, filled in as it goes.
 struct Record {
     vip_metrics: Arc<VipMetrics>,
     route_metrics: Option<Arc<RouteMetrics>>,
-    vip: String,
-    route: String,
+    vip: Arc<str>,
+    route: Option<Arc<str>>,
     method: Method,
     /// The path as sent, without the query (it may carry an API key), shortened.
     path: String,
@@ -105,7 +137,7 @@ impl Record {
         tracing::info!(
             target: "xlb::access",
             vip = %self.vip,
-            route = %self.route,
+            route = %self.route.as_deref().unwrap_or(super::observe::NO_ROUTE_LABEL),
             method = %self.method,
             path = %self.path,
             status = self.status,
@@ -183,7 +215,7 @@ pub(crate) async fn handle(
         vip_metrics: gw.metrics.clone(),
         route_metrics: None,
         vip: gw.vip.clone(),
-        route: super::observe::NO_ROUTE_LABEL.to_owned(),
+        route: None,
         method: req.method().clone(),
         path,
         client: conn.peer,
@@ -282,7 +314,7 @@ async fn pipeline(
     };
     let route = &settings.routes[index];
     let runtime = &gw.routes[index];
-    record.route.clone_from(&route.matcher.name);
+    record.route = Some(runtime.name.clone());
     record.route_metrics = Some(runtime.metrics.clone());
     // 4. Authenticate.
     let identity = match authenticate(route, runtime, req.headers(), &mut path) {
@@ -364,7 +396,7 @@ async fn pipeline(
     for (name, value) in &route.add_headers {
         parts.headers.insert(name.clone(), value.clone());
     }
-    forwarding_headers(&mut parts.headers, conn.peer.ip(), conn.tls, &host);
+    forwarding_headers(&mut parts.headers, &conn.forwarded, &host);
     parts
         .headers
         .insert(settings.request_id_header.clone(), request_id.clone());
@@ -1093,21 +1125,34 @@ fn strip_prefix(path: &str, prefix: &str) -> String {
 /// X-Forwarded-For (the client appended), X-Forwarded-Proto and X-Forwarded-Host (replaced:
 /// upstreams that trust the gateway's forwarding headers build links on them) and Forwarded
 /// (RFC 7239, an element appended).
-fn forwarding_headers(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: &str) {
-    let proto = if tls { "https" } else { "http" };
-    let append = |headers: &mut HeaderMap, name: HeaderName, element: String| {
+fn forwarding_headers(headers: &mut HeaderMap, client: &ForwardedClient, host: &str) {
+    // Appends `element` to the field `name`, or sets it when the field is absent.
+    let append = |headers: &mut HeaderMap, name: &HeaderName, element: &[u8]| {
+        if !headers.contains_key(name) {
+            if let Ok(value) = HeaderValue::from_bytes(element) {
+                headers.insert(name.clone(), value);
+            }
+            return;
+        }
         let mut joined: Vec<u8> = Vec::new();
-        for value in headers.get_all(&name) {
+        for value in headers.get_all(name) {
             joined.extend_from_slice(value.as_bytes());
             joined.extend_from_slice(b", ");
         }
-        joined.extend_from_slice(element.as_bytes());
+        joined.extend_from_slice(element);
         if let Ok(value) = HeaderValue::from_bytes(&joined) {
-            headers.insert(name, value);
+            headers.insert(name.clone(), value);
         }
     };
-    append(headers, X_FORWARDED_FOR.clone(), client.to_string());
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+    if headers.contains_key(&X_FORWARDED_FOR) {
+        append(headers, &X_FORWARDED_FOR, client.address.as_bytes());
+    } else {
+        headers.insert(X_FORWARDED_FOR.clone(), client.address.clone());
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(client.proto),
+    );
     match HeaderValue::from_str(host) {
         Ok(value) if !host.is_empty() => {
             headers.insert(X_FORWARDED_HOST.clone(), value);
@@ -1116,16 +1161,13 @@ fn forwarding_headers(headers: &mut HeaderMap, client: IpAddr, tls: bool, host: 
             headers.remove(&X_FORWARDED_HOST);
         }
     }
-    let node = match client {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => format!("\"[{v6}]\""),
-    };
-    let mut element = format!("for={node};proto={proto}");
+    let mut element = String::with_capacity(client.element.len() + 6 + host.len() + 2);
+    element.push_str(&client.element);
     if !host.is_empty() {
         element.push_str(";host=");
         element.push_str(&forwarded_value(host));
     }
-    append(headers, header::FORWARDED, element);
+    append(headers, &header::FORWARDED, element.as_bytes());
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -1133,14 +1175,14 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// A Forwarded parameter value: a token as is, anything else as a quoted-string.
-fn forwarded_value(v: &str) -> String {
+fn forwarded_value(v: &str) -> std::borrow::Cow<'_, str> {
     let token = v
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if token && !v.is_empty() {
-        v.to_owned()
+        v.into()
     } else {
-        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")).into()
     }
 }
 
@@ -1249,12 +1291,8 @@ mod tests {
     fn forwarded_headers() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        forwarding_headers(
-            &mut h,
-            "2001:db8::1".parse().unwrap(),
-            true,
-            "a.example:8443",
-        );
+        let client = ForwardedClient::new("2001:db8::1".parse().unwrap(), true);
+        forwarding_headers(&mut h, &client, "a.example:8443");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 2001:db8::1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "a.example:8443");
@@ -1262,6 +1300,20 @@ mod tests {
             h["forwarded"],
             "for=\"[2001:db8::1]\";proto=https;host=\"a.example:8443\""
         );
+        // Without earlier hops the fields are this hop's alone.
+        let mut fresh = HeaderMap::new();
+        let client = ForwardedClient::new("192.0.2.7".parse().unwrap(), false);
+        forwarding_headers(&mut fresh, &client, "api");
+        assert_eq!(fresh["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(fresh["x-forwarded-proto"], "http");
+        assert_eq!(fresh["forwarded"], "for=192.0.2.7;proto=http;host=api");
+        forwarding_headers(&mut fresh, &client, "");
+        assert_eq!(fresh["x-forwarded-for"], "192.0.2.7, 192.0.2.7");
+        assert_eq!(
+            fresh["forwarded"],
+            "for=192.0.2.7;proto=http;host=api, for=192.0.2.7;proto=http"
+        );
+        assert!(!fresh.contains_key("x-forwarded-host"));
     }
 
     #[test]

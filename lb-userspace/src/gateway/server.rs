@@ -272,7 +272,7 @@ impl Gateways {
         self.current
             .iter()
             .map(|gw| GatewayStatus {
-                vip: gw.vip.clone(),
+                vip: gw.vip.to_string(),
                 listen: gw.listen.to_string(),
                 tls: gw.tls.is_some(),
                 http2: gw.settings.http2,
@@ -499,6 +499,7 @@ fn build_vip(
             .unwrap_or_else(|| Arc::new(RouteMetrics::new()));
         carried.route_metrics.insert(key, metrics.clone());
         routes.push(RouteRuntime {
+            name: Arc::from(route.matcher.name.as_str()),
             auth,
             limiter,
             metrics,
@@ -532,7 +533,7 @@ fn build_vip(
         .insert(vip.name.clone(), metrics.clone());
     let (h1, h2) = http_builders(settings);
     Ok(VipGateway {
-        vip: vip.name.clone(),
+        vip: Arc::from(vip.name.as_str()),
         listen,
         settings: settings.clone(),
         table,
@@ -739,7 +740,11 @@ async fn serve_http<T>(
         usize::try_from(gw.settings.max_header_bytes).unwrap_or(usize::MAX),
     ));
     let io = TokioIo::new(ConnIo::new(io, prefix, watch.clone()));
-    let client = Arc::new(ClientConn { peer, tls, watch });
+    let client = Arc::new(ClientConn {
+        peer,
+        watch,
+        forwarded: proxy::ForwardedClient::new(peer.ip(), tls),
+    });
     let service = service_fn(move |req| proxy::handle(shared.current(), client.clone(), req));
     let result = if h2 {
         let conn = gw.h2.serve_connection(io, service);
