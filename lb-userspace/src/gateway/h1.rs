@@ -480,59 +480,99 @@ pub(crate) enum Parsed {
 /// Parses a response head at the start of `buf` (for a request that was `HEAD` when
 /// `is_head`), removing it when complete. Errors are refused responses (502).
 pub(crate) fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Parsed, String> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_FIELDS];
+    // Most responses have a few fields: room for them on the stack (initialising room for the
+    // maximum on every response cost more than parsing), the maximum only when needed.
+    match parse_head_in::<FEW_FIELDS>(buf, is_head) {
+        Err(Refused::TooManyFields) => {
+            parse_head_in::<MAX_RESPONSE_FIELDS>(buf, is_head).map_err(|e| match e {
+                Refused::TooManyFields => {
+                    format!("response head with more than {MAX_RESPONSE_FIELDS} fields")
+                }
+                Refused::Other(e) => e,
+            })
+        }
+        Err(Refused::Other(e)) => Err(e),
+        Ok(parsed) => Ok(parsed),
+    }
+}
+
+/// Fields parsed without a heap allocation (see [`parse_head`]).
+const FEW_FIELDS: usize = 32;
+
+/// Where a field's name and value are in the head: offsets and lengths.
+#[derive(Debug, Clone, Copy, Default)]
+struct Span {
+    name: u32,
+    name_len: u32,
+    value: u32,
+    value_len: u32,
+}
+
+/// Why [`parse_head_in`] refused a head.
+enum Refused {
+    /// More fields than it had room for.
+    TooManyFields,
+    /// Anything else: the message.
+    Other(String),
+}
+
+impl From<String> for Refused {
+    fn from(e: String) -> Self {
+        Refused::Other(e)
+    }
+}
+
+/// [`parse_head`] with room for `N` fields.
+fn parse_head_in<const N: usize>(buf: &mut BytesMut, is_head: bool) -> Result<Parsed, Refused> {
+    let mut fields = [httparse::EMPTY_HEADER; N];
+    let mut spans = [Span::default(); N];
     let mut response = httparse::Response::new(&mut fields);
     let len = match response.parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() > MAX_RESPONSE_HEAD => {
-            return Err(format!(
-                "response head larger than {MAX_RESPONSE_HEAD} bytes"
-            ));
+            return Err(format!("response head larger than {MAX_RESPONSE_HEAD} bytes").into());
         }
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(format!(
-                "response head with more than {MAX_RESPONSE_FIELDS} fields"
-            ));
-        }
-        Err(e) => return Err(format!("malformed response head: {e}")),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refused::TooManyFields),
+        Err(e) => return Err(format!("malformed response head: {e}").into()),
     };
     if len > MAX_RESPONSE_HEAD {
-        return Err(format!(
-            "response head larger than {MAX_RESPONSE_HEAD} bytes"
-        ));
+        return Err(format!("response head larger than {MAX_RESPONSE_HEAD} bytes").into());
     }
     let code = response.code.unwrap_or(0);
-    let status =
-        StatusCode::from_u16(code).map_err(|_| format!("invalid response status {code}"))?;
+    let status = StatusCode::from_u16(code)
+        .map_err(|_| Refused::Other(format!("invalid response status {code}")))?;
     let http10 = response.version == Some(0);
     if status.is_informational() {
         if status == StatusCode::SWITCHING_PROTOCOLS {
-            return Err("101 Switching Protocols to a request that asked for no upgrade".into());
+            return Err(Refused::Other(
+                "101 Switching Protocols to a request that asked for no upgrade".into(),
+            ));
         }
         buf.advance(len);
         return Ok(Parsed::Interim);
     }
     // The field values become slices of the head's bytes: no copy per field. Offsets first,
-    // while httparse borrows the buffer.
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_RESPONSE_FIELDS];
+    // while httparse borrows the buffer (the head is at most 64 KiB: u32 offsets).
     let count = response.headers.len();
     let base = buf.as_ptr() as usize;
     for (span, h) in spans.iter_mut().zip(response.headers.iter()) {
-        *span = (
-            h.name.as_ptr() as usize - base,
-            h.name.len(),
-            h.value.as_ptr() as usize - base,
-            h.value.len(),
-        );
+        *span = Span {
+            name: (h.name.as_ptr() as usize - base) as u32,
+            name_len: h.name.len() as u32,
+            value: (h.value.as_ptr() as usize - base) as u32,
+            value_len: h.value.len() as u32,
+        };
     }
     let raw = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
-        let name = HeaderName::from_bytes(&raw[name_at..name_at + name_len])
+    for span in &spans[..count] {
+        let (name_at, value_at) = (span.name as usize, span.value as usize);
+        let name = HeaderName::from_bytes(&raw[name_at..name_at + span.name_len as usize])
             .map_err(|_| "invalid response field name".to_owned())?;
-        let value = HeaderValue::from_maybe_shared(raw.slice(value_at..value_at + value_len))
-            .map_err(|_| format!("invalid value of response field {name}"))?;
+        let value =
+            HeaderValue::from_maybe_shared(raw.slice(value_at..value_at + span.value_len as usize))
+                .map_err(|_| format!("invalid value of response field {name}"))?;
         headers.append(name, value);
     }
     let (framing, keep_alive) = response_framing(status, &headers, is_head, http10)?;
@@ -1084,6 +1124,27 @@ mod tests {
         }
         many.extend_from_slice(b"\r\n");
         assert!(parse_head(&mut buf(&many), false).is_err());
+        // Up to the maximum they are parsed, past the few kept on the stack too.
+        for count in [
+            FEW_FIELDS - 1,
+            FEW_FIELDS,
+            FEW_FIELDS + 1,
+            MAX_RESPONSE_FIELDS,
+        ] {
+            let mut raw = b"HTTP/1.1 200 OK\r\n".to_vec();
+            for i in 0..count - 1 {
+                raw.extend_from_slice(format!("x-{i}: v{i}\r\n").as_bytes());
+            }
+            raw.extend_from_slice(b"content-length: 0\r\n\r\n");
+            let Ok(Parsed::Final(h)) = parse_head(&mut buf(&raw), false) else {
+                panic!("{count} fields refused");
+            };
+            assert_eq!(h.headers.len(), count);
+            assert_eq!(
+                h.headers[format!("x-{}", count - 2)],
+                format!("v{}", count - 2)
+            );
+        }
     }
 
     type Trailers = Vec<(HeaderName, HeaderValue)>;
