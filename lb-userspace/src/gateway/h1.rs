@@ -15,9 +15,10 @@
 //! Framing follows RFC 9112 and refuses what a proxy must not guess at (nginx does the same):
 //! a response with both `Content-Length` and `Transfer-Encoding`, differing `Content-Length`
 //! values, a `Transfer-Encoding` that is not `chunked` (read to the close instead, when
-//! `chunked` is absent), invalid chunk sizes or missing chunk CRLFs are errors, never a body the
-//! gateway and its client could frame differently. HTTP/2 upstreams and WebSocket upgrades stay
-//! on hyper (see [`super::upstream`]).
+//! `chunked` is absent), `Transfer-Encoding` in an HTTP/1.0 response, invalid chunk sizes or
+//! missing chunk CRLFs are errors, never a body the gateway and its client could frame
+//! differently. HTTP/2 upstreams and WebSocket upgrades stay on hyper (see
+//! [`super::upstream`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -597,6 +598,13 @@ fn response_framing(
         !has_token(headers, &CONNECTION, b"close")
     };
     let has_te = headers.contains_key(TRANSFER_ENCODING);
+    // RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing. HTTP/1.0 has
+    // no transfer codings: an HTTP/1.0 hop that passed the field on frames by the close or
+    // by its own length, so reading it as chunked (and keeping the connection) could take
+    // the rest of the stream as the next response.
+    if has_te && http10 {
+        return Err("HTTP/1.0 response with Transfer-Encoding".into());
+    }
     let lengths: Vec<&HeaderValue> = headers.get_all(CONTENT_LENGTH).iter().collect();
     if has_te && !lengths.is_empty() {
         return Err("response with both Content-Length and Transfer-Encoding".into());
@@ -1086,6 +1094,45 @@ mod tests {
                 String::from_utf8_lossy(raw)
             );
         }
+    }
+
+    #[test]
+    fn http_1_0_responses_with_transfer_encoding_are_refused() {
+        // RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (an
+        // HTTP/1.0 hop may have passed the field on while framing by the close). Whatever the
+        // codings, lengths or keep-alive say, and in any spelling of the version's response.
+        for te in ["chunked", "gzip, chunked", "gzip", "identity"] {
+            for extra in ["", "connection: keep-alive\r\n", "content-length: 5\r\n"] {
+                let raw = format!("HTTP/1.0 200 OK\r\ntransfer-encoding: {te}\r\n{extra}\r\n");
+                assert!(
+                    parse_head(&mut buf(raw.as_bytes()), false).is_err(),
+                    "accepted {raw:?}"
+                );
+            }
+        }
+        // Not even a bodyless one may keep its connection: refused all the same.
+        for status in ["204 No Content", "304 Not Modified"] {
+            let raw = format!(
+                "HTTP/1.0 {status}\r\ntransfer-encoding: chunked\r\nconnection: keep-alive\r\n\r\n"
+            );
+            assert!(
+                parse_head(&mut buf(raw.as_bytes()), false).is_err(),
+                "accepted {raw:?}"
+            );
+        }
+        let raw =
+            b"HTTP/1.0 200 OK\r\ntransfer-encoding: chunked\r\nconnection: keep-alive\r\n\r\n";
+        assert!(parse_head(&mut buf(raw), true).is_err());
+        // HTTP/1.1 with the same fields is still chunked.
+        let h = head(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (h.framing, h.keep_alive),
+            (Framing::Chunked(Chunked::Size), true)
+        );
     }
 
     #[test]
