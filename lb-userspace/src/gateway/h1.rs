@@ -799,6 +799,11 @@ pub(crate) fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<
                 }
                 let mut fields = [httparse::EMPTY_HEADER; 32];
                 match httparse::parse_headers(buf, &mut fields) {
+                    // The limit holds for the section's own length, not only for the bytes
+                    // waiting when it is incomplete: one large read may bring it whole.
+                    Ok(httparse::Status::Complete((len, _))) if len > MAX_TRAILERS => {
+                        return Err("trailer section too large".into());
+                    }
                     Ok(httparse::Status::Complete((len, fields))) => {
                         let mut trailers = Vec::with_capacity(fields.len());
                         for field in fields {
@@ -1260,6 +1265,38 @@ mod tests {
         let mut long = vec![b'1'; 1];
         long.extend(std::iter::repeat_n(b';', MAX_CHUNK_LINE + 10));
         assert!(decode(&long, long.len()).is_err());
+    }
+
+    #[test]
+    fn trailer_sections_over_the_limit_are_refused_however_they_arrive() {
+        /// A chunked body ending in a trailer section of about `size` bytes (in fields of about
+        /// 1 KiB, as few as httparse's 32 allow), and the section's exact length.
+        fn body(size: usize) -> (Vec<u8>, usize) {
+            let mut trailers = Vec::new();
+            let mut i = 0;
+            while trailers.len() + 2 < size {
+                let room = (size - 2 - trailers.len()).min(1024);
+                let field = format!("x-{i:02}: ");
+                let value = "a".repeat(room.saturating_sub(field.len() + 2).max(1));
+                trailers.extend_from_slice(format!("{field}{value}\r\n").as_bytes());
+                i += 1;
+            }
+            trailers.extend_from_slice(b"\r\n");
+            let len = trailers.len();
+            let mut raw = b"3\r\nabc\r\n0\r\n".to_vec();
+            raw.extend_from_slice(&trailers);
+            (raw, len)
+        }
+        let (within, len) = body(MAX_TRAILERS);
+        assert!(len <= MAX_TRAILERS);
+        let (over, len) = body(MAX_TRAILERS + 2);
+        assert!(len > MAX_TRAILERS);
+        // Fed in one piece (one large read), in reads of a few KiB, or byte by byte.
+        for step in [1, 1000, 4096, READ_CHUNK, over.len()] {
+            let (_, trailers, ended) = decode(&within, step).unwrap();
+            assert!(ended && !trailers.is_empty(), "step {step}");
+            assert!(decode(&over, step).is_err(), "step {step}: accepted");
+        }
     }
 
     #[test]
