@@ -27,7 +27,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
@@ -54,7 +54,7 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Request bodies smaller than this are copied into the write of the head (one system call
 /// instead of two; larger ones are written as they come).
-const COALESCE_BODY: usize = 4096;
+pub(crate) const COALESCE_BODY: usize = 4096;
 
 /// An open HTTP/1.1 connection to an upstream server, idle between exchanges.
 #[derive(Debug)]
@@ -293,8 +293,14 @@ pub(crate) fn request_framing(
 }
 
 /// Writes the request head: the request line in origin form, every field except the framing
-/// ones (which `framing` replaces), and the blank line. Names are lowercase, as hyper writes
-/// them; values were validated when the `HeaderValue`s were made (no CR, LF or NUL).
+/// ones (which `framing` replaces) and `Expect`, and the blank line. Names are lowercase, as
+/// hyper writes them; values were validated when the `HeaderValue`s were made (no CR, LF or
+/// NUL).
+///
+/// `Expect` is dropped (as nginx does) because the body goes out without waiting for a `100`
+/// (the client had its `100` from the gateway): an upstream that refuses the expectation with
+/// a final status may then skip reading the body and parse it as a request of its own, one the
+/// gateway never routed or authenticated, whose answer would wait on a pooled connection.
 pub(crate) fn encode_head(
     out: &mut Vec<u8>,
     method: &Method,
@@ -308,7 +314,7 @@ pub(crate) fn encode_head(
     out.extend_from_slice(if target.is_empty() { "/" } else { target }.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
-        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING || name == EXPECT {
             continue;
         }
         out.extend_from_slice(name.as_str().as_bytes());

@@ -1798,6 +1798,120 @@ mod tests {
         (addr, accepted, task)
     }
 
+    /// A raw HTTP/1.1 upstream that reads `Content-Length` request bodies and answers each
+    /// request `200` with the body it read and its request line in `x-seen`, except that it
+    /// refuses every `Expect: 100-continue` with a final `417` and, having never said `100`,
+    /// takes the bytes that follow as the next request (as servers that trust the client to
+    /// wait for the `100` do). Returns its address, the request lines it read, and its task.
+    async fn refusing_expectations() -> (
+        SocketAddr,
+        Arc<Mutex<Vec<String>>>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let mut pending = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    // Reads until `pending` holds `n` bytes; false at the close.
+                    macro_rules! fill {
+                        ($n:expr) => {
+                            let want = $n;
+                            while pending.len() < want {
+                                match stream.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => pending.extend_from_slice(&buf[..n]),
+                                }
+                            }
+                        };
+                    }
+                    loop {
+                        let end = loop {
+                            if let Some(at) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break at + 4;
+                            }
+                            fill!(pending.len() + 1);
+                        };
+                        let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+                        pending.drain(..end);
+                        let line = head.lines().next().unwrap_or_default().to_owned();
+                        log.lock().unwrap().push(line.clone());
+                        let field = |name: &str| {
+                            head.lines()
+                                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+                        };
+                        if field("expect:").as_deref() == Some("100-continue") {
+                            let refused =
+                                b"HTTP/1.1 417 Expectation Failed\r\ncontent-length: 0\r\n\r\n";
+                            if stream.write_all(refused).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        let len: usize = field("content-length:").map_or(0, |v| v.parse().unwrap());
+                        fill!(len);
+                        let body: Vec<u8> = pending.drain(..len).collect();
+                        let mut reply = format!(
+                            "HTTP/1.1 200 OK\r\nx-seen: {line}\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        )
+                        .into_bytes();
+                        reply.extend_from_slice(&body);
+                        if stream.write_all(&reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, seen, task)
+    }
+
+    #[tokio::test]
+    async fn a_client_expect_is_not_forwarded_as_the_body_goes_up_without_waiting() {
+        // The gateway sends the body at once (the client already had its 100 from the
+        // gateway); an upstream that believed the expectation would take the body for a
+        // request of its own: one the gateway never routed, authenticated or rate limited.
+        let smuggled = b"GET /smuggled HTTP/1.1\r\nhost: app.test\r\n\r\n";
+        let mut large = smuggled.to_vec();
+        large.resize(3 * h1::COALESCE_BODY, b'x');
+        let (addr, seen, task) = refusing_expectations().await;
+        let (_up, pool) = upstreams(pool_config("p", |_| {}), &[addr]);
+        // A body small enough to go with the head, and one written after it.
+        for (i, data) in [smuggled.to_vec(), large].into_iter().enumerate() {
+            for expect in ["100-continue", "100-Continue"] {
+                seen.lock().unwrap().clear();
+                let req = Request::post("/upload")
+                    .header(HOST, "app.test")
+                    .header("expect", expect)
+                    .body(
+                        Full::new(Bytes::from(data.clone()))
+                            .map_err(Into::into)
+                            .boxed(),
+                    )
+                    .unwrap();
+                let fwd = pool.send(req).await.unwrap();
+                assert_eq!(fwd.response.status(), StatusCode::OK, "body {i}, {expect}");
+                assert_eq!(body(fwd).await, data, "body {i}, {expect}");
+                // The next request on the pool gets its own answer.
+                let fwd = pool.send(get("/next")).await.unwrap();
+                assert_eq!(header(&fwd, "x-seen"), "get /next http/1.1");
+                body(fwd).await;
+                assert_eq!(
+                    *seen.lock().unwrap(),
+                    ["post /upload http/1.1", "get /next http/1.1"],
+                    "body {i}, {expect}"
+                );
+            }
+        }
+        task.abort();
+    }
+
     #[tokio::test]
     async fn ambiguously_framed_responses_are_refused_and_their_connection_dropped() {
         fn script(_: usize, r: usize) -> Act {
