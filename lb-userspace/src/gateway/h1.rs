@@ -161,11 +161,18 @@ pub(crate) async fn exchange(
             Err(e) => return Err(ExchangeError::Client(e.to_string())),
         }
         body_done = body.is_end_stream();
-        if body_done && sent != len {
-            return Err(ExchangeError::Client(format!(
-                "request body shorter than its Content-Length {len}"
-            )));
-        }
+    }
+    // A body that has ended (at the start, or with the coalesced frame) must have filled its
+    // declared length: sent short, the server would take the next request's first bytes on
+    // the connection as the rest of this body (the connection would be pooled, as the
+    // request counts as complete). Nothing has been written yet.
+    if body_done
+        && let RequestFraming::Length(len) = framing
+        && sent != len
+    {
+        return Err(ExchangeError::Client(format!(
+            "request body shorter than its Content-Length {len}"
+        )));
     }
     if let Err(e) = conn.stream.write_all(&head).await {
         // Nothing of a connection's first write reached a server that failed it; a coalesced

@@ -1913,6 +1913,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_declared_length_the_body_does_not_fill_never_goes_up() {
+        // A request declaring more than its (already ended) body holds: sent as declared, the
+        // server would take the next request's first bytes on the connection as the rest of
+        // this body. It fails as the client's fault, before anything is written.
+        let server = serve(ok()).await;
+        let (up, pool) = upstreams(pool_config("p", |_| {}), &[server.addr]);
+        for method in [Method::POST, Method::PUT, Method::GET] {
+            for declared in ["1", "5", "4096", "4097", "1000000"] {
+                let req = Request::builder()
+                    .method(method.clone())
+                    .uri("/")
+                    .header(HOST, "app.test")
+                    .header(http::header::CONTENT_LENGTH, declared)
+                    .body(empty())
+                    .unwrap();
+                let e = pool.send(req).await.unwrap_err();
+                assert!(
+                    matches!(e, UpstreamError::Protocol(_)),
+                    "{method} {declared}: {e}"
+                );
+                // What follows on the pool is read as sent.
+                let fwd = pool.send(get("/after")).await.unwrap();
+                assert_eq!(header(&fwd, "x-uri"), "/after", "{method} {declared}");
+                assert_eq!(body(fwd).await, "ok");
+            }
+        }
+        assert_eq!(server.hits.load(Ordering::SeqCst), 15);
+        let status = server_status(&up, server.addr);
+        assert_eq!((status.in_flight, status.errors_total), (0, 0));
+    }
+
+    #[tokio::test]
     async fn ambiguously_framed_responses_are_refused_and_their_connection_dropped() {
         fn script(_: usize, r: usize) -> Act {
             Act::Reply(match r {
