@@ -206,7 +206,9 @@ pub struct Pool {
     /// `connect_timeout_ms`: a connection not established by then is a connect failure (502,
     /// or a retry). Default 2000 ms.
     pub connect_timeout: Duration,
-    /// `request_timeout_ms`: response headers not back by then give 504. Default 15000 ms.
+    /// `request_timeout_ms`: response headers not back by then give 504, and a response body
+    /// quiet for this long is cut off (HTTP/1.1 upstreams, as nginx's `proxy_read_timeout`).
+    /// Default 15000 ms.
     pub request_timeout: Duration,
     /// `idle_timeout_ms`: pooled idle connections are closed after this. Default 60000 ms.
     pub idle_timeout: Duration,

@@ -117,11 +117,13 @@ pub(crate) enum ExchangeError {
 /// connection that the server closed just as the request went out (EOF before any byte of a
 /// response) hands an idempotent request without a body back as not sent, since the server
 /// closed it for idleness, not because of it. The caller bounds the whole with the request
-/// timeout; dropping the future closes the connection.
+/// timeout (dropping the future closes the connection); each later wait for body bytes is
+/// bounded by `read_timeout`.
 pub(crate) async fn exchange(
     mut conn: Connection,
     req: Request<Body>,
     reused: bool,
+    read_timeout: Duration,
 ) -> Result<Response<ResponseBody>, ExchangeError> {
     let (parts, mut body) = req.into_parts();
     let declared = parts
@@ -227,6 +229,9 @@ pub(crate) async fn exchange(
     };
     let mut body = ResponseBody {
         conn: Some(conn),
+        read_timeout,
+        stall: None,
+        stall_armed: false,
         framing: head.framing,
         keep_alive: head.keep_alive && request_complete,
         give_back: None,
@@ -733,6 +738,34 @@ pub(crate) enum Decoded {
     NeedMore,
 }
 
+/// Fields a trailer section must not carry (RFC 9110 section 6.5.1: framing, routing,
+/// authentication, response control, how to process the content; hyper's list plus the
+/// connection-specific fields): dropped, so that a client, or a client-side parser that merges
+/// trailers into the head, never sees them from an upstream's trailers.
+const NOT_IN_TRAILERS: [&str; 21] = [
+    "authorization",
+    "cache-control",
+    "connection",
+    "content-encoding",
+    "content-length",
+    "content-range",
+    "content-type",
+    "expect",
+    "host",
+    "keep-alive",
+    "max-forwards",
+    "pragma",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "range",
+    "set-cookie",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
 /// Decodes the next piece of a chunked body from `buf` in `state`.
 pub(crate) fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<Decoded, String> {
     loop {
@@ -824,6 +857,9 @@ pub(crate) fn decode_chunked(state: &mut Chunked, buf: &mut BytesMut) -> Result<
                                 .map_err(|_| "invalid trailer field name".to_owned())?;
                             let value = HeaderValue::from_bytes(field.value)
                                 .map_err(|_| "invalid trailer field value".to_owned())?;
+                            if NOT_IN_TRAILERS.contains(&name.as_str()) {
+                                continue;
+                            }
                             trailers.push((name, value));
                         }
                         buf.advance(len);
@@ -854,6 +890,14 @@ pub(crate) type GiveBack = Box<dyn FnOnce(Option<Connection>) + Send + Sync>;
 pub(crate) struct ResponseBody {
     /// The connection, until the body ends.
     conn: Option<Connection>,
+    /// How long a read of the body may wait for bytes (the pool's request timeout, as nginx's
+    /// `proxy_read_timeout` bounds every wait): a stalled upstream must not hold its socket and
+    /// its in-flight count, which least request balances on, for as long as the client waits.
+    read_timeout: Duration,
+    /// Armed while a read waits (made at the first wait: most bodies arrive with their head).
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `stall` counts down for the current wait.
+    stall_armed: bool,
     /// Where the reader is.
     framing: Framing,
     /// Whether the connection may be reused after the body.
@@ -966,7 +1010,28 @@ impl hyper::body::Body for ResponseBody {
                 conn.buf.reserve(READ_CHUNK);
             }
             let Connection { stream, buf } = conn;
-            match ready!(poll_read_buf(stream, buf, cx)) {
+            let read = match poll_read_buf(stream, buf, cx) {
+                Poll::Ready(read) => read,
+                Poll::Pending => {
+                    let timeout = this.read_timeout;
+                    let stall = this
+                        .stall
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    if !this.stall_armed {
+                        this.stall_armed = true;
+                        stall.as_mut().reset(tokio::time::Instant::now() + timeout);
+                    }
+                    ready!(stall.as_mut().poll(cx));
+                    this.fail();
+                    return Poll::Ready(Some(Err(format!(
+                        "upstream sent no body bytes for {} ms",
+                        timeout.as_millis()
+                    )
+                    .into())));
+                }
+            };
+            this.stall_armed = false;
+            match read {
                 Ok(0) if this.framing == Framing::Close => {
                     this.keep_alive = false;
                     this.finish();
@@ -1253,6 +1318,21 @@ mod tests {
         // Not ended: more is needed.
         let (_, _, ended) = decode(b"5\r\nhel", 2).unwrap();
         assert!(!ended);
+    }
+
+    #[test]
+    fn framing_and_control_fields_are_dropped_from_trailers() {
+        for name in NOT_IN_TRAILERS {
+            assert_eq!(HeaderName::from_static(name).as_str(), name);
+            let raw = format!("0\r\n{name}: 5\r\ngrpc-status: 0\r\n\r\n");
+            let (_, trailers, ended) = decode(raw.as_bytes(), 1).unwrap();
+            assert!(ended);
+            let names: Vec<&str> = trailers.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, ["grpc-status"], "{name}");
+        }
+        // Only forbidden fields: the section ends with nothing to pass on.
+        let (_, trailers, ended) = decode(b"0\r\nContent-Length: 5\r\n\r\n", 3).unwrap();
+        assert!(ended && trailers.is_empty());
     }
 
     #[test]

@@ -1001,7 +1001,12 @@ async fn send_h1(config: &l7::Pool, server: &Server, req: Request<Body>) -> Send
             },
         };
         let started = Instant::now();
-        match tokio::time::timeout(config.request_timeout, h1::exchange(conn, req, reused)).await {
+        match tokio::time::timeout(
+            config.request_timeout,
+            h1::exchange(conn, req, reused, config.request_timeout),
+        )
+        .await
+        {
             Err(_) => return Err((AttemptError::Timeout, None)),
             Ok(Ok(response)) => {
                 return Ok(Exchange {
@@ -2030,6 +2035,33 @@ mod tests {
         let e = pool.send(post).await.unwrap_err();
         assert_eq!(e.status(), StatusCode::BAD_GATEWAY, "{e}");
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_response_body_that_stalls_fails_after_the_request_timeout_and_ends_its_flight() {
+        // Two of ten bytes, then nothing: the connection stays open, waiting.
+        fn script(_: usize, _: usize) -> Act {
+            Act::Reply(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nab")
+        }
+        let (addr, _accepted, task) = scripted(script).await;
+        let (up, pool) = upstreams(pool_config("p", |p| p.request_timeout = 300 * MS), &[addr]);
+        let fwd = pool.send(get("/")).await.unwrap();
+        assert_eq!(server_status(&up, addr).in_flight, 1);
+        let started = Instant::now();
+        let mut body = fwd.response.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "ab");
+        let stalled = tokio::time::timeout(3000 * MS, body.frame())
+            .await
+            .expect("the stalled body was not cut off")
+            .unwrap();
+        let waited = started.elapsed();
+        assert!(stalled.is_err(), "{stalled:?}");
+        assert!(waited >= 250 * MS && waited < 3000 * MS, "{waited:?}");
+        drop(body);
+        let status = server_status(&up, addr);
+        assert_eq!((status.in_flight, status.idle_connections), (0, 0));
         task.abort();
     }
 
