@@ -1717,27 +1717,10 @@ mod tests {
     async fn a_pooled_connection_the_server_closed_is_not_used() {
         // A server that answers once per connection and then closes it without saying so
         // (no `Connection: close`), as servers with a short keep-alive timeout do.
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let n = stream.read(&mut buf).await.unwrap();
-                        assert!(n > 0);
-                        head.extend_from_slice(&buf[..n]);
-                    }
-                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    stream.write_all(reply).await.unwrap();
-                    tokio::time::sleep(10 * MS).await;
-                });
-            }
-        });
+        fn script(_: usize, _: usize) -> Act {
+            Act::ReplyAndClose(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        }
+        let (addr, accepted, task) = scripted(script).await;
         let (up, pool) = upstreams(pool_config("p", |_| {}), &[addr]);
         for i in 1..=3 {
             let fwd = pool.send(get("/")).await.unwrap();
@@ -1759,6 +1742,8 @@ mod tests {
         Reply(&'static [u8]),
         /// Closes the connection without answering.
         Close,
+        /// Writes these bytes, then closes the connection.
+        ReplyAndClose(&'static [u8]),
     }
 
     /// A raw HTTP/1.1 upstream: for the `r`th request head (0-based) on its `c`th connection
@@ -1795,6 +1780,10 @@ mod tests {
                                 }
                             }
                             Act::Close => return,
+                            Act::ReplyAndClose(bytes) => {
+                                let _ = stream.write_all(bytes).await;
+                                return;
+                            }
                         }
                     }
                 });
