@@ -413,25 +413,8 @@ async fn pipeline(
         }
     }
     // The body is limited to max_body_bytes; a client body that fails (bad chunking, too
-    // large) is told apart from an upstream failure by these flags.
-    let too_large = Arc::new(AtomicBool::new(false));
-    let client_fault = Arc::new(AtomicBool::new(false));
-    let (large, fault) = (too_large.clone(), client_fault.clone());
-    let limit = usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX);
-    // A client that stops sending its body is cut off after the idle timeout (no other client
-    // timeout runs while a request is in flight), and the upstream learns when the body waits
-    // for the client (a request timeout then is the client's delay).
-    let wait = ClientBodyWait::default();
-    let body_timed_out = Arc::new(AtomicBool::new(false));
-    parts.extensions.insert(wait.clone());
-    let body = ClientBody {
-        inner: body,
-        timeout: settings.idle_timeout,
-        sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
-        armed: false,
-        wait,
-        timed_out: body_timed_out.clone(),
-    };
+    // large, stalled) is told apart from an upstream failure by these flags.
+    let faults = Arc::new(BodyFaults::default());
     let body_timeout = || {
         refuse(
             gw,
@@ -440,48 +423,71 @@ async fn pipeline(
             "request body timeout",
         )
     };
-    let mut body: Body = Limited::new(body, limit)
-        .map_err(move |e| {
-            if e.is::<LengthLimitError>() {
-                large.store(true, Ordering::Relaxed);
-            } else {
-                fault.store(true, Ordering::Relaxed);
-            }
-            e
-        })
-        .boxed();
-    // Nothing goes upstream until the body's first frame is in: a body that is broken or too
-    // large from its start (an invalid first chunk size, the classic smuggling attempt) is
-    // refused without the upstream ever seeing the request. Later failures abort the upstream
-    // request mid-body; the upstream never parses the client's framing either way (hyper
-    // frames the upstream request itself).
-    if !body.is_end_stream() {
-        body = match body.frame().await {
-            None => Body::default(),
-            Some(Ok(first)) => Prepend {
-                first: Some(first),
-                rest: body,
-            }
-            .boxed(),
-            Some(Err(_)) if body_timed_out.load(Ordering::Relaxed) => return body_timeout(),
-            Some(Err(_)) if too_large.load(Ordering::Relaxed) => {
-                return refuse(
-                    gw,
-                    Refusal::TooLarge,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request body too large",
-                );
-            }
-            Some(Err(_)) => {
-                return refuse(
-                    gw,
-                    Refusal::Framing,
-                    StatusCode::BAD_REQUEST,
-                    "invalid request body",
-                );
-            }
+    let body: Body = if body.is_end_stream() {
+        // No body (a GET, `Content-Length: 0`): nothing to limit, time or check.
+        Body::default()
+    } else {
+        let limit = usize::try_from(settings.max_body_bytes).unwrap_or(usize::MAX);
+        // A client that stops sending its body is cut off after the idle timeout (no other
+        // client timeout runs while a request is in flight), and the upstream learns when the
+        // body waits for the client (a request timeout then is the client's delay).
+        let wait = ClientBodyWait::default();
+        parts.extensions.insert(wait.clone());
+        let body = ClientBody {
+            inner: body,
+            timeout: settings.idle_timeout,
+            sleep: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            armed: false,
+            wait,
+            faults: faults.clone(),
         };
-    }
+        let seen = faults.clone();
+        let mut body: Body = Limited::new(body, limit)
+            .map_err(move |e| {
+                if e.is::<LengthLimitError>() {
+                    seen.too_large.store(true, Ordering::Relaxed);
+                } else {
+                    seen.client_fault.store(true, Ordering::Relaxed);
+                }
+                e
+            })
+            .boxed();
+        // Nothing goes upstream until the body's first frame is in: a body that is broken or
+        // too large from its start (an invalid first chunk size, the classic smuggling
+        // attempt) is refused without the upstream ever seeing the request. Later failures
+        // abort the upstream request mid-body; the upstream never parses the client's framing
+        // either way (the gateway frames the upstream request itself).
+        if !body.is_end_stream() {
+            body = match body.frame().await {
+                None => Body::default(),
+                Some(Ok(first)) => Prepend {
+                    first: Some(first),
+                    rest: body,
+                }
+                .boxed(),
+                Some(Err(_)) if faults.timed_out.load(Ordering::Relaxed) => {
+                    return body_timeout();
+                }
+                Some(Err(_)) if faults.too_large.load(Ordering::Relaxed) => {
+                    return refuse(
+                        gw,
+                        Refusal::TooLarge,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request body too large",
+                    );
+                }
+                Some(Err(_)) => {
+                    return refuse(
+                        gw,
+                        Refusal::Framing,
+                        StatusCode::BAD_REQUEST,
+                        "invalid request body",
+                    );
+                }
+            };
+        }
+        body
+    };
     let upstream_req = Request::from_parts(parts, body);
     // 7. Forward.
     let Some(pool) = gw.upstreams.pool(&route.pool) else {
@@ -490,7 +496,7 @@ async fn pipeline(
     let forwarded = match pool.send(upstream_req).await {
         Ok(forwarded) => forwarded,
         Err(e) => {
-            if too_large.load(Ordering::Relaxed) {
+            if faults.too_large.load(Ordering::Relaxed) {
                 return refuse(
                     gw,
                     Refusal::TooLarge,
@@ -498,10 +504,11 @@ async fn pipeline(
                     "request body too large",
                 );
             }
-            if body_timed_out.load(Ordering::Relaxed) || e.status() == StatusCode::REQUEST_TIMEOUT {
+            if faults.timed_out.load(Ordering::Relaxed) || e.status() == StatusCode::REQUEST_TIMEOUT
+            {
                 return body_timeout();
             }
-            if client_fault.load(Ordering::Relaxed) {
+            if faults.client_fault.load(Ordering::Relaxed) {
                 return refuse(
                     gw,
                     Refusal::Framing,
@@ -541,6 +548,18 @@ async fn pipeline(
     }
     strip_hop_by_hop(response.headers_mut());
     response
+}
+
+/// How the client's request body failed, if it did: set by the body as it is read, read when
+/// the upstream exchange fails, to answer the client's fault as such (not as a 502).
+#[derive(Default)]
+struct BodyFaults {
+    /// Over `max_body_bytes`: 413.
+    too_large: AtomicBool,
+    /// Broken (invalid chunking, shorter than declared): 400.
+    client_fault: AtomicBool,
+    /// Stalled for `idle_timeout_ms`: 408.
+    timed_out: AtomicBool,
 }
 
 /// A body whose first frame was already read (to check it before forwarding).
@@ -591,7 +610,7 @@ struct ClientBody {
     sleep: Pin<Box<tokio::time::Sleep>>,
     armed: bool,
     wait: ClientBodyWait,
-    timed_out: Arc<AtomicBool>,
+    faults: Arc<BodyFaults>,
 }
 
 impl hyper::body::Body for ClientBody {
@@ -620,7 +639,7 @@ impl hyper::body::Body for ClientBody {
                 match this.sleep.as_mut().poll(cx) {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(()) => {
-                        this.timed_out.store(true, Ordering::SeqCst);
+                        this.faults.timed_out.store(true, Ordering::SeqCst);
                         Poll::Ready(Some(Err("client request body timeout".into())))
                     }
                 }
@@ -1209,8 +1228,21 @@ fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
         u64::from_le_bytes(bytes)
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::try_from(format!("{prefix:016x}-{n:x}"))
-        .unwrap_or_else(|_| HeaderValue::from_static("-"))
+    // `{prefix:016x}-{n:x}`, without the formatting machinery (this runs per request).
+    let mut id = [0u8; 16 + 1 + 16];
+    hex_into(&mut id[..16], *prefix);
+    id[16] = b'-';
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    hex_into(&mut id[17..17 + digits], n);
+    HeaderValue::from_bytes(&id[..17 + digits]).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+/// Writes the low `out.len()` hex digits of `n` into `out`, most significant first.
+fn hex_into(out: &mut [u8], mut n: u64) {
+    for byte in out.iter_mut().rev() {
+        *byte = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
 }
 
 /// The lowercase spelling of the rate-limit header names (HeaderName wants lowercase).
@@ -1338,6 +1370,30 @@ mod tests {
         assert_ne!(key(&big), key(&format!("{big}b")));
         assert_ne!(key("t1"), key("t2"));
         assert_eq!(key("t1"), key("t1"));
+    }
+
+    #[test]
+    fn generated_request_ids_are_prefix_dash_counter_in_hex() {
+        for n in [0u64, 1, 15, 16, 255, 4096, u64::from(u32::MAX), u64::MAX] {
+            let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+            let mut out = vec![0u8; digits];
+            hex_into(&mut out, n);
+            assert_eq!(String::from_utf8(out).unwrap(), format!("{n:x}"));
+        }
+        let mut out = [0u8; 16];
+        hex_into(&mut out, 0xab);
+        assert_eq!(&out, b"00000000000000ab");
+        let name = HeaderName::from_static("x-request-id");
+        let a = request_id(&HeaderMap::new(), &name);
+        let b = request_id(&HeaderMap::new(), &name);
+        let (pa, na) = a.to_str().unwrap().split_once('-').unwrap();
+        let (pb, nb) = b.to_str().unwrap().split_once('-').unwrap();
+        assert_eq!((pa.len(), pa), (16, pb));
+        let (na, nb) = (
+            u64::from_str_radix(na, 16).unwrap(),
+            u64::from_str_radix(nb, 16).unwrap(),
+        );
+        assert!(nb > na, "{na} then {nb}");
     }
 
     #[test]

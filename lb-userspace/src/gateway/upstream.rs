@@ -715,10 +715,12 @@ impl Server {
                     ))
             }
         };
+        // Most responses move no counter to its threshold: the clock only when one does.
+        let Some((reason, count)) = reason else {
+            return;
+        };
         let now = Instant::now();
-        if let Some((reason, count)) = reason
-            && outlier.ejected_until.is_none_or(|until| until <= now)
-        {
+        if outlier.ejected_until.is_none_or(|until| until <= now) {
             outlier.ejected_until = Some(now + config.outlier_ejection);
             outlier.consecutive_5xx = 0;
             outlier.consecutive_failures = 0;
