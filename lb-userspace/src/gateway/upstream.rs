@@ -111,6 +111,26 @@ impl UpstreamError {
     }
 }
 
+/// Why a request got no upstream response, with the attempts made (for the access log): the
+/// client's answer is [`Unforwarded::status`].
+#[derive(thiserror::Error, Debug)]
+#[error("{error} (after {attempts} attempts)")]
+pub struct Unforwarded {
+    /// The last attempt's error ([`UpstreamError::NoServer`] when none could be made).
+    pub error: UpstreamError,
+    /// Attempts made: 0 when no server was eligible.
+    pub attempts: u32,
+    /// The server of the last attempt.
+    pub server: Option<SocketAddr>,
+}
+
+impl Unforwarded {
+    /// The status the gateway answers the client with.
+    pub fn status(&self) -> StatusCode {
+        self.error.status()
+    }
+}
+
 /// A response from an upstream server, with what the access log and metrics need to know about
 /// how it was obtained.
 #[derive(Debug)]
@@ -400,7 +420,7 @@ impl Pool {
     /// when there is one, but only for idempotent methods (GET, HEAD, OPTIONS, TRACE, PUT,
     /// DELETE) and only when the request provably never left: the connection could not be made,
     /// or hyper handed the request back unwritten. A 5xx response is returned as is.
-    pub async fn send(&self, req: Request<Body>) -> Result<Forwarded, UpstreamError> {
+    pub async fn send(&self, req: Request<Body>) -> Result<Forwarded, Unforwarded> {
         self.start_sweeper();
         let state = self.state();
         let config = &state.config;
@@ -413,10 +433,17 @@ impl Pool {
         } else {
             config.protocol
         };
-        let mut next = Some(translate_request(req, protocol)?);
+        let mut next = Some(
+            translate_request(req, protocol).map_err(|error| Unforwarded {
+                error,
+                attempts: 0,
+                server: None,
+            })?,
+        );
         let mut tried: Vec<usize> = Vec::new();
         let mut attempts = 0u32;
         let mut last_error = None;
+        let mut last_server = None;
         while let Some(req) = next.take() {
             let Some(slot) = state.pick(affinity, &tried) else {
                 break;
@@ -447,10 +474,15 @@ impl Pool {
                         );
                     }
                     last_error = Some(failed.error);
+                    last_server = Some(server.addr);
                 }
             }
         }
-        Err(last_error.unwrap_or(UpstreamError::NoServer))
+        Err(Unforwarded {
+            error: last_error.unwrap_or(UpstreamError::NoServer),
+            attempts,
+            server: last_server,
+        })
     }
 
     /// Starts the task that closes idle connections past the pool's idle timeout, once.
@@ -1926,7 +1958,7 @@ mod tests {
                     .unwrap();
                 let e = pool.send(req).await.unwrap_err();
                 assert!(
-                    matches!(e, UpstreamError::Protocol(_)),
+                    matches!(e.error, UpstreamError::Protocol(_)),
                     "{method} {declared}: {e}"
                 );
                 // What follows on the pool is read as sent.
@@ -1959,7 +1991,7 @@ mod tests {
         );
         for i in 1..=3 {
             let e = pool.send(get("/")).await.unwrap_err();
-            assert!(matches!(e, UpstreamError::Protocol(_)), "{e}");
+            assert!(matches!(e.error, UpstreamError::Protocol(_)), "{e}");
             assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
             // Not pooled: the next request needs a new connection (each of which the script
             // starts at its first answer again).
@@ -2237,8 +2269,10 @@ mod tests {
             )
             .unwrap();
         let err = pool.send(post).await.unwrap_err();
-        assert!(matches!(err, UpstreamError::Connect(_)), "{err}");
+        assert!(matches!(err.error, UpstreamError::Connect(_)), "{err}");
         assert_eq!(err.status(), 502);
+        // What the access log records of it: one attempt, on the dead server.
+        assert_eq!((err.attempts, err.server), (1, Some(dead)));
         assert_eq!(live.hits.load(Ordering::SeqCst), before);
         assert_eq!(server_status(&up, dead).connect_failures_total, 1);
 
@@ -2246,7 +2280,11 @@ mod tests {
         let (_up, pool) = upstreams(pool_config("p", |p| p.retries = 0), &[dead, live.addr]);
         assert!(matches!(
             pool.send(get("/")).await,
-            Err(UpstreamError::Connect(_))
+            Err(Unforwarded {
+                error: UpstreamError::Connect(_),
+                attempts: 1,
+                ..
+            })
         ));
     }
 
@@ -2259,7 +2297,7 @@ mod tests {
         );
         let started = Instant::now();
         let err = pool.send(get("/")).await.unwrap_err();
-        assert!(matches!(err, UpstreamError::Timeout), "{err}");
+        assert!(matches!(err.error, UpstreamError::Timeout), "{err}");
         assert_eq!(err.status(), 504);
         assert!(started.elapsed() < 1000 * MS);
         let status = server_status(&up, slow.addr);
@@ -2353,7 +2391,8 @@ mod tests {
             // The last eligible server goes down.
             up.configure(&vip(vec![config], &backends), &|i| i == 0);
             let err = pool.send(get("/")).await.unwrap_err();
-            assert!(matches!(err, UpstreamError::NoServer));
+            assert!(matches!(err.error, UpstreamError::NoServer));
+            assert_eq!((err.attempts, err.server), (0, None));
             assert_eq!(err.status(), 503);
         }
         assert_eq!(drained.hits.load(Ordering::SeqCst), 0);
