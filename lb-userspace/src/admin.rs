@@ -839,7 +839,11 @@ async fn forward(request: Request, requests: &mpsc::Sender<Pending>) -> Response
 #[derive(Debug, Error)]
 pub enum ClientError {
     /// No socket, or nobody listening on it.
-    #[error("xlb agent is not running (no admin socket at {})", .0.display())]
+    #[error(
+        "xlb agent is not running (no admin socket at {}; an agent with another \
+         agent.admin_socket is reached with --socket PATH or XLB_SOCKET)",
+        .0.display()
+    )]
     NotRunning(PathBuf),
     /// The socket refuses this user.
     #[error("permission denied on {}: the admin API is for root; try sudo", .0.display())]
@@ -1008,7 +1012,8 @@ mod tests {
         assert_eq!(
             e.to_string(),
             format!(
-                "xlb agent is not running (no admin socket at {})",
+                "xlb agent is not running (no admin socket at {}; an agent with another \
+                 agent.admin_socket is reached with --socket PATH or XLB_SOCKET)",
                 path.display()
             )
         );

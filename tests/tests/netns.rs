@@ -1179,7 +1179,8 @@ fn the_cli_changes_the_running_agent_and_the_changes_survive_a_restart() {
     assert_eq!(
         err,
         format!(
-            "xlb agent is not running (no admin socket at {})\n",
+            "xlb agent is not running (no admin socket at {}; an agent with another \
+             agent.admin_socket is reached with --socket PATH or XLB_SOCKET)\n",
             missing.display()
         )
     );
