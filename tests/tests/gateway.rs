@@ -1312,7 +1312,7 @@ fn health_checks_steer_the_upstream_pool() {
     vips += "[[vip.pool]]\nname = \"default\"\nretries = 0\noutlier_consecutive_failures = 0\n\
              outlier_consecutive_5xx = 0\n\n";
     vips += &nginx_backends(&t, UPSTREAM_HTTP_PORT, "default");
-    let _agent = start_gateway(&t, &vips, vip4(80));
+    let mut agent = start_gateway(&t, &vips, vip4(80));
     let url = t.vip_url(80, "/who");
     let names: Vec<String> = t.upstreams.iter().map(|u| u.name.clone()).collect();
     let servers: Vec<String> = t.upstreams.iter().map(|u| u.http().to_string()).collect();
@@ -1335,6 +1335,11 @@ fn health_checks_steer_the_upstream_pool() {
         status_row(&t, &servers[1])[3] == "down"
     });
     eprintln!("    upstream1 checked down after {took:?}");
+    // The log names the server with its port: servers of one host differ only by it.
+    agent.wait_for(
+        &format!("backend down vip=health backend={} ", servers[1]),
+        Duration::from_secs(5),
+    );
     assert_eq!(status_row(&t, &servers[0])[3], "up");
     // Out of the pool: not even tried (its connect failures stop counting), not merely
     // retried around.

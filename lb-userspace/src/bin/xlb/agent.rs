@@ -578,7 +578,12 @@ impl Running {
         // flow goes there any more.
         let applied = self.reconcile(&cfg);
         self.gateway_health();
-        let (name, addr, detail) = (&vip.name, backend.address, &ev.detail);
+        // An l7 server is named with its port: servers of one host differ only by it.
+        let addr = match backend.port.or(vip.gateway.as_ref().map(|_| vip.port)) {
+            Some(port) => std::net::SocketAddr::new(backend.address, port).to_string(),
+            None => backend.address.to_string(),
+        };
+        let (name, detail) = (&vip.name, &ev.detail);
         match (ev.up, applied) {
             (true, Ok(_)) => tracing::info!(vip = %name, backend = %addr, %detail, "backend up"),
             (false, Ok(_)) => tracing::warn!(vip = %name, backend = %addr, %detail, "backend down"),
