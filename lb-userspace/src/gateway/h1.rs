@@ -33,6 +33,7 @@ use hyper::body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::gateway::upstream::is_idempotent;
 use crate::gateway::{Body, BoxError};
 
 /// Largest response head accepted from an upstream (status line and fields); a larger one is a
@@ -65,22 +66,32 @@ pub(crate) struct Connection {
     buf: BytesMut,
 }
 
+/// A TCP connection to `addr` with Nagle off (request heads and bodies are small writes that
+/// must not wait for an ACK): every upstream connection, this client's and hyper's.
+pub(crate) async fn connect_nodelay(addr: SocketAddr) -> Result<TcpStream, String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect to {addr}: {e}"))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| format!("TCP_NODELAY on {addr}: {e}"))?;
+    Ok(stream)
+}
+
+/// The error of a connect to `addr` that did not finish within `timeout`.
+pub(crate) fn connect_timed_out(addr: SocketAddr, timeout: Duration) -> String {
+    format!(
+        "connect to {addr}: timed out after {} ms",
+        timeout.as_millis()
+    )
+}
+
 impl Connection {
-    /// Connects to `addr` within `timeout`, with Nagle off (request heads and bodies are small
-    /// writes that must not wait for an ACK).
+    /// Connects to `addr` within `timeout` (see [`connect_nodelay`]).
     pub(crate) async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Self, String> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        let stream = tokio::time::timeout(timeout, connect_nodelay(addr))
             .await
-            .map_err(|_| {
-                format!(
-                    "connect to {addr}: timed out after {} ms",
-                    timeout.as_millis()
-                )
-            })?
-            .map_err(|e| format!("connect to {addr}: {e}"))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| format!("TCP_NODELAY on {addr}: {e}"))?;
+            .map_err(|_| connect_timed_out(addr, timeout))??;
         Ok(Self {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
@@ -188,7 +199,7 @@ pub(crate) async fn exchange(
     }
     // What a stale pooled connection needs to send the request again.
     let resend =
-        (reused && body_done && sent == 0 && is_safe_to_resend(&parts.method)).then_some(parts);
+        (reused && body_done && sent == 0 && is_idempotent(&parts.method)).then_some(parts);
     let (response_head, request_complete) = if body_done {
         (read_head(&mut conn, is_head).await, true)
     } else {
@@ -244,15 +255,6 @@ pub(crate) async fn exchange(
     *response.version_mut() = Version::HTTP_11;
     *response.headers_mut() = head.headers;
     Ok(response)
-}
-
-/// Methods whose request may go out a second time when a pooled connection turned out to be
-/// closed before it answered (as browsers and Go's client do): RFC 9110's idempotent methods.
-fn is_safe_to_resend(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// Takes the body's next frame if it is ready now, without waiting: `Some(Ok(Some(data)))` for

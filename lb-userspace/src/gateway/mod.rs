@@ -18,9 +18,10 @@
 //! - [`server`]: listeners, connections, client timeouts, building a VIP's gateway and
 //!   switching to it on reload; `proxy`, the per-request pipeline calling the phases;
 //!   [`files`], certificates, key files and JWKS; `observe`, metrics and the access log.
-//! - [`upstream`]: the upstream pools: per-server connection pools over hyper's low-level client
-//!   (HTTP/1.1 keep-alive, multiplexed h2c), health and passive outlier ejection, timeouts,
-//!   retries of requests that never left, protocol translation and upgrade pass-through.
+//! - [`upstream`]: the upstream pools: per-server connection pools (HTTP/1.1 keep-alive on the
+//!   gateway's own client, `h1`; multiplexed h2c and upgrades on hyper's low-level client),
+//!   health and passive outlier ejection, timeouts, retries of requests that never left,
+//!   protocol translation and upgrade pass-through.
 
 pub mod auth;
 pub mod balance;

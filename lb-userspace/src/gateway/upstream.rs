@@ -1128,16 +1128,9 @@ fn classify(error: &hyper::Error) -> AttemptError {
     }
 }
 
-/// A TCP connection to `addr` with Nagle off (requests and response heads are small writes
-/// that must not wait for an ACK).
+/// A TCP connection to `addr` for hyper (see [`h1::connect_nodelay`]).
 async fn connect_tcp(addr: SocketAddr) -> Result<TcpIo, String> {
-    let stream = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect to {addr}: {e}"))?;
-    stream
-        .set_nodelay(true)
-        .map_err(|e| format!("TCP_NODELAY on {addr}: {e}"))?;
-    Ok(TokioIo::new(stream))
+    h1::connect_nodelay(addr).await.map(TokioIo::new)
 }
 
 /// The I/O type of upstream connections.
@@ -1164,12 +1157,7 @@ async fn connect_upgradable(
     };
     tokio::time::timeout(connect_timeout, connect)
         .await
-        .map_err(|_| {
-            format!(
-                "connect to {addr}: timed out after {} ms",
-                connect_timeout.as_millis()
-            )
-        })?
+        .map_err(|_| h1::connect_timed_out(addr, connect_timeout))?
 }
 
 /// A new h2c (prior knowledge) connection, its task spawned; within `connect_timeout`.
@@ -1196,12 +1184,7 @@ async fn connect_h2(addr: SocketAddr, connect_timeout: Duration) -> Result<H2Con
     };
     tokio::time::timeout(connect_timeout, connect)
         .await
-        .map_err(|_| {
-            format!(
-                "connect to {addr}: timed out after {} ms",
-                connect_timeout.as_millis()
-            )
-        })?
+        .map_err(|_| h1::connect_timed_out(addr, connect_timeout))?
 }
 
 /// hyper's HTTP/2 client connection type.
@@ -1329,8 +1312,9 @@ fn is_upgrade(req: &Request<Body>) -> bool {
     req.version() == Version::HTTP_11 && req.headers().contains_key(UPGRADE)
 }
 
-/// Methods that RFC 9110 section 9.2.2 defines as idempotent: the only ones retried.
-fn is_idempotent(method: &Method) -> bool {
+/// Methods that RFC 9110 section 9.2.2 defines as idempotent: the only ones retried, and the
+/// only ones [`h1::exchange`] sends again when a pooled connection was closed under them.
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
